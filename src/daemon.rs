@@ -1,0 +1,155 @@
+//! Mounting and serving: validate everything, fork, mount in the child, and let the parent
+//! return only once the kernel has completed the FUSE handshake (the mount is usable) or the
+//! child reported why it could not mount.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use crate::cli::Cli;
+use crate::fs::Overlay;
+use crate::fs::fuse::FuseAdapter;
+use crate::options::{self, MountPlan};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let opts: Vec<String> = cli
+        .options
+        .iter()
+        .flat_map(|o| options::split_escaped(o, ','))
+        .collect();
+    let mut plan = options::parse(&opts, &cwd)?;
+    if let Some(src) = cli.source() {
+        if plan.fsname == "layervol" {
+            plan.fsname = src.to_string();
+        }
+    }
+    if cli.single_thread {
+        plan.threads = 1;
+    }
+    let mnt = cwd.join(cli.mountpoint());
+    let mnt = mnt
+        .canonicalize()
+        .with_context(|| format!("mountpoint `{}` cannot be used", mnt.display()))?;
+    if !mnt.is_dir() {
+        bail!("mountpoint `{}` is not a directory", mnt.display());
+    }
+    for w in &plan.ignored {
+        eprintln!(
+            "layervol: warning: option `{w}` is accepted for compatibility and has no effect"
+        );
+    }
+    let debug = cli.debug || plan.debug;
+    if cli.foreground || debug {
+        init_tracing(debug);
+        return serve(&plan, &mnt, || {});
+    }
+
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: no threads exist yet in this process (nothing above spawns one), so the child
+    // may do anything after fork.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(w);
+            let mut msg = Vec::new();
+            std::fs::File::from(r).read_to_end(&mut msg)?;
+            match msg.split_first() {
+                Some((b'1', _)) => Ok(()),
+                Some((_, m)) => bail!("{}", String::from_utf8_lossy(m)),
+                None => bail!("the mount daemon exited before the mount was ready"),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let _ = nix::unistd::setsid();
+            let _ = std::env::set_current_dir("/");
+            init_tracing(false);
+            let mut report = Some(std::fs::File::from(w));
+            let res = serve(&plan, &mnt, || {
+                // Closing the pipe lets the parent return.
+                if let Some(mut r) = report.take() {
+                    let _ = r.write_all(b"1");
+                }
+                detach_stdio();
+            });
+            match res {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    if let Some(mut r) = report.take() {
+                        let _ = r.write_all(format!("E{e:#}").as_bytes());
+                    }
+                    tracing::error!("{e:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+}
+
+fn serve(plan: &MountPlan, mnt: &Path, on_ready: impl FnOnce()) -> anyhow::Result<()> {
+    // The kernel applied the caller's umask already; ours must not apply a second one.
+    unsafe { libc::umask(0) };
+    raise_nofile();
+    let fs = Arc::new(Overlay::new(plan.cfg.clone()).context("cannot open the layers")?);
+    let adapter = FuseAdapter::new(fs);
+    let mut config = fuser::Config::default();
+    let mut mo = vec![
+        fuser::MountOption::FSName(plan.fsname.clone()),
+        fuser::MountOption::Subtype("layervol".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if plan.read_only {
+        mo.push(fuser::MountOption::RO);
+    }
+    mo.extend(plan.kernel_flags.iter().cloned());
+    config.mount_options = mo;
+    if plan.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(plan.threads);
+    config.clone_fd = plan.threads > 1;
+    let session = fuser::Session::new(adapter, mnt, &config)
+        .with_context(|| format!("cannot mount on `{}`", mnt.display()))?;
+    on_ready();
+    session.run().context("FUSE session ended with an error")?;
+    Ok(())
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn init_tracing(debug: bool) {
+    let filter = if debug { "debug" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAYERVOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}

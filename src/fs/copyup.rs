@@ -1,0 +1,152 @@
+//! Copy-up: making a lower object (and its parent directories) exist in the upper layer.
+//!
+//! Atomic like the kernel's: the copy is built under a temporary name in the work dir (data,
+//! owner, mode, xattrs, `overlay.origin`, times) and renamed into place, so a crash leaves
+//! either the lower object visible or the complete copy, never a partial one.
+
+use std::ffi::CStr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use super::{Node, Overlay};
+use crate::sys::{self, Errno, Result};
+
+impl Overlay {
+    /// Makes `node` exist in the upper layer. `data`: copy the file contents too (a file about
+    /// to be truncated to zero does not need them).
+    pub(super) fn copy_up(&self, node: &Arc<Node>, data: bool) -> Result<()> {
+        if node.has_upper() {
+            return Ok(());
+        }
+        self.upper()?;
+        let _g = node.copy_up_lock.lock();
+        if node.has_upper() {
+            return Ok(());
+        }
+        let parent = node.parent().ok_or(Errno::ENOENT)?;
+        self.copy_up(&parent, true)?;
+        let path = node.path().ok_or(Errno::ENOENT)?;
+        let (_, name) = path.split_last().ok_or(Errno::EINVAL)?;
+        let src = if node.is_dir() {
+            node.lower_dirs.first()
+        } else {
+            node.lower.as_ref()
+        }
+        .ok_or(Errno::EIO)?;
+        let lower = &self.lowers[src.layer];
+        let (ldir, lname) = lower.parent_of(&src.path)?;
+        let st = sys::fstatat(ldir.as_fd(), &lname)?;
+        let work = self.work()?;
+        let wdir = work.root.as_fd();
+        let tmp = self.tmp_name();
+
+        let fmt = st.st_mode & libc::S_IFMT;
+        let made = (|| -> Result<()> {
+            match fmt {
+                libc::S_IFDIR => sys::mkdirat(wdir, &tmp, 0o700)?,
+                libc::S_IFREG => {
+                    let out = sys::openat(
+                        wdir,
+                        &tmp,
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                        0o600,
+                    )?;
+                    if data && st.st_size > 0 {
+                        let inp = sys::openat(ldir.as_fd(), &lname, libc::O_RDONLY, 0)?;
+                        sys::copy_range(inp.as_fd(), out.as_fd(), st.st_size as u64)?;
+                        if self.cfg.fsync {
+                            sys::fsync(out.as_fd(), false)?;
+                        }
+                    }
+                }
+                libc::S_IFLNK => {
+                    let target = sys::readlinkat(ldir.as_fd(), &lname)?;
+                    let target = std::ffi::CString::new(target).map_err(|_| Errno::EIO)?;
+                    sys::symlinkat(&target, wdir, &tmp)?;
+                }
+                _ => sys::mknodat(wdir, &tmp, st.st_mode, st.st_rdev)?,
+            }
+            sys::fchownat(wdir, &tmp, st.st_uid, st.st_gid)?;
+            if fmt != libc::S_IFLNK {
+                sys::fchmodat(wdir, &tmp, st.st_mode)?;
+            }
+            self.copy_xattrs(ldir.as_fd(), &lname, wdir, &tmp)?;
+            let origin = match sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)? {
+                Some(o) => Some(o),
+                None => {
+                    crate::layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd()).ok()
+                }
+            };
+            if let Some(o) = origin {
+                sys::setxattr(wdir, &tmp, &self.x.origin, &o, 0)?;
+            }
+            let times = [st_atime(&st), st_mtime(&st)];
+            sys::utimensat(wdir, &tmp, &times)
+        })();
+        if let Err(e) = made {
+            let _ = remove_tree(wdir, &tmp);
+            return Err(e);
+        }
+        let updir = self.upper_dir(&parent)?;
+        if let Err(e) = sys::renameat2(wdir, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE) {
+            let _ = remove_tree(wdir, &tmp);
+            return Err(e);
+        }
+        node.set_upper();
+        Ok(())
+    }
+
+    fn copy_xattrs(
+        &self,
+        sdir: std::os::fd::BorrowedFd,
+        sname: &CStr,
+        ddir: std::os::fd::BorrowedFd,
+        dname: &CStr,
+    ) -> Result<()> {
+        for key in sys::listxattr(sdir, sname)? {
+            if self.x.is_private(key.to_bytes()) {
+                continue;
+            }
+            if let Some(v) = sys::getxattr(sdir, sname, &key)? {
+                match sys::setxattr(ddir, dname, &key, &v, 0) {
+                    // Like the kernel: xattrs the upper cannot hold are skipped.
+                    Err(Errno::EOPNOTSUPP) => {}
+                    r => r?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn st_atime(st: &sys::Stat) -> libc::timespec {
+    libc::timespec {
+        tv_sec: st.st_atime,
+        tv_nsec: st.st_atime_nsec,
+    }
+}
+
+pub(super) fn st_mtime(st: &sys::Stat) -> libc::timespec {
+    libc::timespec {
+        tv_sec: st.st_mtime,
+        tv_nsec: st.st_mtime_nsec,
+    }
+}
+
+/// Removes `dir/name` and everything below it (used on objects moved into the work dir).
+pub(super) fn remove_tree(dir: std::os::fd::BorrowedFd, name: &CStr) -> Result<()> {
+    let st = match sys::fstatat(dir, name) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if sys::is_dir(&st) {
+        let d = sys::openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        for (child, _, _) in sys::read_dir(d.as_fd())? {
+            remove_tree(d.as_fd(), &child)?;
+        }
+        sys::unlinkat(dir, name, true)
+    } else {
+        sys::unlinkat(dir, name, false)
+    }
+}

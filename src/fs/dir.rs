@@ -1,0 +1,465 @@
+//! Namespace operations of the merged view: readdir, create, unlink, rmdir, rename, link.
+//!
+//! Removing a name that a lower layer also has leaves a whiteout; a directory made over a
+//! whiteout is opaque; a directory with lower parts that moves gets an absolute
+//! `overlay.redirect` to its lower path (like `redirect_dir=on`), so rename never fails with
+//! EXDEV. Every step that changes what the merged view shows is a single rename in the upper.
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use super::copyup::remove_tree;
+use super::{Attr, Node, Overlay};
+use crate::layer::{self, EntryKind};
+use crate::sys::{self, Errno, Result};
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: CString,
+    pub ino: u64,
+    /// `S_IFMT` bits.
+    pub fmt: u32,
+}
+
+/// What to create.
+pub enum NewKind<'a> {
+    File { mode: u32 },
+    Dir { mode: u32 },
+    Node { mode: u32, rdev: u64 },
+    Symlink { target: &'a CStr },
+    Link { target: Arc<Node> },
+}
+
+fn dtype_fmt(t: u8) -> u32 {
+    match t {
+        libc::DT_DIR => libc::S_IFDIR,
+        libc::DT_REG => libc::S_IFREG,
+        libc::DT_LNK => libc::S_IFLNK,
+        libc::DT_CHR => libc::S_IFCHR,
+        libc::DT_BLK => libc::S_IFBLK,
+        libc::DT_FIFO => libc::S_IFIFO,
+        libc::DT_SOCK => libc::S_IFSOCK,
+        _ => 0,
+    }
+}
+
+impl Overlay {
+    /// The merged listing of a directory (without `.` and `..`).
+    pub fn list_dir(&self, node: &Arc<Node>) -> Result<Vec<DirEntry>> {
+        let mut seen: HashSet<CString> = HashSet::new();
+        let mut out = Vec::new();
+        let mut upper_names = Vec::new();
+        if node.has_upper() {
+            let d = self.upper_dir(node)?;
+            for (name, ino, t) in sys::read_dir(d.as_fd())? {
+                if t == libc::DT_CHR || t == libc::DT_UNKNOWN {
+                    let st = sys::fstatat(d.as_fd(), &name)?;
+                    if sys::is_whiteout(&st) {
+                        seen.insert(name);
+                        continue;
+                    }
+                }
+                seen.insert(name.clone());
+                upper_names.push((name, ino, dtype_fmt(t)));
+            }
+        }
+        let mut lower_names = HashSet::new();
+        for lr in &node.lower_dirs {
+            let l = &self.lowers[lr.layer];
+            let d = l.dir(&lr.path)?;
+            for (name, ino, t) in sys::read_dir(d.as_fd())? {
+                if seen.contains(&name) {
+                    lower_names.insert(name);
+                    continue;
+                }
+                seen.insert(name.clone());
+                if t == libc::DT_CHR || t == libc::DT_REG || t == libc::DT_UNKNOWN {
+                    let st = sys::fstatat(d.as_fd(), &name)?;
+                    if layer::classify_lower(d.as_fd(), &name, &st, &self.x)? == EntryKind::Whiteout
+                    {
+                        continue;
+                    }
+                }
+                let fmt = dtype_fmt(t);
+                let ino = if fmt == libc::S_IFDIR {
+                    // A lower directory may merge with others: ask the resolver.
+                    match self.resolve(node, &name) {
+                        Ok(f) => f.ino,
+                        Err(_) => continue,
+                    }
+                } else {
+                    self.map_ino(l.dev, ino)
+                };
+                out.push(DirEntry { name, ino, fmt });
+            }
+        }
+        let upper_dev = self.upper.as_ref().map_or(0, |u| u.dev);
+        let impure = node.has_upper() && {
+            let path = node.path().ok_or(Errno::ENOENT)?;
+            let (d, n) = self.upper()?.parent_of(&path)?;
+            sys::getxattr(d.as_fd(), &n, &self.x.impure)?.is_some()
+        };
+        let mut merged: Vec<DirEntry> = Vec::with_capacity(upper_names.len() + out.len());
+        for (name, ino, fmt) in upper_names {
+            // Entries that also exist below, and copied-up or moved ones, carry their origin's
+            // inode number: resolve them exactly. Plain upper entries use d_ino.
+            let ino = if impure || lower_names.contains(&name) {
+                match self.resolve(node, &name) {
+                    Ok(f) => f.ino,
+                    Err(_) => continue,
+                }
+            } else {
+                self.map_ino(upper_dev, ino)
+            };
+            merged.push(DirEntry { name, ino, fmt });
+        }
+        merged.extend(out);
+        Ok(merged)
+    }
+
+    /// True when a lower layer shows `name` in `parent`, so removing it needs a whiteout.
+    fn lower_has(&self, parent: &Node, name: &CStr) -> Result<bool> {
+        if parent.lower_dirs.is_empty() {
+            return Ok(false);
+        }
+        let (nondir, dirs, _) = self.lookup_lower(parent, name, None, None)?;
+        Ok(nondir.is_some() || !dirs.is_empty())
+    }
+
+    fn is_empty_dir(&self, node: &Arc<Node>) -> Result<bool> {
+        Ok(self.list_dir(node)?.is_empty())
+    }
+
+    /// Creates `name` in `parent` as `uid:gid`. Returns the new node with one kernel lookup.
+    pub fn create_entry(
+        &self,
+        parent_ino: u64,
+        name: &CStr,
+        kind: NewKind,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Arc<Node>, Attr)> {
+        let parent = self.node(parent_ino)?;
+        if !parent.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if name.to_bytes().len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        match self.resolve(&parent, name) {
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        if let NewKind::Link { target } = &kind {
+            if target.is_dir() {
+                return Err(Errno::EPERM);
+            }
+            self.copy_up(target, true)?;
+        }
+        self.copy_up(&parent, true)?;
+        let updir = self.upper_dir(&parent)?;
+        let pst = sys::fstat(updir.as_fd())?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            gid
+        };
+        let over_whiteout = match sys::fstatat(updir.as_fd(), name) {
+            Ok(st) if sys::is_whiteout(&st) => true,
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => false,
+            Err(e) => return Err(e),
+        };
+        let work = self.work()?.root.as_fd();
+        // Over a whiteout the object is built in the work dir and swapped in atomically.
+        let (dir, tmp) = if over_whiteout {
+            (work, self.tmp_name())
+        } else {
+            (updir.as_fd(), name.to_owned())
+        };
+        let is_dir = matches!(kind, NewKind::Dir { .. });
+        let res = (|| -> Result<()> {
+            match &kind {
+                NewKind::File { mode } => {
+                    sys::openat(
+                        dir,
+                        &tmp,
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                        *mode & 0o7777,
+                    )
+                    .map(drop)?;
+                }
+                NewKind::Dir { mode } => sys::mkdirat(dir, &tmp, *mode & 0o7777)?,
+                NewKind::Node { mode, rdev } => sys::mknodat(dir, &tmp, *mode, *rdev)?,
+                NewKind::Symlink { target } => sys::symlinkat(target, dir, &tmp)?,
+                NewKind::Link { target } => {
+                    let (_, tdir, tname) = self.locate(target)?;
+                    return sys::linkat(tdir.as_fd(), &tname, dir, &tmp);
+                }
+            }
+            sys::fchownat(dir, &tmp, uid, gid)?;
+            if is_dir || !matches!(kind, NewKind::Symlink { .. }) {
+                // The kernel would have applied the mode with the caller's umask already; chown
+                // clears set-id bits, so the mode goes on after it.
+                let mode = match &kind {
+                    NewKind::File { mode } | NewKind::Node { mode, .. } => *mode,
+                    NewKind::Dir { mode } => {
+                        *mode
+                            | if pst.st_mode & libc::S_ISGID != 0 {
+                                libc::S_ISGID
+                            } else {
+                                0
+                            }
+                    }
+                    _ => 0,
+                };
+                sys::fchmodat(dir, &tmp, mode)?;
+            }
+            if is_dir && over_whiteout {
+                sys::setxattr(dir, &tmp, &self.x.opaque, b"y", 0)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            if over_whiteout {
+                let _ = remove_tree(work, &tmp);
+            } else if !matches!(e, Errno::EEXIST) {
+                let _ = remove_tree(updir.as_fd(), name);
+            }
+            return Err(e);
+        }
+        if over_whiteout {
+            let r = if is_dir {
+                sys::renameat2(work, &tmp, updir.as_fd(), name, libc::RENAME_EXCHANGE)
+                    .and_then(|_| sys::unlinkat(work, &tmp, false))
+            } else {
+                sys::renameat2(work, &tmp, updir.as_fd(), name, 0)
+            };
+            if let Err(e) = r {
+                let _ = remove_tree(work, &tmp);
+                return Err(e);
+            }
+        }
+        let (node, st) = self.lookup_node(&parent, name)?;
+        node.add_lookup(1);
+        Ok((node, st))
+    }
+
+    pub fn unlink(&self, parent_ino: u64, name: &CStr) -> Result<()> {
+        self.remove(parent_ino, name, false)
+    }
+
+    pub fn rmdir(&self, parent_ino: u64, name: &CStr) -> Result<()> {
+        self.remove(parent_ino, name, true)
+    }
+
+    fn remove(&self, parent_ino: u64, name: &CStr, want_dir: bool) -> Result<()> {
+        let parent = self.node(parent_ino)?;
+        let (node, _) = self.lookup_node(&parent, name)?;
+        match (want_dir, node.is_dir()) {
+            (true, false) => return Err(Errno::ENOTDIR),
+            (false, true) => return Err(Errno::EISDIR),
+            _ => {}
+        }
+        if want_dir && !self.is_empty_dir(&node)? {
+            return Err(Errno::ENOTEMPTY);
+        }
+        self.upper()?;
+        let whiteout = self.lower_has(&parent, name)?;
+        self.copy_up(&parent, true)?;
+        let updir = self.upper_dir(&parent)?;
+        let in_upper = match sys::fstatat(updir.as_fd(), name) {
+            Ok(st) => !sys::is_whiteout(&st),
+            Err(Errno::ENOENT) => false,
+            Err(e) => return Err(e),
+        };
+        if in_upper {
+            if whiteout || want_dir {
+                // One rename takes the object out of the view (leaving a whiteout if a lower
+                // has the name); a directory's leftover whiteouts are then removed at leisure.
+                let work = self.work()?.root.as_fd();
+                let tmp = self.tmp_name();
+                let flags = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
+                sys::renameat2(updir.as_fd(), name, work, &tmp, flags)?;
+                remove_tree(work, &tmp)?;
+            } else {
+                sys::unlinkat(updir.as_fd(), name, false)?;
+            }
+        } else {
+            sys::mknodat(updir.as_fd(), name, libc::S_IFCHR, 0)?;
+        }
+        node.mark_unlinked();
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent_ino: u64,
+        name: &CStr,
+        newparent_ino: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> Result<()> {
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let p = self.node(parent_ino)?;
+        let q = self.node(newparent_ino)?;
+        let (s, _) = self.lookup_node(&p, name)?;
+        let t = match self.lookup_node(&q, newname) {
+            Ok((t, _)) => Some(t),
+            Err(Errno::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if noreplace && t.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if exchange && t.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        if let Some(t) = &t {
+            if Arc::ptr_eq(t, &s) {
+                return Ok(());
+            }
+            if !exchange {
+                match (s.is_dir(), t.is_dir()) {
+                    (true, false) => return Err(Errno::ENOTDIR),
+                    (false, true) => return Err(Errno::EISDIR),
+                    (true, true) if !self.is_empty_dir(t)? => return Err(Errno::ENOTEMPTY),
+                    _ => {}
+                }
+            }
+        }
+        self.upper()?;
+        let same_place = Arc::ptr_eq(&p, &q) && name == newname;
+        if same_place {
+            return Ok(());
+        }
+        self.copy_up(&s, true)?;
+        self.copy_up(&q, true)?;
+        if let Some(t) = &t {
+            if exchange {
+                self.copy_up(t, true)?;
+            } else if t.is_dir() && t.has_upper() {
+                self.clear_dir(t)?;
+            }
+        }
+        let pdir = self.upper_dir(&p)?;
+        let qdir = self.upper_dir(&q)?;
+        self.prepare_move(&s, &pdir, name, &q, Arc::ptr_eq(&p, &q))?;
+        if exchange {
+            if let Some(t) = &t {
+                self.prepare_move(t, &qdir, newname, &p, Arc::ptr_eq(&p, &q))?;
+            }
+        }
+        let need_whiteout = !exchange && self.lower_has(&p, name)?;
+        let onto_whiteout = t.is_none()
+            && sys::fstatat(qdir.as_fd(), newname).is_ok_and(|st| sys::is_whiteout(&st));
+        if onto_whiteout {
+            // Swap with the whiteout (a directory cannot replace a device node), then keep
+            // it at the old name only if a lower layer has that name.
+            sys::renameat2(
+                pdir.as_fd(),
+                name,
+                qdir.as_fd(),
+                newname,
+                libc::RENAME_EXCHANGE,
+            )?;
+            if !need_whiteout {
+                sys::unlinkat(pdir.as_fd(), name, false)?;
+            }
+        } else {
+            let rflags = if exchange {
+                libc::RENAME_EXCHANGE
+            } else if need_whiteout {
+                libc::RENAME_WHITEOUT
+            } else {
+                0
+            };
+            sys::renameat2(pdir.as_fd(), name, qdir.as_fd(), newname, rflags)?;
+        }
+        s.set_location(q.clone(), newname);
+        if let Some(t) = t {
+            if exchange {
+                t.set_location(p.clone(), name);
+            } else {
+                t.mark_unlinked();
+            }
+        }
+        Ok(())
+    }
+
+    /// Before `node` moves from `dir/name` into `dest`: a directory with lower parts gets a
+    /// redirect to its lower path; a pure upper directory moving into a merged directory
+    /// becomes opaque so it does not merge with what the lower has under the new name.
+    fn prepare_move(
+        &self,
+        node: &Arc<Node>,
+        dir: &std::os::fd::OwnedFd,
+        name: &CStr,
+        dest: &Arc<Node>,
+        _same_dir: bool,
+    ) -> Result<()> {
+        if !node.is_dir() {
+            if node.lower.is_some() {
+                self.set_impure(dest)?;
+            }
+            return Ok(());
+        }
+        match node.lower_dirs.first() {
+            Some(lr) => {
+                let mut v = b"/".to_vec();
+                v.extend_from_slice(lr.path.as_bytes());
+                sys::setxattr(dir.as_fd(), name, &self.x.redirect, &v, 0)?;
+                self.set_impure(dest)?;
+            }
+            None => {
+                if !dest.lower_dirs.is_empty() {
+                    sys::setxattr(dir.as_fd(), name, &self.x.opaque, b"y", 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks an upper directory as holding entries with origins or redirects (the kernel uses
+    /// it to report d_ino consistently).
+    fn set_impure(&self, dir: &Arc<Node>) -> Result<()> {
+        let path = dir.path().ok_or(Errno::ENOENT)?;
+        let (d, n) = self.upper()?.parent_of(&path)?;
+        match sys::setxattr(d.as_fd(), &n, &self.x.impure, b"y", 0) {
+            Ok(()) | Err(Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Empties the upper of a merged-empty directory (it may still hold whiteouts), so that a
+    /// rename can replace it: an empty opaque directory is swapped in atomically.
+    fn clear_dir(&self, node: &Arc<Node>) -> Result<()> {
+        let path = node.path().ok_or(Errno::ENOENT)?;
+        let (pd, name) = self.upper()?.parent_of(&path)?;
+        let d = sys::openat(pd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        if sys::read_dir(d.as_fd())?.is_empty() {
+            return Ok(());
+        }
+        let work = self.work()?.root.as_fd();
+        let tmp = self.tmp_name();
+        let st = sys::fstat(d.as_fd())?;
+        sys::mkdirat(work, &tmp, 0o700)?;
+        let r = (|| {
+            sys::fchownat(work, &tmp, st.st_uid, st.st_gid)?;
+            sys::fchmodat(work, &tmp, st.st_mode)?;
+            sys::setxattr(work, &tmp, &self.x.opaque, b"y", 0)?;
+            sys::renameat2(work, &tmp, pd.as_fd(), &name, libc::RENAME_EXCHANGE)
+        })();
+        let cleanup = remove_tree(work, &tmp);
+        r?;
+        cleanup
+    }
+}

@@ -1,0 +1,353 @@
+//! Open files, data I/O, attributes and xattrs.
+//!
+//! Opening for write (or with O_TRUNC) copies the file up first; writes always go to the upper
+//! through the daemon (never passthrough), so a later dirty-block tracker sees every one.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::{Attr, Handle, Node, Overlay};
+use crate::sys::{self, Errno, Result};
+
+/// A time to set: a value, "now", or leave unchanged.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Omit,
+    Now,
+    At(SystemTime),
+}
+
+impl SetTime {
+    fn timespec(self) -> libc::timespec {
+        match self {
+            SetTime::Omit => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            SetTime::Now => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            SetTime::At(t) => {
+                let (sec, nsec) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+                    Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                    Err(e) => {
+                        let d = e.duration();
+                        let (s, n) = (d.as_secs() as i64, d.subsec_nanos() as i64);
+                        if n == 0 {
+                            (-s, 0)
+                        } else {
+                            (-s - 1, 1_000_000_000 - n)
+                        }
+                    }
+                };
+                libc::timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec,
+                }
+            }
+        }
+    }
+}
+
+/// Attribute changes of one setattr call.
+#[derive(Debug, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: SetTime,
+    pub mtime: SetTime,
+}
+
+impl Overlay {
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.get(&fh).map(|h| h.clone()).ok_or(Errno::EBADF)
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.insert(fh, Arc::new(h));
+        fh
+    }
+
+    /// Opens `ino`. Returns the handle number and, for read-only regular files, the real fd a
+    /// passthrough backing can be made from.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, Option<Arc<OwnedFd>>)> {
+        let node = self.node(ino)?;
+        let acc = flags & libc::O_ACCMODE;
+        let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            if self.read_only() {
+                return Err(Errno::EROFS);
+            }
+            self.copy_up(&node, flags & libc::O_TRUNC == 0)?;
+        }
+        let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+        let (on_lower, fd) = self.open_object(&node, oflags)?;
+        let fd = Arc::new(fd);
+        let fh = self.add_handle(Handle {
+            node,
+            file: RwLock::new(fd.clone()),
+            on_lower: on_lower.into(),
+            flags,
+            entries: Mutex::new(None),
+        });
+        let pass = (!writes && self.cfg.passthrough).then_some(fd);
+        Ok((fh, pass))
+    }
+
+    fn open_object(&self, node: &Node, oflags: i32) -> Result<(bool, OwnedFd)> {
+        let (l, d, n) = self.locate(node)?;
+        let on_lower = !std::ptr::eq(l, self.upper.as_ref().map_or(std::ptr::null(), |u| u));
+        Ok((on_lower, sys::openat(d.as_fd(), &n, oflags, 0)?))
+    }
+
+    /// The fd to read through. A handle opened on a lower file follows the file to the upper
+    /// once it is copied up, as kernel overlayfs does.
+    fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
+        if h.on_lower.load(Ordering::Acquire) && h.node.has_upper() {
+            if let Ok((false, fd)) = self.open_object(&h.node, libc::O_RDONLY) {
+                *h.file.write() = Arc::new(fd);
+                h.on_lower.store(false, Ordering::Release);
+            }
+        }
+        Ok(h.fd())
+    }
+
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let fd = self.read_fd(&h)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::pread_full(fd.as_fd(), &mut buf, off)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(fh)?;
+        let fd = h.fd();
+        let mut done = 0;
+        while done < data.len() {
+            match sys::pwrite(fd.as_fd(), &data[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done as u32)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(&fh);
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.handle(fh)?;
+        if !self.cfg.fsync {
+            return Ok(());
+        }
+        match sys::fsync(h.fd().as_fd(), datasync) {
+            // Directories and read-only lower files: nothing of ours to flush.
+            Err(Errno::EBADF | Errno::EINVAL | Errno::EROFS) => Ok(()),
+            r => r,
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        sys::fallocate(h.fd().as_fd(), mode, off, len)
+    }
+
+    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+        let h = self.handle(fh)?;
+        let fd = self.read_fd(&h)?;
+        sys::lseek(fd.as_fd(), off, whence)
+    }
+
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, a: SetAttr) -> Result<Attr> {
+        let node = self.node(ino)?;
+        if self.read_only() {
+            return Err(Errno::EROFS);
+        }
+        let truncating_to_zero = a.size == Some(0);
+        self.copy_up(&node, !truncating_to_zero)?;
+        let handle = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()));
+        if let Some(size) = a.size {
+            if node.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            match handle
+                .as_ref()
+                .filter(|h| h.flags & libc::O_ACCMODE != libc::O_RDONLY)
+            {
+                Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
+                None => {
+                    let (_, fd) = self.open_object(&node, libc::O_WRONLY)?;
+                    sys::ftruncate(fd.as_fd(), size)?;
+                }
+            }
+        }
+        if a.uid.is_some()
+            || a.gid.is_some()
+            || a.mode.is_some()
+            || !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit))
+        {
+            let (_, d, n) = match self.locate(&node) {
+                Ok(x) => x,
+                Err(Errno::ENOENT) => return self.setattr_unlinked(&node, handle, a),
+                Err(e) => return Err(e),
+            };
+            if a.uid.is_some() || a.gid.is_some() {
+                sys::fchownat(
+                    d.as_fd(),
+                    &n,
+                    a.uid.unwrap_or(u32::MAX),
+                    a.gid.unwrap_or(u32::MAX),
+                )?;
+            }
+            if let Some(mode) = a.mode {
+                if node.fmt == libc::S_IFLNK {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                sys::fchmodat(d.as_fd(), &n, mode)?;
+            }
+            if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
+                sys::utimensat(d.as_fd(), &n, &[a.atime.timespec(), a.mtime.timespec()])?;
+            }
+        }
+        self.getattr(ino, fh)
+    }
+
+    /// setattr on an open file whose names are all gone: act on the open fd.
+    fn setattr_unlinked(
+        &self,
+        node: &Node,
+        handle: Option<Arc<Handle>>,
+        a: SetAttr,
+    ) -> Result<Attr> {
+        let fd = match handle {
+            Some(h) => h.fd(),
+            None => self.any_handle_fd(node).ok_or(Errno::ENOENT)?,
+        };
+        let empty = c"";
+        let _ = empty;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
+        if a.uid.is_some() || a.gid.is_some() {
+            let r =
+                unsafe { libc::fchown(raw, a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX)) };
+            if r < 0 {
+                return Err(Errno::last());
+            }
+        }
+        if let Some(mode) = a.mode {
+            if unsafe { libc::fchmod(raw, mode & 0o7777) } < 0 {
+                return Err(Errno::last());
+            }
+        }
+        if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
+            let ts = [a.atime.timespec(), a.mtime.timespec()];
+            if unsafe { libc::futimens(raw, ts.as_ptr()) } < 0 {
+                return Err(Errno::last());
+            }
+        }
+        Ok(self.finish_attr(node, sys::fstat(fd.as_fd())?))
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let node = self.node(ino)?;
+        if !node.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let (_, fd) = self.open_object(&node, libc::O_PATH | libc::O_DIRECTORY)?;
+        Ok(self.add_handle(Handle {
+            node,
+            file: RwLock::new(Arc::new(fd)),
+            on_lower: false.into(),
+            flags: libc::O_RDONLY,
+            entries: Mutex::new(None),
+        }))
+    }
+
+    /// The merged listing of an open directory, taken at offset 0 and kept for the handle's
+    /// later calls so that offsets stay consistent while the directory changes.
+    pub fn dir_entries(
+        &self,
+        fh: u64,
+        offset: u64,
+    ) -> Result<(Arc<Node>, Arc<Vec<super::dir::DirEntry>>)> {
+        let h = self.handle(fh)?;
+        let mut e = h.entries.lock();
+        if offset == 0 || e.is_none() {
+            *e = Some(Arc::new(self.list_dir(&h.node)?));
+        }
+        Ok((h.node.clone(), e.clone().expect("set above")))
+    }
+
+    /// Lookup of a readdirplus entry: counts one kernel reference like `lookup`.
+    pub fn lookup_child(&self, dir: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Attr)> {
+        let (n, st) = self.lookup_node(dir, name)?;
+        n.add_lookup(1);
+        Ok((n, st))
+    }
+
+    pub fn getxattr(&self, ino: u64, key: &CStr) -> Result<Vec<u8>> {
+        if self.x.is_private(key.to_bytes()) {
+            return Err(Errno::ENODATA);
+        }
+        let node = self.node(ino)?;
+        let (_, d, n) = self.locate(&node)?;
+        sys::getxattr(d.as_fd(), &n, key)?.ok_or(Errno::ENODATA)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        let (_, d, n) = self.locate(&node)?;
+        let mut out = Vec::new();
+        for k in sys::listxattr(d.as_fd(), &n)? {
+            if !self.x.is_private(k.to_bytes()) {
+                out.extend_from_slice(k.to_bytes_with_nul());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn setxattr(&self, ino: u64, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
+        if self.x.is_private(key.to_bytes()) {
+            return Err(Errno::EPERM);
+        }
+        let node = self.node(ino)?;
+        if self.read_only() {
+            return Err(Errno::EROFS);
+        }
+        self.copy_up(&node, true)?;
+        let (_, d, n) = self.locate(&node)?;
+        sys::setxattr(d.as_fd(), &n, key, value, flags)
+    }
+
+    pub fn removexattr(&self, ino: u64, key: &CStr) -> Result<()> {
+        if self.x.is_private(key.to_bytes()) {
+            return Err(Errno::ENODATA);
+        }
+        let node = self.node(ino)?;
+        if self.read_only() {
+            return Err(Errno::EROFS);
+        }
+        // Removing an xattr that is not there must not copy the file up.
+        let (_, d, n) = self.locate(&node)?;
+        if sys::getxattr(d.as_fd(), &n, key)?.is_none() {
+            return Err(Errno::ENODATA);
+        }
+        self.copy_up(&node, true)?;
+        let (_, d, n) = self.locate(&node)?;
+        sys::removexattr(d.as_fd(), &n, key)
+    }
+}

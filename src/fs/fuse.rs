@@ -1,0 +1,709 @@
+//! The fuser adapter: translates FUSE requests to `Overlay` calls and results to replies.
+//! No filesystem logic lives here.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use fuser::{
+    AccessFlags, BackingId, BsdFileFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, warn};
+
+use super::dir::NewKind;
+use super::file::{SetAttr, SetTime};
+use super::{Attr, Overlay};
+use crate::sys::Errno;
+
+pub struct FuseAdapter {
+    fs: Arc<Overlay>,
+    ttl: Duration,
+    passthrough: std::sync::atomic::AtomicBool,
+    /// Passthrough backing ids, kept until release (dropping one closes it in the kernel).
+    backing: DashMap<u64, BackingId>,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Overlay>) -> Self {
+        FuseAdapter {
+            ttl: fs.cfg.ttl,
+            passthrough: fs.cfg.passthrough.into(),
+            fs,
+            backing: DashMap::new(),
+        }
+    }
+}
+
+fn err(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e as i32)
+}
+
+fn cstr(name: &OsStr) -> Result<CString, fuser::Errno> {
+    CString::new(name.as_bytes()).map_err(|_| fuser::Errno::EINVAL)
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs((-sec) as u64) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn kind(fmt: u32) -> FileType {
+    match fmt & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr(st: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(st.st_ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: kind(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> SetTime {
+    match t {
+        None => SetTime::Omit,
+        Some(TimeOrNow::Now) => SetTime::Now,
+        Some(TimeOrNow::SpecificTime(t)) => SetTime::At(t),
+    }
+}
+
+macro_rules! tri {
+    ($reply:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(e.into()),
+        }
+    };
+}
+
+impl From<ErrWrap> for fuser::Errno {
+    fn from(e: ErrWrap) -> Self {
+        e.0
+    }
+}
+struct ErrWrap(fuser::Errno);
+impl From<Errno> for ErrWrap {
+    fn from(e: Errno) -> Self {
+        ErrWrap(err(e))
+    }
+}
+impl From<fuser::Errno> for ErrWrap {
+    fn from(e: fuser::Errno) -> Self {
+        ErrWrap(e)
+    }
+}
+
+/// Runs `f`, mapping both error types to a FUSE errno.
+fn run<T>(f: impl FnOnce() -> Result<T, ErrWrap>) -> Result<T, fuser::Errno> {
+    f().map_err(|e| e.0)
+}
+
+impl FuseAdapter {
+    fn entry(&self, reply: ReplyEntry, st: &Attr) {
+        reply.entry(&self.ttl, &attr(st), Generation(0));
+    }
+
+    fn create_kind(
+        &self,
+        reply: ReplyEntry,
+        parent: INodeNo,
+        name: &OsStr,
+        req: &Request,
+        kind: NewKind,
+    ) {
+        let r = run(|| {
+            let name = cstr(name)?;
+            Ok(self
+                .fs
+                .create_entry(parent.0, &name, kind, req.uid(), req.gid())?)
+        });
+        match r {
+            Ok((_, st)) => self.entry(reply, &st),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let want = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_SPLICE_READ
+            | InitFlags::FUSE_SPLICE_WRITE
+            | InitFlags::FUSE_SPLICE_MOVE;
+        let _ = config.add_capabilities(want & config.capabilities());
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        if self.passthrough.load(std::sync::atomic::Ordering::Relaxed) {
+            let ok = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                warn!("FUSE passthrough unavailable: reads go through the daemon");
+                self.passthrough
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = tri!(reply, cstr(name));
+        match self.fs.lookup(parent.0, &name) {
+            Ok((_, st)) => self.entry(reply, &st),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok(st) => reply.attr(&self.ttl, &attr(&st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        match self.fs.setattr(ino.0, fh.map(|f| f.0), a) {
+            Ok(st) => reply.attr(&self.ttl, &attr(&st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = if mode & libc::S_IFMT == libc::S_IFREG {
+            NewKind::File { mode }
+        } else {
+            NewKind::Node {
+                mode,
+                rdev: rdev as u64,
+            }
+        };
+        self.create_kind(reply, parent, name, req, kind);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.create_kind(reply, parent, name, req, NewKind::Dir { mode });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = tri!(reply, cstr(name));
+        match self.fs.unlink(parent.0, &name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = tri!(reply, cstr(name));
+        match self.fs.rmdir(parent.0, &name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = tri!(reply, cstr(target.as_os_str()));
+        self.create_kind(
+            reply,
+            parent,
+            link_name,
+            req,
+            NewKind::Symlink { target: &target },
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = run(|| {
+            let (a, b) = (cstr(name)?, cstr(newname)?);
+            Ok(self
+                .fs
+                .rename(parent.0, &a, newparent.0, &b, flags.bits())?)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let target = tri!(reply, self.fs.node(ino.0).map_err(err));
+        self.create_kind(reply, newparent, newname, req, NewKind::Link { target });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fh, pass) = match self.fs.open(ino.0, flags.0) {
+            Ok(x) => x,
+            Err(e) => return reply.error(err(e)),
+        };
+        if let Some(fd) =
+            pass.filter(|_| self.passthrough.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            match reply.open_backing(&*fd) {
+                Ok(id) => {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    self.backing.insert(fh, id);
+                    return;
+                }
+                Err(e) => debug!("passthrough refused ({e}); serving reads"),
+            }
+        }
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.backing.remove(&fh.0);
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fsync(fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (node, entries) = tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
+        let parent = node.parent().map_or(ino.0, |p| p.ino);
+        let dots = [(ino.0, c"."), (parent, c"..")];
+        let total = entries.len() as u64 + 2;
+        for off in offset..total {
+            let full = if off < 2 {
+                let (i, n) = dots[off as usize];
+                reply.add(
+                    INodeNo(i),
+                    off + 1,
+                    FileType::Directory,
+                    OsStr::from_bytes(n.to_bytes()),
+                )
+            } else {
+                let e = &entries[(off - 2) as usize];
+                reply.add(
+                    INodeNo(e.ino),
+                    off + 1,
+                    kind(e.fmt),
+                    OsStr::from_bytes(e.name.to_bytes()),
+                )
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (node, entries) = tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
+        let total = entries.len() as u64 + 2;
+        for off in offset..total {
+            if off < 2 {
+                // "." and ".." carry no lookup reference: send them without attributes.
+                let st = match self.fs.getattr(ino.0, None) {
+                    Ok(st) => st,
+                    Err(e) => return reply.error(err(e)),
+                };
+                let name: &CStr = if off == 0 { c"." } else { c".." };
+                let mut a = attr(&st);
+                if off == 1 {
+                    a.ino = INodeNo(node.parent().map_or(ino.0, |p| p.ino));
+                }
+                if reply.add(
+                    a.ino,
+                    off + 1,
+                    OsStr::from_bytes(name.to_bytes()),
+                    &Duration::ZERO,
+                    &a,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let e = &entries[(off - 2) as usize];
+            let (n, st) = match self.fs.lookup_child(&node, &e.name) {
+                Ok(x) => x,
+                // Gone since the listing was taken: skip it.
+                Err(_) => continue,
+            };
+            if reply.add(
+                n.ino.into_ino(),
+                off + 1,
+                OsStr::from_bytes(e.name.to_bytes()),
+                &self.ttl,
+                &attr(&st),
+                Generation(0),
+            ) {
+                // Not sent: give the reference back.
+                self.fs.forget(n.ino, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.syncfs() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = tri!(reply, cstr(name));
+        match self.fs.setxattr(ino.0, &name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = tri!(reply, cstr(name));
+        xattr_reply(reply, size, self.fs.getxattr(ino.0, &name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(reply, size, self.fs.listxattr(ino.0));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = tri!(reply, cstr(name));
+        match self.fs.removexattr(ino.0, &name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = run(|| {
+            let name = cstr(name)?;
+            let (node, _) = self.fs.create_entry(
+                parent.0,
+                &name,
+                NewKind::File { mode },
+                req.uid(),
+                req.gid(),
+            )?;
+            // The file is new and empty: no copy-up, no truncate needed.
+            let (fh, _) = match self.fs.open(node.ino, flags & !libc::O_TRUNC) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.fs.forget(node.ino, 1);
+                    return Err(e.into());
+                }
+            };
+            let st = self.fs.getattr(node.ino, Some(fh))?;
+            Ok((fh, st))
+        });
+        match r {
+            Ok((fh, st)) => reply.created(
+                &self.ttl,
+                &attr(&st),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fallocate(fh.0, mode, offset, length) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+trait IntoIno {
+    fn into_ino(self) -> INodeNo;
+}
+impl IntoIno for u64 {
+    fn into_ino(self) -> INodeNo {
+        INodeNo(self)
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Errno>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(err(e)),
+    }
+}

@@ -1,0 +1,547 @@
+//! The filesystem engine: the merged view of one upper and N lower layers with kernel OverlayFS
+//! semantics. Methods take plain values and return `Result<_, Errno>`; the fuser adapter in
+//! `fuse.rs` only translates. Nothing here panics on a request.
+//!
+//! Concurrency: nodes and handles live in `DashMap`s; each node has its own small lock. There
+//! is no global lock on any path. The kernel serialises directory operations on the same names
+//! (VFS i_rwsem), which this code relies on exactly as kernel overlayfs does.
+
+mod copyup;
+mod dir;
+mod file;
+pub mod fuse;
+mod node;
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use parking_lot::RwLock;
+
+use crate::layer::{self, EntryKind, Layer, RelPath, XattrNames};
+use crate::sys::{self, Errno, Result, Stat};
+pub use node::{LowerRef, Node};
+
+pub const ROOT_INO: u64 = 1;
+
+/// What a mount serves and how. Built from the command line (see `options.rs`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper layer; `None` makes a read-only mount.
+    pub upper: Option<PathBuf>,
+    /// Work dir on the upper's filesystem (temporary files for atomic copy-up and whiteouts).
+    pub work: Option<PathBuf>,
+    /// Use `user.overlay.*` xattrs instead of `trusted.overlay.*` (rootless layers).
+    pub userxattr: bool,
+    /// Report every file as owned by this uid / gid.
+    pub squash_uid: Option<u32>,
+    pub squash_gid: Option<u32>,
+    /// `volatile` / `fsync=0`: skip fsync (data may be lost on a crash, like kernel `volatile`).
+    pub fsync: bool,
+    /// How long the kernel may cache entries and attributes. All changes go through this
+    /// daemon, so caching is coherent; only out-of-band changes to layers need a short TTL.
+    pub ttl: Duration,
+    /// FUSE passthrough for files opened read-only (kernel >= 6.9).
+    pub passthrough: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lowers: Vec::new(),
+            upper: None,
+            work: None,
+            userxattr: false,
+            squash_uid: None,
+            squash_gid: None,
+            fsync: true,
+            ttl: Duration::from_secs(1),
+            passthrough: true,
+        }
+    }
+}
+
+/// An open file or directory.
+#[derive(Debug)]
+pub struct Handle {
+    pub node: Arc<Node>,
+    /// The real file. Replaced when a read-only handle on a lower file sees the file copied up,
+    /// so that readers observe later writes like with kernel overlayfs.
+    file: RwLock<Arc<OwnedFd>>,
+    on_lower: AtomicBool,
+    pub flags: i32,
+    /// Directories: the merged listing, taken at the first readdir.
+    pub entries: parking_lot::Mutex<Option<Arc<Vec<dir::DirEntry>>>>,
+}
+
+impl Handle {
+    pub fn fd(&self) -> Arc<OwnedFd> {
+        self.file.read().clone()
+    }
+}
+
+pub struct Overlay {
+    pub cfg: Config,
+    upper: Option<Layer>,
+    /// `workdir/work`, like the kernel.
+    work: Option<Layer>,
+    lowers: Vec<Layer>,
+    x: XattrNames,
+    /// All layers on one filesystem: real inode numbers are unique and used as they are.
+    samefs: bool,
+    /// Distinct st_dev of the layers, upper first: the index is the xino fsid.
+    devs: Vec<u64>,
+    nodes: DashMap<u64, Arc<Node>>,
+    handles: DashMap<u64, Arc<Handle>>,
+    next_fh: AtomicU64,
+    tmp_seq: AtomicU64,
+}
+
+/// Result of resolving one name in a directory.
+struct Found {
+    st: Stat,
+    ino: u64,
+    upper: bool,
+    lower: Option<LowerRef>,
+    lower_dirs: Vec<LowerRef>,
+}
+
+/// Attributes of a node as reported to the kernel.
+pub type Attr = Stat;
+
+impl Overlay {
+    pub fn new(cfg: Config) -> std::io::Result<Overlay> {
+        let lowers = cfg
+            .lowers
+            .iter()
+            .map(|p| Layer::open(p))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let upper = cfg.upper.as_deref().map(Layer::open).transpose()?;
+        let work = match (&cfg.work, &upper) {
+            (Some(w), Some(_)) => {
+                let wl = Layer::open(w)?;
+                // Like the kernel: temporary objects live in workdir/work.
+                match sys::mkdirat(wl.root.as_fd(), c"work", 0o700) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                Some(Layer::open(&w.join("work"))?)
+            }
+            _ => None,
+        };
+        let mut devs: Vec<u64> = Vec::new();
+        for l in upper.iter().chain(lowers.iter()) {
+            if !devs.contains(&l.dev) {
+                devs.push(l.dev);
+            }
+        }
+        let samefs = devs.len() <= 1;
+        let root_lowers = lowers
+            .iter()
+            .enumerate()
+            .map(|(i, _)| LowerRef {
+                layer: i,
+                path: RelPath::root(),
+            })
+            .collect();
+        let root = Node::new(
+            ROOT_INO,
+            libc::S_IFDIR,
+            None,
+            c"",
+            upper.is_some(),
+            None,
+            root_lowers,
+        );
+        root.add_lookup(1);
+        let nodes = DashMap::new();
+        nodes.insert(ROOT_INO, Arc::new(root));
+        Ok(Overlay {
+            x: XattrNames::new(cfg.userxattr),
+            cfg,
+            upper,
+            work,
+            lowers,
+            samefs,
+            devs,
+            nodes,
+            handles: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.upper.is_none()
+    }
+
+    pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        self.nodes.get(&ino).map(|n| n.clone()).ok_or(Errno::ESTALE)
+    }
+
+    fn upper(&self) -> Result<&Layer> {
+        self.upper.as_ref().ok_or(Errno::EROFS)
+    }
+
+    fn work(&self) -> Result<&Layer> {
+        self.work.as_ref().ok_or(Errno::EROFS)
+    }
+
+    fn tmp_name(&self) -> CString {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("#lv{:x}.{n:x}", std::process::id())).expect("no NUL")
+    }
+
+    /// Stable inode number of an object found in a layer (see `node.rs`).
+    fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat) -> u64 {
+        if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin) {
+            if let Some(ino) = self.origin_ino(&fb) {
+                return ino;
+            }
+        }
+        self.map_ino(st.st_dev, st.st_ino)
+    }
+
+    fn origin_ino(&self, fb: &[u8]) -> Option<u64> {
+        for l in self.lowers.iter().chain(self.upper.iter()) {
+            if let Ok(fd) = layer::decode_origin(fb, l.root_rd.as_fd()) {
+                let st = sys::fstat(fd.as_fd()).ok()?;
+                return Some(self.map_ino(st.st_dev, st.st_ino));
+            }
+        }
+        None
+    }
+
+    fn map_ino(&self, dev: u64, ino: u64) -> u64 {
+        if self.samefs {
+            return ino;
+        }
+        let fsid = self.devs.iter().position(|d| *d == dev).unwrap_or(0) as u64;
+        ino | (fsid << 56)
+    }
+
+    /// Where the node's current object lives: (layer, dir fd, name).
+    fn locate(&self, node: &Node) -> Result<(&Layer, OwnedFd, CString)> {
+        if node.has_upper() {
+            let path = node.path().ok_or(Errno::ENOENT)?;
+            let up = self.upper()?;
+            let (d, n) = up.parent_of(&path)?;
+            return Ok((up, d, n));
+        }
+        let lr = if node.is_dir() {
+            node.lower_dirs.first()
+        } else {
+            node.lower.as_ref()
+        };
+        let lr = lr.ok_or(Errno::ENOENT)?;
+        let l = &self.lowers[lr.layer];
+        let (d, n) = l.parent_of(&lr.path)?;
+        Ok((l, d, n))
+    }
+
+    /// Upper directory fd of `node`, which must already be copied up.
+    fn upper_dir(&self, node: &Node) -> Result<OwnedFd> {
+        self.upper()?.dir(&node.path().ok_or(Errno::ENOENT)?)
+    }
+
+    /// Looks in the lower layers below `parent` for `name`. `redirect` is an absolute layer
+    /// path set by a redirect above, which replaces the parent-relative path.
+    fn lookup_lower(
+        &self,
+        parent: &Node,
+        name: &CStr,
+        mut redirect: Option<RelPath>,
+        upper_is_dir: Option<bool>,
+    ) -> Result<(Option<LowerRef>, Vec<LowerRef>, Option<(Stat, u64)>)> {
+        let mut dirs = Vec::new();
+        let mut nondir = None;
+        let mut top: Option<(Stat, u64)> = None;
+        let mut pdirs = parent.lower_dirs.iter().peekable();
+        for (j, l) in self.lowers.iter().enumerate() {
+            let path = match &redirect {
+                Some(r) => r.clone(),
+                None => {
+                    while pdirs.peek().is_some_and(|p| p.layer < j) {
+                        pdirs.next();
+                    }
+                    match pdirs.peek() {
+                        Some(p) if p.layer == j => p.path.join(name),
+                        _ => continue,
+                    }
+                }
+            };
+            let (d, n) = match l.parent_of(&path) {
+                Ok(x) => x,
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                Err(e) => return Err(e),
+            };
+            let st = match sys::fstatat(d.as_fd(), &n) {
+                Ok(st) => st,
+                Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
+                Err(e) => return Err(e),
+            };
+            match layer::classify_lower(d.as_fd(), &n, &st, &self.x)? {
+                EntryKind::Whiteout => break,
+                EntryKind::Dir => {
+                    if upper_is_dir == Some(false) || nondir.is_some() {
+                        break;
+                    }
+                    if top.is_none() {
+                        top = Some((st, self.ino_of(d.as_fd(), &n, &st)));
+                    }
+                    let (ppath, _) = path.split_last().unwrap_or_default();
+                    let opaque = layer::is_opaque(d.as_fd(), &n, &self.x)?;
+                    if let Some(r) = layer::redirect(d.as_fd(), &n, &ppath, &self.x)? {
+                        redirect = Some(r);
+                    } else if redirect.is_some() {
+                        // Below an absolute redirect, keep following the same path.
+                        redirect = Some(path.clone());
+                    }
+                    dirs.push(LowerRef { layer: j, path });
+                    if opaque {
+                        break;
+                    }
+                }
+                EntryKind::Other => {
+                    if upper_is_dir.is_none() && dirs.is_empty() {
+                        top = Some((st, self.ino_of(d.as_fd(), &n, &st)));
+                        nondir = Some(LowerRef { layer: j, path });
+                    }
+                    break;
+                }
+            }
+        }
+        Ok((nondir, dirs, top))
+    }
+
+    /// Resolves `name` in directory `parent` in the merged view.
+    fn resolve(&self, parent: &Node, name: &CStr) -> Result<Found> {
+        if name.to_bytes().len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let mut upper_st = None;
+        let mut redirect = None;
+        let mut stop_lower = false;
+        let mut upper_ino = 0;
+        if parent.has_upper() {
+            let ppath = parent.path().ok_or(Errno::ENOENT)?;
+            let up = self.upper()?;
+            let d = up.dir(&ppath)?;
+            match sys::fstatat(d.as_fd(), name) {
+                Ok(st) => match layer::classify(&st) {
+                    EntryKind::Whiteout => return Err(Errno::ENOENT),
+                    EntryKind::Dir => {
+                        if layer::is_opaque(d.as_fd(), name, &self.x)? {
+                            stop_lower = true;
+                        }
+                        redirect = layer::redirect(d.as_fd(), name, &ppath, &self.x)?;
+                        if redirect.as_ref().is_some_and(|r| r.is_root()) {
+                            stop_lower = true;
+                        }
+                        upper_ino = self.ino_of(d.as_fd(), name, &st);
+                        upper_st = Some(st);
+                    }
+                    EntryKind::Other => {
+                        upper_ino = self.ino_of(d.as_fd(), name, &st);
+                        upper_st = Some(st);
+                        stop_lower = true;
+                    }
+                },
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (lower, lower_dirs, ltop) =
+            if stop_lower || parent.lower_dirs.is_empty() && redirect.is_none() {
+                (None, Vec::new(), None)
+            } else {
+                self.lookup_lower(parent, name, redirect, upper_st.map(|s| sys::is_dir(&s)))?
+            };
+        match upper_st {
+            Some(st) => {
+                // A merged directory keeps the inode number of its topmost lower directory
+                // unless the upper names its own origin.
+                let ino = match (&ltop, sys::is_dir(&st)) {
+                    (Some((_, lino)), true) if upper_ino == self.map_ino(st.st_dev, st.st_ino) => {
+                        *lino
+                    }
+                    _ => upper_ino,
+                };
+                Ok(Found {
+                    st,
+                    ino,
+                    upper: true,
+                    lower,
+                    lower_dirs,
+                })
+            }
+            None => {
+                let (st, ino) = ltop.ok_or(Errno::ENOENT)?;
+                Ok(Found {
+                    st,
+                    ino,
+                    upper: false,
+                    lower,
+                    lower_dirs,
+                })
+            }
+        }
+    }
+
+    /// Resolves `name` and returns its node (creating or refreshing the table entry), without
+    /// touching the kernel lookup count.
+    fn lookup_node(&self, parent: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Stat)> {
+        let f = self.resolve(parent, name)?;
+        let fmt = f.st.st_mode & libc::S_IFMT;
+        let ino = if f.ino == ROOT_INO {
+            f.st.st_ino
+        } else {
+            f.ino
+        };
+        let node = match self.nodes.entry(ino) {
+            dashmap::Entry::Occupied(mut e) => {
+                let n = e.get().clone();
+                if n.fmt == fmt {
+                    // Same object (or a hard link to it). Follow it to where it is now, but
+                    // never trade an upper location for a lower-only alias.
+                    if f.upper || !n.has_upper() {
+                        n.set_location(parent.clone(), name);
+                        if f.upper {
+                            n.set_upper();
+                        }
+                    }
+                    n
+                } else {
+                    // The real inode number was reused by a different object.
+                    let fresh = Arc::new(Node::new(
+                        ino,
+                        fmt,
+                        Some(parent.clone()),
+                        name,
+                        f.upper,
+                        f.lower,
+                        f.lower_dirs,
+                    ));
+                    fresh.add_lookup(n.lookups.load(Ordering::Relaxed));
+                    e.insert(fresh.clone());
+                    fresh
+                }
+            }
+            dashmap::Entry::Vacant(e) => {
+                let n = Arc::new(Node::new(
+                    ino,
+                    fmt,
+                    Some(parent.clone()),
+                    name,
+                    f.upper,
+                    f.lower,
+                    f.lower_dirs,
+                ));
+                e.insert(n.clone());
+                n
+            }
+        };
+        Ok((node.clone(), self.finish_attr(&node, f.st)))
+    }
+
+    /// Lookup on behalf of the kernel: counts one reference.
+    pub fn lookup(&self, parent: u64, name: &CStr) -> Result<(Arc<Node>, Attr)> {
+        let p = self.node(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let (n, st) = self.lookup_node(&p, name)?;
+        n.add_lookup(1);
+        Ok((n, st))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        if let Some(node) = self.nodes.get(&ino).map(|e| e.clone()) {
+            if node.forget(n) {
+                self.nodes.remove_if(&ino, |_, v| {
+                    Arc::ptr_eq(v, &node) && v.lookups.load(Ordering::Acquire) == 0
+                });
+            }
+        }
+    }
+
+    /// Adjusts a real stat to what the merged view reports.
+    fn finish_attr(&self, node: &Node, mut st: Stat) -> Attr {
+        st.st_ino = node.ino;
+        if node.is_dir() && (node.lower_dirs.len() + usize::from(node.has_upper())) > 1 {
+            // Like the kernel: a merged directory's link count is unknown.
+            st.st_nlink = 1;
+        }
+        if let Some(u) = self.cfg.squash_uid {
+            st.st_uid = u;
+        }
+        if let Some(g) = self.cfg.squash_gid {
+            st.st_gid = g;
+        }
+        st
+    }
+
+    fn any_handle_fd(&self, node: &Node) -> Option<Arc<OwnedFd>> {
+        self.handles
+            .iter()
+            .find(|h| h.node.ino == node.ino)
+            .map(|h| h.fd())
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        let node = self.node(ino)?;
+        if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone())) {
+            if !node.is_dir() {
+                return Ok(self.finish_attr(&node, sys::fstat(h.fd().as_fd())?));
+            }
+        }
+        self.stat_node(&node)
+    }
+
+    fn stat_node(&self, node: &Node) -> Result<Attr> {
+        match self.locate(node) {
+            Ok((_, d, n)) => Ok(self.finish_attr(node, sys::fstatat(d.as_fd(), &n)?)),
+            Err(Errno::ENOENT) => {
+                // Open but unlinked: the open file still answers.
+                let fd = self.any_handle_fd(node).ok_or(Errno::ENOENT)?;
+                Ok(self.finish_attr(node, sys::fstat(fd.as_fd())?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        let (_, d, n) = self.locate(&node)?;
+        sys::readlinkat(d.as_fd(), &n)
+    }
+
+    pub fn statfs(&self) -> Result<libc::statvfs> {
+        let l = self
+            .upper
+            .as_ref()
+            .or(self.lowers.first())
+            .ok_or(Errno::EIO)?;
+        let mut st = sys::fstatvfs(l.root.as_fd())?;
+        st.f_namemax = 255;
+        Ok(st)
+    }
+
+    pub fn syncfs(&self) -> Result<()> {
+        if let Some(u) = &self.upper {
+            if self.cfg.fsync {
+                sys::syncfs(u.root.as_fd())?;
+            }
+        }
+        Ok(())
+    }
+}

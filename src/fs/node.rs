@@ -1,0 +1,163 @@
+//! Inodes of the merged view.
+//!
+//! A node is identified by its stable inode number, which is also its FUSE node id (fuser
+//! replies use `attr.ino` as the node id). The number is the real inode number of the object's
+//! *origin*: the lower object it was copied up from, or the object itself when it was created in
+//! the upper. It therefore survives copy-up, remounts and rotating the upper into the lowers, and
+//! hard links share one node.
+//!
+//! A node records where it is in the merged tree (parent node + name; the upper object, when
+//! there is one, is always at that merged position) and, fixed at lookup, where its lower
+//! objects are (lower layers are read-only, so those paths never change).
+
+use std::ffi::{CStr, CString};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::layer::RelPath;
+
+/// An object in one lower layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerRef {
+    pub layer: usize,
+    pub path: RelPath,
+}
+
+#[derive(Debug)]
+pub struct NodeState {
+    /// Merged location. `None` for the root and for nodes whose last name was removed.
+    pub parent: Option<Arc<Node>>,
+    pub name: CString,
+    /// The object exists in the upper layer at the merged location.
+    pub upper: bool,
+    /// Directory whose upper is opaque or which has no lower dirs left to merge.
+    pub unlinked: bool,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub ino: u64,
+    /// `S_IFMT` bits: the type never changes for a node.
+    pub fmt: u32,
+    /// Non-directories: the topmost lower object, if the object is (or was copied up from) one.
+    pub lower: Option<LowerRef>,
+    /// Directories: the lower directories merged below this one, topmost first.
+    pub lower_dirs: Vec<LowerRef>,
+    pub state: Mutex<NodeState>,
+    /// Kernel lookup count: the node leaves the table when it drops to zero.
+    pub lookups: AtomicU64,
+    /// Serialises copy-up of this node.
+    pub copy_up_lock: Mutex<()>,
+}
+
+impl Node {
+    pub fn new(
+        ino: u64,
+        fmt: u32,
+        parent: Option<Arc<Node>>,
+        name: &CStr,
+        upper: bool,
+        lower: Option<LowerRef>,
+        lower_dirs: Vec<LowerRef>,
+    ) -> Node {
+        Node {
+            ino,
+            fmt,
+            lower,
+            lower_dirs,
+            state: Mutex::new(NodeState {
+                parent,
+                name: name.to_owned(),
+                upper,
+                unlinked: false,
+            }),
+            lookups: AtomicU64::new(0),
+            copy_up_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.fmt == libc::S_IFDIR
+    }
+
+    pub fn has_upper(&self) -> bool {
+        self.state.lock().upper
+    }
+
+    pub fn set_upper(&self) {
+        self.state.lock().upper = true;
+    }
+
+    pub fn parent(&self) -> Option<Arc<Node>> {
+        self.state.lock().parent.clone()
+    }
+
+    /// The merged path of this node: also its path in the upper layer. `None` once unlinked.
+    pub fn path(&self) -> Option<RelPath> {
+        let mut names: Vec<CString> = Vec::new();
+        let mut cur = {
+            let s = self.state.lock();
+            if s.unlinked {
+                return None;
+            }
+            match &s.parent {
+                None => return Some(RelPath::root()),
+                Some(p) => {
+                    names.push(s.name.clone());
+                    p.clone()
+                }
+            }
+        };
+        loop {
+            let next = {
+                let s = cur.state.lock();
+                if s.unlinked {
+                    return None;
+                }
+                match &s.parent {
+                    None => break,
+                    Some(p) => {
+                        names.push(s.name.clone());
+                        p.clone()
+                    }
+                }
+            };
+            cur = next;
+        }
+        let mut p = RelPath::root();
+        for n in names.iter().rev() {
+            p = p.join(n);
+        }
+        Some(p)
+    }
+
+    pub fn set_location(&self, parent: Arc<Node>, name: &CStr) {
+        let mut s = self.state.lock();
+        s.parent = Some(parent);
+        s.name = name.to_owned();
+        s.unlinked = false;
+    }
+
+    pub fn mark_unlinked(&self) {
+        let mut s = self.state.lock();
+        s.unlinked = true;
+        s.parent = None;
+    }
+
+    pub fn add_lookup(&self, n: u64) {
+        self.lookups.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Drops `n` kernel references; true when none are left.
+    pub fn forget(&self, n: u64) -> bool {
+        let prev = self
+            .lookups
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        prev <= n
+    }
+}

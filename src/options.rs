@@ -1,0 +1,342 @@
+//! Mount options, in the forms `mount -t overlay`, fuse-overlayfs and mount.fuse3 use.
+//!
+//! Everything is checked before mounting: a bad option, a missing or unsuitable directory
+//! gives an error that names it, and nothing is mounted.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::fs::Config;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OptionError {
+    #[error("unknown mount option `{0}` (see `layervol --help` for the accepted options)")]
+    Unknown(String),
+    #[error("mount option `{opt}` has a bad value `{value}`: {why}")]
+    BadValue {
+        opt: String,
+        value: String,
+        why: String,
+    },
+    #[error("no lowerdir given: use -o lowerdir=DIR[:DIR...][,upperdir=DIR,workdir=DIR]")]
+    NoLower,
+    #[error("upperdir given without workdir: both are needed for a writable mount")]
+    NoWorkdir,
+    #[error("{what} `{path}`: {why}")]
+    BadDir {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("workdir `{work}` must be on the same filesystem as upperdir `{upper}`")]
+    WorkdirOtherFs { upper: PathBuf, work: PathBuf },
+    #[error("{a} `{pa}` and {b} `{pb}` overlap: one is inside the other")]
+    Overlap {
+        a: &'static str,
+        pa: PathBuf,
+        b: &'static str,
+        pb: PathBuf,
+    },
+}
+
+/// A parsed mount request.
+#[derive(Debug, Clone)]
+pub struct MountPlan {
+    pub cfg: Config,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub threads: usize,
+    pub debug: bool,
+    /// Generic mount flags passed to the kernel (nodev, nosuid, noexec, ...).
+    pub kernel_flags: Vec<fuser::MountOption>,
+    pub fsname: String,
+    /// Accepted for compatibility but without effect here; reported as warnings.
+    pub ignored: Vec<String>,
+}
+
+/// Splits on `sep` unless escaped with a backslash; removes the escapes.
+pub fn split_escaped(s: &str, sep: char) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                if n != sep {
+                    out.last_mut().expect("non-empty").push('\\');
+                }
+                out.last_mut().expect("non-empty").push(n);
+            }
+        } else if c == sep {
+            out.push(String::new());
+        } else {
+            out.last_mut().expect("non-empty").push(c);
+        }
+    }
+    out
+}
+
+fn parse_id(opt: &str, v: &str) -> Result<u32, OptionError> {
+    v.parse().map_err(|_| OptionError::BadValue {
+        opt: opt.into(),
+        value: v.into(),
+        why: "expected a numeric id".into(),
+    })
+}
+
+fn parse_onoff(opt: &str, v: &str) -> Result<bool, OptionError> {
+    match v {
+        "on" | "1" | "yes" | "true" => Ok(true),
+        "off" | "0" | "no" | "false" => Ok(false),
+        _ => Err(OptionError::BadValue {
+            opt: opt.into(),
+            value: v.into(),
+            why: "expected on or off".into(),
+        }),
+    }
+}
+
+fn resolve_dir(what: &'static str, p: &str, cwd: &Path) -> Result<PathBuf, OptionError> {
+    let bad = |why: String| OptionError::BadDir {
+        what,
+        path: PathBuf::from(p),
+        why,
+    };
+    if p.is_empty() {
+        return Err(bad("empty path".into()));
+    }
+    let abs = cwd.join(p);
+    let canon = abs
+        .canonicalize()
+        .map_err(|e| bad(format!("cannot be used: {e}")))?;
+    let md = std::fs::metadata(&canon).map_err(|e| bad(e.to_string()))?;
+    if !md.is_dir() {
+        return Err(bad("is not a directory".into()));
+    }
+    std::fs::read_dir(&canon).map_err(|e| bad(format!("is not readable: {e}")))?;
+    Ok(canon)
+}
+
+/// Parses `-o` options (already split on commas) into a mount plan.
+pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
+    use fuser::MountOption as M;
+    let mut cfg = Config::default();
+    let mut lower = None;
+    let mut upper = None;
+    let mut work = None;
+    let mut plan_ro = false;
+    let mut allow_other = nix::unistd::geteuid().is_root();
+    let mut threads = std::thread::available_parallelism()
+        .map_or(4, |n| n.get() * 2)
+        .max(4);
+    let mut debug = false;
+    let mut kernel_flags = Vec::new();
+    let mut fsname = "layervol".to_string();
+    let mut ignored = Vec::new();
+
+    for opt in opts.iter().filter(|o| !o.is_empty()) {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        let val = || -> Result<&str, OptionError> {
+            v.ok_or_else(|| OptionError::BadValue {
+                opt: k.into(),
+                value: String::new(),
+                why: "needs a value".into(),
+            })
+        };
+        match k {
+            "lowerdir" => lower = Some(val()?.to_string()),
+            "upperdir" => upper = Some(val()?.to_string()),
+            "workdir" => work = Some(val()?.to_string()),
+            "userxattr" => cfg.userxattr = true,
+            "squash_to_root" => {
+                cfg.squash_uid = Some(0);
+                cfg.squash_gid = Some(0);
+            }
+            "squash_to_uid" => cfg.squash_uid = Some(parse_id(k, val()?)?),
+            "squash_to_gid" => cfg.squash_gid = Some(parse_id(k, val()?)?),
+            "volatile" => cfg.fsync = false,
+            "fsync" => cfg.fsync = parse_onoff(k, val()?)?,
+            "passthrough" => cfg.passthrough = parse_onoff(k, val()?)?,
+            "timeout" => {
+                let secs: f64 = val()?.parse().map_err(|_| OptionError::BadValue {
+                    opt: k.into(),
+                    value: val().unwrap_or_default().into(),
+                    why: "expected seconds".into(),
+                })?;
+                cfg.ttl = Duration::from_secs_f64(secs.clamp(0.0, 86400.0));
+            }
+            "threads" | "threaded" | "max_idle_threads" => {
+                let n: usize = val()?.parse().map_err(|_| OptionError::BadValue {
+                    opt: k.into(),
+                    value: val().unwrap_or_default().into(),
+                    why: "expected a number".into(),
+                })?;
+                if k != "max_idle_threads" && n > 0 {
+                    threads = n.min(256);
+                }
+            }
+            "allow_other" | "allow_root" => allow_other = true,
+            "debug" => debug = true,
+            "fsname" | "source" => fsname = val()?.to_string(),
+            // Always on: the kernel checks permissions with the caller's credentials, as with
+            // kernel overlayfs.
+            "default_permissions" => {}
+            "ro" => plan_ro = true,
+            "rw" => plan_ro = false,
+            "nodev" => kernel_flags.push(M::NoDev),
+            "dev" => kernel_flags.push(M::Dev),
+            "nosuid" => kernel_flags.push(M::NoSuid),
+            "suid" => kernel_flags.push(M::Suid),
+            "noexec" => kernel_flags.push(M::NoExec),
+            "exec" => kernel_flags.push(M::Exec),
+            "noatime" => kernel_flags.push(M::NoAtime),
+            "sync" => kernel_flags.push(M::Sync),
+            "dirsync" => kernel_flags.push(M::DirSync),
+            // Kernel overlay features that layervol always provides (redirect_dir, index,
+            // xino) or that have no meaning for it; the value is checked, then accepted.
+            "redirect_dir" | "index" | "xino" | "metacopy" | "nfs_export" | "uuid" | "verity"
+            | "fast_ino" | "writeback" | "noxattrs" | "static_nlink" | "noacl" | "atime"
+            | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "diratime"
+            | "nodiratime" | "lazytime" | "nolazytime" | "async" | "auto" | "noauto" | "user"
+            | "nouser" | "users" | "defaults" | "_netdev" | "nofail" | "auto_unmount"
+            | "subtype" | "blksize" | "max_read" | "context" | "fscontext" | "defcontext"
+            | "rootcontext" | "plugins" | "xattr_permissions" | "uidmapping" | "gidmapping" => {
+                ignored.push(opt.clone())
+            }
+            _ if k.starts_with("x-") => {}
+            _ => return Err(OptionError::Unknown(opt.clone())),
+        }
+    }
+    let lower = lower.ok_or(OptionError::NoLower)?;
+    for l in split_escaped(&lower, ':') {
+        if l.is_empty() {
+            // `::` separates data-only lowers in the kernel; not supported here.
+            return Err(OptionError::BadValue {
+                opt: "lowerdir".into(),
+                value: lower.clone(),
+                why: "empty layer (data-only layers `::` are not supported)".into(),
+            });
+        }
+        cfg.lowers.push(resolve_dir("lowerdir", &l, cwd)?);
+    }
+    match (upper, work) {
+        (Some(u), Some(w)) if !plan_ro => {
+            let u = resolve_dir("upperdir", &u, cwd)?;
+            let w = resolve_dir("workdir", &w, cwd)?;
+            let (mu, mw) = (std::fs::metadata(&u), std::fs::metadata(&w));
+            if let (Ok(mu), Ok(mw)) = (mu, mw) {
+                if mu.dev() != mw.dev() {
+                    return Err(OptionError::WorkdirOtherFs { upper: u, work: w });
+                }
+            }
+            if let Err(e) = nix::unistd::access(&u, nix::unistd::AccessFlags::W_OK) {
+                return Err(OptionError::BadDir {
+                    what: "upperdir",
+                    path: u,
+                    why: format!("is not writable: {e}"),
+                });
+            }
+            if u.starts_with(&w) || w.starts_with(&u) {
+                return Err(OptionError::Overlap {
+                    a: "upperdir",
+                    pa: u,
+                    b: "workdir",
+                    pb: w,
+                });
+            }
+            for l in &cfg.lowers {
+                if u.starts_with(l) || l.starts_with(&u) {
+                    return Err(OptionError::Overlap {
+                        a: "upperdir",
+                        pa: u,
+                        b: "lowerdir",
+                        pb: l.clone(),
+                    });
+                }
+            }
+            cfg.upper = Some(u);
+            cfg.work = Some(w);
+        }
+        (Some(_), None) if !plan_ro => return Err(OptionError::NoWorkdir),
+        (None, Some(_)) => ignored.push("workdir (no upperdir)".into()),
+        _ => plan_ro = true,
+    }
+    Ok(MountPlan {
+        read_only: plan_ro || cfg.upper.is_none(),
+        cfg,
+        allow_other,
+        threads,
+        debug,
+        kernel_flags,
+        fsname,
+        ignored,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(s: &str) -> Vec<String> {
+        split_escaped(s, ',')
+    }
+
+    #[test]
+    fn escapes() {
+        assert_eq!(split_escaped(r"a\:b:c", ':'), vec!["a:b", "c"]);
+        assert_eq!(split_escaped(r"a\\b", ':'), vec![r"a\\b"]);
+    }
+
+    #[test]
+    fn full_form_and_relative_paths() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["l1", "l2", "u", "w"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        let p = parse(
+            &opts("lowerdir=l1:l2,upperdir=u,workdir=w,volatile"),
+            t.path(),
+        )
+        .unwrap();
+        assert_eq!(p.cfg.lowers.len(), 2);
+        assert!(p.cfg.lowers[0].ends_with("l1"));
+        assert!(p.cfg.upper.unwrap().ends_with("u"));
+        assert!(!p.cfg.fsync);
+        assert!(!p.read_only);
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("l")).unwrap();
+        std::fs::create_dir(t.path().join("l/u")).unwrap();
+        std::fs::create_dir(t.path().join("w")).unwrap();
+        assert!(matches!(
+            parse(&opts("upperdir=x"), t.path()),
+            Err(OptionError::NoLower)
+        ));
+        assert!(matches!(
+            parse(&opts("lowerdir=l,bogus"), t.path()),
+            Err(OptionError::Unknown(_))
+        ));
+        assert!(matches!(
+            parse(&opts("lowerdir=missing"), t.path()),
+            Err(OptionError::BadDir { .. })
+        ));
+        assert!(matches!(
+            parse(&opts("lowerdir=l,upperdir=l/u,workdir=w"), t.path()),
+            Err(OptionError::Overlap { .. })
+        ));
+        assert!(matches!(
+            parse(&opts("lowerdir=l,upperdir=w"), t.path()),
+            Err(OptionError::NoWorkdir)
+        ));
+        assert!(parse(&opts("lowerdir=l"), t.path()).unwrap().read_only);
+    }
+}

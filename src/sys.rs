@@ -1,0 +1,429 @@
+//! Thin, safe wrappers over the `*at` system calls the engine needs.
+//!
+//! Every call takes a directory fd plus a single name (never a path with `/`), and never follows
+//! a symlink in the last component. Directories are reached with `openat2(RESOLVE_IN_ROOT |
+//! RESOLVE_NO_SYMLINKS)` from a layer root (see `layer::Layer::dir`), so no operation can escape
+//! a layer through a symlink, even one planted concurrently.
+//!
+//! Extended attributes have no `*at` form; they go through `/proc/self/fd/<dirfd>/<name>` with
+//! the `l*xattr` calls, which resolves the directory through the (safe) fd and does not follow
+//! the last component.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub use nix::errno::Errno;
+
+pub type Result<T> = std::result::Result<T, Errno>;
+pub type Stat = libc::stat;
+
+fn check(ret: libc::c_int) -> Result<libc::c_int> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
+}
+
+fn check_size(ret: libc::ssize_t) -> Result<usize> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A name as the kernel wants it: no NUL inside. A name containing NUL cannot come from the
+/// kernel, so this only fails on corrupt input.
+pub fn cname(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+pub fn dot() -> &'static CStr {
+    c"."
+}
+
+pub fn fstatat(dir: BorrowedFd, name: &CStr) -> Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstat(fd: BorrowedFd) -> Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<Stat>::uninit();
+    check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `openat` relative to `dir`, never following a symlink in the last component.
+pub fn openat(dir: BorrowedFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    let fd = check(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            mode as libc::c_uint,
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the directory `rel` (relative, `/`-separated, may be empty) below `root`, treating
+/// `root` as `/` and refusing every symlink on the way.
+pub fn open_dir_in_root(root: BorrowedFd, rel: &CStr) -> Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_IN_ROOT
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let path = if rel.is_empty() { dot() } else { rel };
+    openat2(root, path, how)
+}
+
+pub fn mkdirat(dir: BorrowedFd, name: &CStr, mode: u32) -> Result<()> {
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd, name: &CStr, mode: u32, rdev: u64) -> Result<()> {
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd, name: &CStr) -> Result<()> {
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+pub fn linkat(odir: BorrowedFd, oname: &CStr, ndir: BorrowedFd, nname: &CStr) -> Result<()> {
+    check(unsafe {
+        libc::linkat(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd, name: &CStr, is_dir: bool) -> Result<()> {
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat2(
+    odir: BorrowedFd,
+    oname: &CStr,
+    ndir: BorrowedFd,
+    nname: &CStr,
+    flags: u32,
+) -> Result<()> {
+    check(unsafe {
+        libc::renameat2(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn readlinkat(dir: BorrowedFd, name: &CStr) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = check_size(unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn fchownat(dir: BorrowedFd, name: &CStr, uid: u32, gid: u32) -> Result<()> {
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod never applies to symlinks (Linux has no lchmod); callers check the type first.
+pub fn fchmodat(dir: BorrowedFd, name: &CStr, mode: u32) -> Result<()> {
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0) }).map(drop)
+}
+
+pub fn utimensat(dir: BorrowedFd, name: &CStr, times: &[libc::timespec; 2]) -> Result<()> {
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn pread(fd: BorrowedFd, buf: &mut [u8], off: u64) -> Result<usize> {
+    check_size(unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            off as libc::off_t,
+        )
+    })
+}
+
+pub fn pwrite(fd: BorrowedFd, buf: &[u8], off: u64) -> Result<usize> {
+    check_size(unsafe {
+        libc::pwrite(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            off as libc::off_t,
+        )
+    })
+}
+
+/// Reads until `buf` is full or EOF (a short read from a regular file only means EOF, but a
+/// signal can interrupt a large read).
+pub fn pread_full(fd: BorrowedFd, buf: &mut [u8], off: u64) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match pread(fd, &mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+pub fn ftruncate(fd: BorrowedFd, len: u64) -> Result<()> {
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
+}
+
+pub fn fsync(fd: BorrowedFd, datasync: bool) -> Result<()> {
+    let r = if datasync {
+        unsafe { libc::fdatasync(fd.as_raw_fd()) }
+    } else {
+        unsafe { libc::fsync(fd.as_raw_fd()) }
+    };
+    check(r).map(drop)
+}
+
+pub fn syncfs(fd: BorrowedFd) -> Result<()> {
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
+pub fn fallocate(fd: BorrowedFd, mode: i32, off: u64, len: u64) -> Result<()> {
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) })
+        .map(drop)
+}
+
+pub fn lseek(fd: BorrowedFd, off: i64, whence: i32) -> Result<i64> {
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
+    if r < 0 { Err(Errno::last()) } else { Ok(r) }
+}
+
+pub fn fstatvfs(fd: BorrowedFd) -> Result<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Copies `len` bytes from `src` to `dst` at the same offsets, in kernel space when it can.
+pub fn copy_range(src: BorrowedFd, dst: BorrowedFd, len: u64) -> Result<()> {
+    let mut off_in: libc::loff_t = 0;
+    let mut off_out: libc::loff_t = 0;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = Errno::last();
+            if matches!(
+                e,
+                Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL
+            ) {
+                return copy_range_userspace(src, dst, off_in as u64, len);
+            }
+            if e == Errno::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break; // source shrank: nothing more to copy
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn copy_range_userspace(src: BorrowedFd, dst: BorrowedFd, mut off: u64, len: u64) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while off < len {
+        let want = ((len - off) as usize).min(buf.len());
+        let n = pread_full(src, &mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            done += pwrite(dst, &buf[done..n], off + done as u64)?;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn proc_path(dir: BorrowedFd, name: &CStr) -> CString {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name.to_bytes());
+    CString::new(p).expect("no NUL: built from a CStr")
+}
+
+/// Value of xattr `key` on `dir/name`, or `None` if it is not set.
+pub fn getxattr(dir: BorrowedFd, name: &CStr, key: &CStr) -> Result<Option<Vec<u8>>> {
+    let path = proc_path(dir, name);
+    let mut buf = vec![0u8; 256];
+    loop {
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                key.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(Some(buf));
+        }
+        match Errno::last() {
+            Errno::ENODATA => return Ok(None),
+            Errno::ERANGE => {
+                let need = unsafe {
+                    libc::lgetxattr(path.as_ptr(), key.as_ptr(), std::ptr::null_mut(), 0)
+                };
+                buf.resize(check_size(need)?.max(buf.len() * 2), 0);
+            }
+            e => return Err(e),
+        }
+    }
+}
+
+pub fn setxattr(dir: BorrowedFd, name: &CStr, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
+    let path = proc_path(dir, name);
+    check(unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            key.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn removexattr(dir: BorrowedFd, name: &CStr, key: &CStr) -> Result<()> {
+    let path = proc_path(dir, name);
+    check(unsafe { libc::lremovexattr(path.as_ptr(), key.as_ptr()) }).map(drop)
+}
+
+/// All xattr names of `dir/name`.
+pub fn listxattr(dir: BorrowedFd, name: &CStr) -> Result<Vec<CString>> {
+    let path = proc_path(dir, name);
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        match Errno::last() {
+            Errno::ERANGE => {
+                let need = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+                buf.resize(check_size(need)?.max(buf.len() * 2), 0);
+            }
+            Errno::ENOTSUP => return Ok(Vec::new()),
+            e => return Err(e),
+        }
+    };
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| CString::new(s).expect("split at NUL"))
+        .collect())
+}
+
+/// Reads a whole directory (by an O_PATH or regular fd of it) as (name, d_ino, d_type).
+pub fn read_dir(dir: BorrowedFd) -> Result<Vec<(CString, u64, u8)>> {
+    let fd = openat(dir, dot(), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let raw: RawFd = {
+        use std::os::fd::IntoRawFd;
+        fd.into_raw_fd()
+    };
+    let dp = unsafe { libc::fdopendir(raw) };
+    if dp.is_null() {
+        let e = Errno::last();
+        unsafe { libc::close(raw) };
+        return Err(e);
+    }
+    let mut out = Vec::new();
+    loop {
+        Errno::clear();
+        let ent = unsafe { libc::readdir64(dp) };
+        if ent.is_null() {
+            let e = Errno::last_raw();
+            unsafe { libc::closedir(dp) };
+            if e != 0 {
+                return Err(Errno::from_raw(e));
+            }
+            return Ok(out);
+        }
+        let ent = unsafe { &*ent };
+        let name = unsafe { CStr::from_ptr(ent.d_name.as_ptr()) };
+        let b = name.to_bytes();
+        if b == b"." || b == b".." {
+            continue;
+        }
+        out.push((name.to_owned(), ent.d_ino, ent.d_type));
+    }
+}
+
+pub fn is_whiteout(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}
+
+pub fn is_dir(st: &Stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
