@@ -94,7 +94,7 @@ fn serve(plan: &MountPlan, mnt: &Path, on_ready: impl FnOnce()) -> anyhow::Resul
     unsafe { libc::umask(0) };
     raise_nofile();
     let fs = Arc::new(Overlay::new(plan.cfg.clone()).context("cannot open the layers")?);
-    let adapter = FuseAdapter::new(fs);
+    let adapter = FuseAdapter::new(fs.clone());
     let mut config = fuser::Config::default();
     let mut mo = vec![
         fuser::MountOption::FSName(plan.fsname.clone()),
@@ -113,6 +113,12 @@ fn serve(plan: &MountPlan, mnt: &Path, on_ready: impl FnOnce()) -> anyhow::Resul
     config.clone_fd = plan.threads > 1;
     let session = fuser::Session::new(adapter, mnt, &config)
         .with_context(|| format!("cannot mount on `{}`", mnt.display()))?;
+    let notifier = session.notifier();
+    fs.set_invalidator(Box::new(move |ino| {
+        // Attributes only (offset -1): never touches page cache, so it cannot deadlock
+        // against the request that triggered it.
+        let _ = notifier.inval_inode(fuser::INodeNo(ino), -1, 0);
+    }));
     on_ready();
     session.run().context("FUSE session ended with an error")?;
     Ok(())

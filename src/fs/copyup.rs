@@ -88,11 +88,18 @@ impl Overlay {
             return Err(e);
         }
         let updir = self.upper_dir(&parent)?;
+        // Like the kernel, copy-up does not change the parent's times.
+        let pst = sys::fstat(updir.as_fd())?;
         if let Err(e) = sys::renameat2(wdir, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE) {
             let _ = remove_tree(wdir, &tmp);
             return Err(e);
         }
+        sys::utimensat(updir.as_fd(), sys::dot(), &[st_atime(&pst), st_mtime(&pst)])?;
         node.set_upper();
+        if node.is_dir() {
+            // It is a merged directory now: the kernel's cached link count is stale.
+            self.invalidate_attr(node.ino);
+        }
         Ok(())
     }
 
@@ -104,7 +111,8 @@ impl Overlay {
         dname: &CStr,
     ) -> Result<()> {
         for key in sys::listxattr(sdir, sname)? {
-            if self.x.is_private(key.to_bytes()) {
+            // Format xattrs are not copied; escaped user overlay xattrs are user data.
+            if self.x.to_view(&key).is_none() {
                 continue;
             }
             if let Some(v) = sys::getxattr(sdir, sname, &key)? {

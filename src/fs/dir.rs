@@ -153,6 +153,12 @@ impl Overlay {
             Err(Errno::ENOENT) => {}
             Err(e) => return Err(e),
         }
+        if let NewKind::Node { mode, rdev: 0 } = &kind {
+            if mode & libc::S_IFMT == libc::S_IFCHR {
+                // A 0/0 character device is a whiteout: the kernel refuses to create one.
+                return Err(Errno::EPERM);
+            }
+        }
         if let NewKind::Link { target } = &kind {
             if target.is_dir() {
                 return Err(Errno::EPERM);
@@ -218,7 +224,9 @@ impl Overlay {
                 };
                 sys::fchmodat(dir, &tmp, mode)?;
             }
-            if is_dir && over_whiteout {
+            // Like the kernel: a new directory in a merged directory is opaque, so it never
+            // merges with something a lower layer could show under its name.
+            if is_dir && (over_whiteout || !parent.lower_dirs.is_empty()) {
                 sys::setxattr(dir, &tmp, &self.x.opaque, b"y", 0)?;
             }
             Ok(())

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{Attr, Handle, Node, Overlay};
+use super::{Attr, Handle, IoMode, Node, Overlay};
 use crate::sys::{self, Errno, Result};
 
 /// A time to set: a value, "now", or leave unchanged.
@@ -77,9 +77,9 @@ impl Overlay {
         fh
     }
 
-    /// Opens `ino`. Returns the handle number and, for read-only regular files, the real fd a
-    /// passthrough backing can be made from.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, Option<Arc<OwnedFd>>)> {
+    /// Opens `ino`. Returns the handle number, the I/O mode the kernel must use, and the real
+    /// fd (for a passthrough backing).
+    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, IoMode, Arc<OwnedFd>)> {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
@@ -92,15 +92,26 @@ impl Overlay {
         let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
         let (on_lower, fd) = self.open_object(&node, oflags)?;
         let fd = Arc::new(fd);
+        let regular = node.fmt == libc::S_IFREG;
+        let mode = node.start_io(writes, self.cfg.passthrough && regular);
         let fh = self.add_handle(Handle {
             node,
             file: RwLock::new(fd.clone()),
             on_lower: on_lower.into(),
             flags,
+            io: Mutex::new(mode),
             entries: Mutex::new(None),
         });
-        let pass = (!writes && self.cfg.passthrough).then_some(fd);
-        Ok((fh, pass))
+        Ok((fh, mode, fd))
+    }
+
+    /// The kernel refused a passthrough backing: serve this handle through the daemon.
+    pub fn passthrough_refused(&self, fh: u64) -> Result<IoMode> {
+        let h = self.handle(fh)?;
+        let mut m = h.io.lock();
+        h.node.end_io(*m);
+        *m = h.node.start_io(true, false);
+        Ok(*m)
     }
 
     fn open_object(&self, node: &Node, oflags: i32) -> Result<(bool, OwnedFd)> {
@@ -147,7 +158,9 @@ impl Overlay {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.remove(&fh);
+        if let Some((_, h)) = self.handles.remove(&fh) {
+            h.node.end_io(*h.io.lock());
+        }
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
@@ -273,6 +286,7 @@ impl Overlay {
             file: RwLock::new(Arc::new(fd)),
             on_lower: false.into(),
             flags: libc::O_RDONLY,
+            io: Mutex::new(IoMode::Direct),
             entries: Mutex::new(None),
         }))
     }
@@ -300,12 +314,9 @@ impl Overlay {
     }
 
     pub fn getxattr(&self, ino: u64, key: &CStr) -> Result<Vec<u8>> {
-        if self.x.is_private(key.to_bytes()) {
-            return Err(Errno::ENODATA);
-        }
         let node = self.node(ino)?;
         let (_, d, n) = self.locate(&node)?;
-        sys::getxattr(d.as_fd(), &n, key)?.ok_or(Errno::ENODATA)
+        sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key))?.ok_or(Errno::ENODATA)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
@@ -313,7 +324,7 @@ impl Overlay {
         let (_, d, n) = self.locate(&node)?;
         let mut out = Vec::new();
         for k in sys::listxattr(d.as_fd(), &n)? {
-            if !self.x.is_private(k.to_bytes()) {
+            if let Some(k) = self.x.to_view(&k) {
                 out.extend_from_slice(k.to_bytes_with_nul());
             }
         }
@@ -321,9 +332,7 @@ impl Overlay {
     }
 
     pub fn setxattr(&self, ino: u64, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
-        if self.x.is_private(key.to_bytes()) {
-            return Err(Errno::EPERM);
-        }
+        let key = &self.x.to_layer(key);
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);
@@ -334,9 +343,7 @@ impl Overlay {
     }
 
     pub fn removexattr(&self, ino: u64, key: &CStr) -> Result<()> {
-        if self.x.is_private(key.to_bytes()) {
-            return Err(Errno::ENODATA);
-        }
+        let key = &self.x.to_layer(key);
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::dir::NewKind;
 use super::file::{SetAttr, SetTime};
-use super::{Attr, Overlay};
+use super::{Attr, IoMode, Overlay};
 use crate::sys::Errno;
 
 pub struct FuseAdapter {
@@ -163,7 +163,8 @@ impl Filesystem for FuseAdapter {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_SPLICE_READ
             | InitFlags::FUSE_SPLICE_WRITE
-            | InitFlags::FUSE_SPLICE_MOVE;
+            | InitFlags::FUSE_SPLICE_MOVE
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -341,23 +342,30 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fh, pass) = match self.fs.open(ino.0, flags.0) {
+        let (fh, mut mode, fd) = match self.fs.open(ino.0, flags.0) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
-        if let Some(fd) =
-            pass.filter(|_| self.passthrough.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            match reply.open_backing(&*fd) {
+        if mode == IoMode::Passthrough {
+            let backing = if self.passthrough.load(std::sync::atomic::Ordering::Relaxed) {
+                reply.open_backing(&*fd)
+            } else {
+                Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+            };
+            match backing {
                 Ok(id) => {
+                    // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (EIO).
                     reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
                     self.backing.insert(fh, id);
                     return;
                 }
-                Err(e) => debug!("passthrough refused ({e}); serving reads"),
+                Err(e) => {
+                    debug!("passthrough refused ({e}); serving reads");
+                    mode = tri!(reply, self.fs.passthrough_refused(fh).map_err(err));
+                }
             }
         }
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.opened(FileHandle(fh), open_flags(mode));
     }
 
     fn read(
@@ -636,23 +644,27 @@ impl Filesystem for FuseAdapter {
                 req.gid(),
             )?;
             // The file is new and empty: no copy-up, no truncate needed.
-            let (fh, _) = match self.fs.open(node.ino, flags & !libc::O_TRUNC) {
+            let (fh, mut mode, _) = match self.fs.open(node.ino, flags & !libc::O_TRUNC) {
                 Ok(x) => x,
                 Err(e) => {
                     self.fs.forget(node.ino, 1);
                     return Err(e.into());
                 }
             };
+            if mode == IoMode::Passthrough {
+                // A create reply cannot carry a passthrough backing.
+                mode = self.fs.passthrough_refused(fh)?;
+            }
             let st = self.fs.getattr(node.ino, Some(fh))?;
-            Ok((fh, st))
+            Ok((fh, st, mode))
         });
         match r {
-            Ok((fh, st)) => reply.created(
+            Ok((fh, st, mode)) => reply.created(
                 &self.ttl,
                 &attr(&st),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                open_flags(mode),
             ),
             Err(e) => reply.error(e),
         }
@@ -696,6 +708,14 @@ trait IntoIno {
 impl IntoIno for u64 {
     fn into_ino(self) -> INodeNo {
         INodeNo(self)
+    }
+}
+
+fn open_flags(mode: IoMode) -> FopenFlags {
+    match mode {
+        // Only this daemon changes the layers, so cached pages stay valid across opens.
+        IoMode::Cached => FopenFlags::FOPEN_KEEP_CACHE,
+        IoMode::Direct | IoMode::Passthrough => FopenFlags::FOPEN_DIRECT_IO,
     }
 }
 

@@ -24,7 +24,7 @@ use parking_lot::RwLock;
 
 use crate::layer::{self, EntryKind, Layer, RelPath, XattrNames};
 use crate::sys::{self, Errno, Result, Stat};
-pub use node::{LowerRef, Node};
+pub use node::{IoMode, LowerRef, Node};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -76,6 +76,7 @@ pub struct Handle {
     file: RwLock<Arc<OwnedFd>>,
     on_lower: AtomicBool,
     pub flags: i32,
+    pub io: parking_lot::Mutex<IoMode>,
     /// Directories: the merged listing, taken at the first readdir.
     pub entries: parking_lot::Mutex<Option<Arc<Vec<dir::DirEntry>>>>,
 }
@@ -101,6 +102,9 @@ pub struct Overlay {
     handles: DashMap<u64, Arc<Handle>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Tells the kernel to drop cached attributes of an inode whose attributes changed as a
+    /// side effect it cannot know about (a directory copied up becomes a merged directory).
+    invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 /// Result of resolving one name in a directory.
@@ -174,7 +178,19 @@ impl Overlay {
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
+            invalidate: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the kernel cache invalidation callback (set once the session exists).
+    pub fn set_invalidator(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.invalidate.set(f);
+    }
+
+    fn invalidate_attr(&self, ino: u64) {
+        if let Some(f) = self.invalidate.get() {
+            f(ino);
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -447,6 +463,12 @@ impl Overlay {
                 n
             }
         };
+        if node.has_upper() && !f.upper {
+            // A lower-only alias of a hard link already copied up: the node's object is the
+            // upper one.
+            let st = self.stat_node(&node)?;
+            return Ok((node, st));
+        }
         Ok((node.clone(), self.finish_attr(&node, f.st)))
     }
 

@@ -50,6 +50,26 @@ pub struct Node {
     pub lookups: AtomicU64,
     /// Serialises copy-up of this node.
     pub copy_up_lock: Mutex<()>,
+    /// Open handles by kernel I/O mode. The kernel refuses (EIO) to have one inode open in
+    /// passthrough and page-cached mode at once, so every open picks a compatible mode.
+    pub io: Mutex<IoCounts>,
+}
+
+#[derive(Debug, Default)]
+pub struct IoCounts {
+    pub passthrough: u32,
+    pub cached: u32,
+}
+
+/// How the kernel does I/O on one open file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// Data goes straight to the real file, without the daemon (read-only opens).
+    Passthrough,
+    /// Through the daemon and the kernel page cache.
+    Cached,
+    /// Through the daemon, bypassing the page cache: compatible with passthrough opens.
+    Direct,
 }
 
 impl Node {
@@ -75,6 +95,7 @@ impl Node {
             }),
             lookups: AtomicU64::new(0),
             copy_up_lock: Mutex::new(()),
+            io: Mutex::new(IoCounts::default()),
         }
     }
 
@@ -144,6 +165,29 @@ impl Node {
         let mut s = self.state.lock();
         s.unlinked = true;
         s.parent = None;
+    }
+
+    /// Chooses the I/O mode of a new open and counts it.
+    pub fn start_io(&self, writes: bool, passthrough_ok: bool) -> IoMode {
+        let mut io = self.io.lock();
+        if !writes && passthrough_ok && io.cached == 0 {
+            io.passthrough += 1;
+            IoMode::Passthrough
+        } else if io.passthrough > 0 {
+            IoMode::Direct
+        } else {
+            io.cached += 1;
+            IoMode::Cached
+        }
+    }
+
+    pub fn end_io(&self, mode: IoMode) {
+        let mut io = self.io.lock();
+        match mode {
+            IoMode::Passthrough => io.passthrough = io.passthrough.saturating_sub(1),
+            IoMode::Cached => io.cached = io.cached.saturating_sub(1),
+            IoMode::Direct => {}
+        }
     }
 
     pub fn add_lookup(&self, n: u64) {

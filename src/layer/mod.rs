@@ -45,10 +45,35 @@ impl XattrNames {
         }
     }
 
-    /// True for xattrs that belong to the overlay format and are hidden from users. The kernel
-    /// hides both namespaces' `overlay.` xattrs from the merged view.
+    /// True for xattrs in the overlay namespace (`<prefix>` below).
     pub fn is_private(&self, key: &[u8]) -> bool {
-        key.starts_with(b"trusted.overlay.") || key.starts_with(self.prefix.as_bytes())
+        key.starts_with(self.prefix.as_bytes())
+    }
+
+    /// The name under which an xattr of the merged view is stored in a layer. Like the kernel
+    /// (6.7+), overlay xattrs set by users are escaped: `trusted.overlay.X` is stored as
+    /// `trusted.overlay.overlay.X`, so they can never be mistaken for format xattrs.
+    pub fn to_layer(&self, key: &CStr) -> CString {
+        match key.to_bytes().strip_prefix(self.prefix.as_bytes()) {
+            Some(rest) => {
+                let mut v = format!("{}overlay.", self.prefix).into_bytes();
+                v.extend_from_slice(rest);
+                CString::new(v).expect("no NUL")
+            }
+            None => key.to_owned(),
+        }
+    }
+
+    /// The name a layer xattr has in the merged view; `None` for the format's own xattrs.
+    pub fn to_view(&self, key: &CStr) -> Option<CString> {
+        let b = key.to_bytes();
+        let Some(rest) = b.strip_prefix(self.prefix.as_bytes()) else {
+            return Some(key.to_owned());
+        };
+        let inner = rest.strip_prefix(b"overlay.")?;
+        let mut v = self.prefix.as_bytes().to_vec();
+        v.extend_from_slice(inner);
+        CString::new(v).ok()
     }
 }
 
@@ -341,11 +366,24 @@ mod tests {
     }
 
     #[test]
-    fn private_xattrs() {
+    fn private_xattrs_are_escaped() {
         let x = XattrNames::new(false);
         assert!(x.is_private(b"trusted.overlay.opaque"));
         assert!(!x.is_private(b"user.overlay.opaque"));
         assert!(XattrNames::new(true).is_private(b"user.overlay.opaque"));
+        assert_eq!(
+            x.to_layer(c"trusted.overlay.opaque").as_bytes(),
+            b"trusted.overlay.overlay.opaque"
+        );
+        assert_eq!(x.to_layer(c"user.a").as_bytes(), b"user.a");
+        assert_eq!(
+            x.to_view(c"trusted.overlay.overlay.opaque")
+                .unwrap()
+                .as_bytes(),
+            b"trusted.overlay.opaque"
+        );
+        assert!(x.to_view(c"trusted.overlay.origin").is_none());
+        assert_eq!(x.to_view(c"user.a").unwrap().as_bytes(), b"user.a");
     }
 }
 
