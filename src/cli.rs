@@ -15,7 +15,9 @@ Mount options (-o, comma-separated; `\\,` and `\\:` escape):
                         report every file as owned by this user / group
   volatile | fsync=0    do not fsync (faster; data may be lost on a crash)
   timeout=SECS          kernel entry/attribute cache time (default 1)
-  passthrough=on|off    FUSE passthrough for read-only opens (default on)
+  passthrough=on|off    FUSE passthrough for read-only opens (default: on for read-only
+                        mounts; on a writable mount a write open of a file that is open
+                        read-only elsewhere then fails with EIO, a kernel limitation)
   threads=N             worker threads (default 2 x CPUs, at least 4)
   allow_other           let other users in (default when mounted by root)
   ro, nodev, nosuid, noexec, noatime, sync, dirsync   as for any mount

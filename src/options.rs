@@ -136,6 +136,7 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
     let mut kernel_flags = Vec::new();
     let mut fsname = "layervol".to_string();
     let mut ignored = Vec::new();
+    let mut passthrough = None;
 
     for opt in opts.iter().filter(|o| !o.is_empty()) {
         let (k, v) = match opt.split_once('=') {
@@ -162,7 +163,7 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             "squash_to_gid" => cfg.squash_gid = Some(parse_id(k, val()?)?),
             "volatile" => cfg.fsync = false,
             "fsync" => cfg.fsync = parse_onoff(k, val()?)?,
-            "passthrough" => cfg.passthrough = parse_onoff(k, val()?)?,
+            "passthrough" => passthrough = Some(parse_onoff(k, val()?)?),
             "timeout" => {
                 let secs: f64 = val()?.parse().map_err(|_| OptionError::BadValue {
                     opt: k.into(),
@@ -267,8 +268,12 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
         (None, Some(_)) => ignored.push("workdir (no upperdir)".into()),
         _ => plan_ro = true,
     }
+    let read_only = plan_ro || cfg.upper.is_none();
+    // The kernel cannot mix passthrough and daemon-served opens of one inode: a write open
+    // while a passthrough read open exists fails with EIO. Only a read-only mount is safe.
+    cfg.passthrough = passthrough.unwrap_or(read_only);
     Ok(MountPlan {
-        read_only: plan_ro || cfg.upper.is_none(),
+        read_only,
         cfg,
         allow_other,
         threads,

@@ -4,7 +4,7 @@
 //! owner, mode, xattrs, `overlay.origin`, times) and renamed into place, so a crash leaves
 //! either the lower object visible or the complete copy, never a partial one.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
@@ -27,6 +27,34 @@ impl Overlay {
         self.copy_up(&parent, true)?;
         let path = node.path().ok_or(Errno::ENOENT)?;
         let (_, name) = path.split_last().ok_or(Errno::EINVAL)?;
+        let updir = self.upper_dir(&parent)?;
+        // Like the kernel, copy-up does not change the parent's times.
+        let pst = sys::fstat(updir.as_fd())?;
+        if let Some(hl) = &node.hardlink {
+            // A hard-linked lower file: every name links the one index copy.
+            self.ensure_index(node)?;
+            sys::linkat(self.index_dir()?.as_fd(), &hl.index, updir.as_fd(), &name)?;
+        } else {
+            let work = self.work()?.root.as_fd();
+            let tmp = self.make_copy(node, data)?;
+            if let Err(e) = sys::renameat2(work, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE)
+            {
+                let _ = remove_tree(work, &tmp);
+                return Err(e);
+            }
+        }
+        sys::utimensat(updir.as_fd(), sys::dot(), &[st_atime(&pst), st_mtime(&pst)])?;
+        node.set_upper();
+        if node.is_dir() {
+            // It is a merged directory now: the kernel's cached link count is stale.
+            self.invalidate_attr(node.ino);
+        }
+        Ok(())
+    }
+
+    /// Builds a complete copy of the node's lower object under a temporary name in the work
+    /// dir: data, owner, mode, xattrs, `overlay.origin`, times. Returns the name.
+    pub(super) fn make_copy(&self, node: &Node, data: bool) -> Result<CString> {
         let src = if node.is_dir() {
             node.lower_dirs.first()
         } else {
@@ -36,10 +64,8 @@ impl Overlay {
         let lower = &self.lowers[src.layer];
         let (ldir, lname) = lower.parent_of(&src.path)?;
         let st = sys::fstatat(ldir.as_fd(), &lname)?;
-        let work = self.work()?;
-        let wdir = work.root.as_fd();
+        let wdir = self.work()?.root.as_fd();
         let tmp = self.tmp_name();
-
         let fmt = st.st_mode & libc::S_IFMT;
         let made = (|| -> Result<()> {
             match fmt {
@@ -61,7 +87,7 @@ impl Overlay {
                 }
                 libc::S_IFLNK => {
                     let target = sys::readlinkat(ldir.as_fd(), &lname)?;
-                    let target = std::ffi::CString::new(target).map_err(|_| Errno::EIO)?;
+                    let target = CString::new(target).map_err(|_| Errno::EIO)?;
                     sys::symlinkat(&target, wdir, &tmp)?;
                 }
                 _ => sys::mknodat(wdir, &tmp, st.st_mode, st.st_rdev)?,
@@ -87,20 +113,7 @@ impl Overlay {
             let _ = remove_tree(wdir, &tmp);
             return Err(e);
         }
-        let updir = self.upper_dir(&parent)?;
-        // Like the kernel, copy-up does not change the parent's times.
-        let pst = sys::fstat(updir.as_fd())?;
-        if let Err(e) = sys::renameat2(wdir, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE) {
-            let _ = remove_tree(wdir, &tmp);
-            return Err(e);
-        }
-        sys::utimensat(updir.as_fd(), sys::dot(), &[st_atime(&pst), st_mtime(&pst)])?;
-        node.set_upper();
-        if node.is_dir() {
-            // It is a merged directory now: the kernel's cached link count is stale.
-            self.invalidate_attr(node.ino);
-        }
-        Ok(())
+        Ok(tmp)
     }
 
     fn copy_xattrs(

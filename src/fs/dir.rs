@@ -251,7 +251,11 @@ impl Overlay {
                 return Err(e);
             }
         }
-        let (node, st) = self.lookup_node(&parent, name)?;
+        let (node, mut st) = self.lookup_node(&parent, name)?;
+        if node.hardlink.is_some() && matches!(kind, NewKind::Link { .. }) {
+            self.nlink_changed(&node, 1)?;
+            st.st_nlink += 1;
+        }
         node.add_lookup(1);
         Ok((node, st))
     }
@@ -276,6 +280,8 @@ impl Overlay {
             return Err(Errno::ENOTEMPTY);
         }
         self.upper()?;
+        // The other names of a hard-linked lower file keep its data: move it to the index.
+        self.ensure_index(&node)?;
         let whiteout = self.lower_has(&parent, name)?;
         self.copy_up(&parent, true)?;
         let updir = self.upper_dir(&parent)?;
@@ -300,6 +306,7 @@ impl Overlay {
             sys::mknodat(updir.as_fd(), name, libc::S_IFCHR, 0)?;
         }
         node.mark_unlinked();
+        self.nlink_changed(&node, -1)?;
         Ok(())
     }
 

@@ -163,8 +163,7 @@ impl Filesystem for FuseAdapter {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_SPLICE_READ
             | InitFlags::FUSE_SPLICE_WRITE
-            | InitFlags::FUSE_SPLICE_MOVE
-            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+            | InitFlags::FUSE_SPLICE_MOVE;
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);

@@ -10,6 +10,7 @@ mod copyup;
 mod dir;
 mod file;
 pub mod fuse;
+mod index;
 mod node;
 
 use std::ffi::{CStr, CString};
@@ -24,7 +25,7 @@ use parking_lot::RwLock;
 
 use crate::layer::{self, EntryKind, Layer, RelPath, XattrNames};
 use crate::sys::{self, Errno, Result, Stat};
-pub use node::{IoMode, LowerRef, Node};
+pub use node::{Hardlink, IoMode, LowerRef, Node};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -47,7 +48,9 @@ pub struct Config {
     /// How long the kernel may cache entries and attributes. All changes go through this
     /// daemon, so caching is coherent; only out-of-band changes to layers need a short TTL.
     pub ttl: Duration,
-    /// FUSE passthrough for files opened read-only (kernel >= 6.9).
+    /// FUSE passthrough for files opened read-only (kernel >= 6.9): reads bypass the daemon.
+    /// On by default only for read-only mounts: the kernel fails (EIO) a write open of an
+    /// inode that has passthrough opens, and a passthrough reader would not follow copy-up.
     pub passthrough: bool,
 }
 
@@ -92,6 +95,8 @@ pub struct Overlay {
     upper: Option<Layer>,
     /// `workdir/work`, like the kernel.
     work: Option<Layer>,
+    /// `workdir/index`: copies of hard-linked lower files (see `index.rs`).
+    index: Option<Layer>,
     lowers: Vec<Layer>,
     x: XattrNames,
     /// All layers on one filesystem: real inode numbers are unique and used as they are.
@@ -114,6 +119,8 @@ struct Found {
     upper: bool,
     lower: Option<LowerRef>,
     lower_dirs: Vec<LowerRef>,
+    /// Hard-linked lower file: (identity, index copy exists, merged link count).
+    hardlink: Option<(Hardlink, bool, u32)>,
 }
 
 /// Attributes of a node as reported to the kernel.
@@ -136,6 +143,17 @@ impl Overlay {
                     Err(e) => return Err(e.into()),
                 }
                 Some(Layer::open(&w.join("work"))?)
+            }
+            _ => None,
+        };
+        let index = match (&cfg.work, &work) {
+            (Some(w), Some(_)) => {
+                match std::fs::create_dir(w.join("index")) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                Some(Layer::open(&w.join("index"))?)
             }
             _ => None,
         };
@@ -162,6 +180,7 @@ impl Overlay {
             upper.is_some(),
             None,
             root_lowers,
+            None,
         );
         root.add_lookup(1);
         let nodes = DashMap::new();
@@ -171,6 +190,7 @@ impl Overlay {
             cfg,
             upper,
             work,
+            index,
             lowers,
             samefs,
             devs,
@@ -249,6 +269,10 @@ impl Overlay {
             let up = self.upper()?;
             let (d, n) = up.parent_of(&path)?;
             return Ok((up, d, n));
+        }
+        if let (Some(hl), true) = (&node.hardlink, node.state.lock().indexed) {
+            let ix = self.index.as_ref().ok_or(Errno::EIO)?;
+            return Ok((ix, ix.dir(&RelPath::root())?, hl.index.clone()));
         }
         let lr = if node.is_dir() {
             node.lower_dirs.first()
@@ -389,23 +413,29 @@ impl Overlay {
                     }
                     _ => upper_ino,
                 };
-                Ok(Found {
+                let mut f = Found {
                     st,
                     ino,
                     upper: true,
                     lower,
                     lower_dirs,
-                })
+                    hardlink: None,
+                };
+                f.hardlink = self.detect_hardlink(parent, name, &f)?;
+                Ok(f)
             }
             None => {
                 let (st, ino) = ltop.ok_or(Errno::ENOENT)?;
-                Ok(Found {
+                let mut f = Found {
                     st,
                     ino,
                     upper: false,
                     lower,
                     lower_dirs,
-                })
+                    hardlink: None,
+                };
+                f.hardlink = self.detect_hardlink(parent, name, &f)?;
+                Ok(f)
             }
         }
     }
@@ -443,6 +473,7 @@ impl Overlay {
                         f.upper,
                         f.lower,
                         f.lower_dirs,
+                        f.hardlink,
                     ));
                     fresh.add_lookup(n.lookups.load(Ordering::Relaxed));
                     e.insert(fresh.clone());
@@ -458,6 +489,7 @@ impl Overlay {
                     f.upper,
                     f.lower,
                     f.lower_dirs,
+                    f.hardlink,
                 ));
                 e.insert(n.clone());
                 n
@@ -502,6 +534,9 @@ impl Overlay {
         if node.is_dir() && (node.lower_dirs.len() + usize::from(node.has_upper())) > 1 {
             // Like the kernel: a merged directory's link count is unknown.
             st.st_nlink = 1;
+        }
+        if node.hardlink.is_some() {
+            st.st_nlink = node.state.lock().merged_nlink as _;
         }
         if let Some(u) = self.cfg.squash_uid {
             st.st_uid = u;

@@ -32,8 +32,21 @@ pub struct NodeState {
     pub name: CString,
     /// The object exists in the upper layer at the merged location.
     pub upper: bool,
-    /// Directory whose upper is opaque or which has no lower dirs left to merge.
+    /// All names of the node are gone (it may still be open).
     pub unlinked: bool,
+    /// Hard-linked lower file: a copy exists in the index (`workdir/index`).
+    pub indexed: bool,
+    /// Hard-linked lower file: its link count in the merged view.
+    pub merged_nlink: u32,
+}
+
+/// A lower file with several names. Like kernel overlayfs with `index=on`, its copy-up goes
+/// to `workdir/index/<hex of its origin>` and every name copied up is a hard link to that
+/// file, so the names keep sharing data and inode number.
+#[derive(Debug, Clone)]
+pub struct Hardlink {
+    pub index: std::ffi::CString,
+    pub lower_nlink: u32,
 }
 
 #[derive(Debug)]
@@ -45,6 +58,7 @@ pub struct Node {
     pub lower: Option<LowerRef>,
     /// Directories: the lower directories merged below this one, topmost first.
     pub lower_dirs: Vec<LowerRef>,
+    pub hardlink: Option<Hardlink>,
     pub state: Mutex<NodeState>,
     /// Kernel lookup count: the node leaves the table when it drops to zero.
     pub lookups: AtomicU64,
@@ -81,17 +95,22 @@ impl Node {
         upper: bool,
         lower: Option<LowerRef>,
         lower_dirs: Vec<LowerRef>,
+        hardlink: Option<(Hardlink, bool, u32)>,
     ) -> Node {
+        let (indexed, merged_nlink) = hardlink.as_ref().map_or((false, 0), |h| (h.1, h.2));
         Node {
             ino,
             fmt,
             lower,
             lower_dirs,
+            hardlink: hardlink.map(|h| h.0),
             state: Mutex::new(NodeState {
                 parent,
                 name: name.to_owned(),
                 upper,
                 unlinked: false,
+                indexed,
+                merged_nlink,
             }),
             lookups: AtomicU64::new(0),
             copy_up_lock: Mutex::new(()),
