@@ -305,7 +305,7 @@ impl Overlay {
         } else {
             sys::mknodat(updir.as_fd(), name, libc::S_IFCHR, 0)?;
         }
-        node.mark_unlinked();
+        node.unlink_name(&parent, name);
         self.nlink_changed(&node, -1)?;
         Ok(())
     }
@@ -363,6 +363,9 @@ impl Overlay {
                 self.copy_up(t, true)?;
             } else if t.is_dir() && t.has_upper() {
                 self.clear_dir(t)?;
+            } else {
+                // The other names of a hard-linked lower file keep its data.
+                self.ensure_index(t)?;
             }
         }
         let pdir = self.upper_dir(&p)?;
@@ -404,7 +407,8 @@ impl Overlay {
             if exchange {
                 t.set_location(p.clone(), name);
             } else {
-                t.mark_unlinked();
+                t.unlink_name(&q, newname);
+                self.nlink_changed(&t, -1)?;
             }
         }
         Ok(())

@@ -128,8 +128,19 @@ fn run<T>(f: impl FnOnce() -> Result<T, ErrWrap>) -> Result<T, fuser::Errno> {
 }
 
 impl FuseAdapter {
+    /// Cache times for an entry. A file with several names is never cached: the daemon only
+    /// learns which name an operation uses from the lookup that precedes it.
+    fn ttl_for(&self, st: &Attr) -> Duration {
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR && st.st_nlink > 1 {
+            Duration::ZERO
+        } else {
+            self.ttl
+        }
+    }
+
     fn entry(&self, reply: ReplyEntry, st: &Attr) {
-        reply.entry(&self.ttl, &attr(st), Generation(0));
+        let ttl = self.ttl_for(st);
+        reply.entry(&ttl, &attr(st), Generation(0));
     }
 
     fn create_kind(
@@ -195,7 +206,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&self.ttl, &attr(&st)),
+            Ok(st) => reply.attr(&self.ttl_for(&st), &attr(&st)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -227,7 +238,7 @@ impl Filesystem for FuseAdapter {
             mtime: set_time(mtime),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), a) {
-            Ok(st) => reply.attr(&self.ttl, &attr(&st)),
+            Ok(st) => reply.attr(&self.ttl_for(&st), &attr(&st)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -530,7 +541,7 @@ impl Filesystem for FuseAdapter {
                 n.ino.into_ino(),
                 off + 1,
                 OsStr::from_bytes(e.name.to_bytes()),
-                &self.ttl,
+                &self.ttl_for(&st),
                 &attr(&st),
                 Generation(0),
             ) {

@@ -105,7 +105,7 @@ impl Overlay {
         let Some(hl) = &node.hardlink else {
             return Ok(());
         };
-        if node.state.lock().indexed || node.has_upper() {
+        if node.state.lock().indexed {
             return Ok(());
         }
         let ix = self.index.as_ref().ok_or(Errno::EROFS)?;

@@ -454,9 +454,18 @@ impl Overlay {
             dashmap::Entry::Occupied(mut e) => {
                 let n = e.get().clone();
                 if n.fmt == fmt {
-                    // Same object (or a hard link to it). Follow it to where it is now, but
-                    // never trade an upper location for a lower-only alias.
-                    if f.upper || !n.has_upper() {
+                    // Same object (or a hard link to it): follow it to the name just used.
+                    // The kernel resolves the names of multiply-linked files before each use
+                    // (their entries are not cached, see `Attr` TTLs in the adapter), so the
+                    // next open or setattr acts on this name, as with kernel overlayfs.
+                    if let Some((_, indexed, _)) = &f.hardlink {
+                        let mut st = n.state.lock();
+                        st.parent = Some(parent.clone());
+                        st.name = name.to_owned();
+                        st.unlinked = false;
+                        st.upper = f.upper;
+                        st.indexed |= *indexed;
+                    } else if f.upper || !n.has_upper() {
                         n.set_location(parent.clone(), name);
                         if f.upper {
                             n.set_upper();

@@ -180,10 +180,16 @@ impl Node {
         s.unlinked = false;
     }
 
-    pub fn mark_unlinked(&self) {
+    /// The name `parent/name` of this node was removed. If it was the name the node is known
+    /// by, the node has no usable name until the kernel looks up another one (hard links).
+    pub fn unlink_name(&self, parent: &Arc<Node>, name: &CStr) {
         let mut s = self.state.lock();
-        s.unlinked = true;
-        s.parent = None;
+        let matches =
+            s.parent.as_ref().is_some_and(|p| Arc::ptr_eq(p, parent)) && s.name.as_c_str() == name;
+        if matches || self.fmt == libc::S_IFDIR {
+            s.unlinked = true;
+            s.parent = None;
+        }
     }
 
     /// Chooses the I/O mode of a new open and counts it.
