@@ -504,9 +504,9 @@ impl Overlay {
                 n
             }
         };
-        if node.has_upper() && !f.upper {
-            // A lower-only alias of a hard link already copied up: the node's object is the
-            // upper one.
+        if !f.upper && (node.has_upper() || node.state.lock().indexed) {
+            // A lower-only name of a hard link already copied up: the node's object is the
+            // upper (or index) copy.
             let st = self.stat_node(&node)?;
             return Ok((node, st));
         }
