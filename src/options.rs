@@ -268,6 +268,16 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
         (None, Some(_)) => ignored.push("workdir (no upperdir)".into()),
         _ => plan_ro = true,
     }
+    // Like `mount -t overlay`: devices and set-id files work unless the caller says nodev /
+    // nosuid (FUSE mounts default to nodev,nosuid; only root may lift that).
+    if nix::unistd::geteuid().is_root() {
+        if !kernel_flags.contains(&M::NoDev) && !kernel_flags.contains(&M::Dev) {
+            kernel_flags.push(M::Dev);
+        }
+        if !kernel_flags.contains(&M::NoSuid) && !kernel_flags.contains(&M::Suid) {
+            kernel_flags.push(M::Suid);
+        }
+    }
     let read_only = plan_ro || cfg.upper.is_none();
     // The kernel cannot mix passthrough and daemon-served opens of one inode: a write open
     // while a passthrough read open exists fails with EIO. Only a read-only mount is safe.
