@@ -122,7 +122,7 @@ impl Overlay {
 
     /// The fd to read through. A handle opened on a lower file follows the file to the upper
     /// once it is copied up, as kernel overlayfs does.
-    fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
+    pub(super) fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
         if h.on_lower.load(Ordering::Acquire) && h.node.has_upper() {
             if let Ok((false, fd)) = self.open_object(&h.node, libc::O_RDONLY) {
                 *h.file.write() = Arc::new(fd);

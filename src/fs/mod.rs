@@ -567,7 +567,7 @@ impl Overlay {
         let node = self.node(ino)?;
         if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone())) {
             if !node.is_dir() {
-                return Ok(self.finish_attr(&node, sys::fstat(h.fd().as_fd())?));
+                return Ok(self.finish_attr(&node, sys::fstat(self.read_fd(&h)?.as_fd())?));
             }
         }
         self.stat_node(&node)
