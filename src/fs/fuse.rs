@@ -196,6 +196,13 @@ impl Filesystem for FuseAdapter {
         let name = tri!(reply, cstr(name));
         match self.fs.lookup(parent.0, &name) {
             Ok((_, st)) => self.entry(reply, &st),
+            // A negative entry (node id 0) lets the kernel cache "no such name": every create
+            // goes through the kernel, which replaces it, so it cannot go stale.
+            Err(Errno::ENOENT) if !self.ttl.is_zero() => {
+                let mut none: Attr = unsafe { std::mem::zeroed() };
+                none.st_ino = 0;
+                reply.entry(&self.ttl, &attr(&none), Generation(0));
+            }
             Err(e) => reply.error(err(e)),
         }
     }

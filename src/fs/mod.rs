@@ -234,21 +234,26 @@ impl Overlay {
         CString::new(format!("#lv{:x}.{n:x}", std::process::id())).expect("no NUL")
     }
 
-    /// Stable inode number of an object found in a layer (see `node.rs`).
-    fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat) -> u64 {
+    /// Stable inode number of an object found in a layer (see `node.rs`): its origin's, if it
+    /// was copied up. In a lower layer (an old upper rotated down), the origin is trusted only
+    /// if the origin object has no other name that a lower layer could still show: two
+    /// different files must never share a node.
+    fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat, upper: bool) -> u64 {
         if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin) {
-            if let Some(ino) = self.origin_ino(&fb) {
-                return ino;
+            if let Some((ino, nlink)) = self.origin_ino(&fb) {
+                if upper || nlink <= 1 {
+                    return ino;
+                }
             }
         }
         self.map_ino(st.st_dev, st.st_ino)
     }
 
-    fn origin_ino(&self, fb: &[u8]) -> Option<u64> {
+    fn origin_ino(&self, fb: &[u8]) -> Option<(u64, u64)> {
         for l in self.lowers.iter().chain(self.upper.iter()) {
             if let Ok(fd) = layer::decode_origin(fb, l.root_rd.as_fd()) {
                 let st = sys::fstat(fd.as_fd()).ok()?;
-                return Some(self.map_ino(st.st_dev, st.st_ino));
+                return Some((self.map_ino(st.st_dev, st.st_ino), st.st_nlink as u64));
             }
         }
         None
@@ -333,7 +338,7 @@ impl Overlay {
                         break;
                     }
                     if top.is_none() {
-                        top = Some((st, self.ino_of(d.as_fd(), &n, &st)));
+                        top = Some((st, self.ino_of(d.as_fd(), &n, &st, false)));
                     }
                     let (ppath, _) = path.split_last().unwrap_or_default();
                     let opaque = layer::is_opaque(d.as_fd(), &n, &self.x)?;
@@ -350,7 +355,7 @@ impl Overlay {
                 }
                 EntryKind::Other => {
                     if upper_is_dir.is_none() && dirs.is_empty() {
-                        top = Some((st, self.ino_of(d.as_fd(), &n, &st)));
+                        top = Some((st, self.ino_of(d.as_fd(), &n, &st, false)));
                         nondir = Some(LowerRef { layer: j, path });
                     }
                     break;
@@ -384,11 +389,11 @@ impl Overlay {
                         if redirect.as_ref().is_some_and(|r| r.is_root()) {
                             stop_lower = true;
                         }
-                        upper_ino = self.ino_of(d.as_fd(), name, &st);
+                        upper_ino = self.ino_of(d.as_fd(), name, &st, true);
                         upper_st = Some(st);
                     }
                     EntryKind::Other => {
-                        upper_ino = self.ino_of(d.as_fd(), name, &st);
+                        upper_ino = self.ino_of(d.as_fd(), name, &st, true);
                         upper_st = Some(st);
                         stop_lower = true;
                     }

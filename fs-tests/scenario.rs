@@ -1,0 +1,407 @@
+//! A scenario (layers + ops), how it is run on both sides, and how the runs are compared.
+//!
+//! Each side (the kernel oracle, then the implementation under test) gets its own copy of
+//! the layers, is mounted, runs every op, and records:
+//! - the outcome of every op (value or errno);
+//! - a snapshot of the merged view at every `checkpoint`, around every `remount`/`rotate`,
+//!   and at the end;
+//! - inode identity: hard-link groups inside every snapshot, the equivalence relation of
+//!   the labels recorded by `ino` ops, and which paths kept their inode across each
+//!   remount/rotation;
+//! - after the final unmount (work dir deleted): every layer directory (upper and lowers,
+//!   normalised by [`observe::normalise_layer`]) and the view a read-only kernel overlay
+//!   gives of "upper on top of the lowers" (which compares what redirects mean rather than
+//!   how they are spelled, and checks the upper is one the kernel understands).
+//!
+//! Inode stability across a remount or rotation is compared one way only: where the kernel
+//! keeps a path's inode, the implementation must keep it too (it may be more stable than
+//! the kernel, e.g. for copied-up files after a rotation).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::harness::{self, Impl, Mount, MountVia, Stack};
+use crate::layer::Layer;
+use crate::observe::{self, Tree};
+use crate::ops::{Exec, Label, Op, Outcome};
+
+/// A named list of ops over a stack of lower layers.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    /// Lower layers, top first.
+    pub layers: Vec<Layer>,
+    pub ops: Vec<Op>,
+    pub via: MountVia,
+}
+
+impl Scenario {
+    pub fn new(name: &str) -> Scenario {
+        Scenario {
+            name: name.to_string(),
+            layers: Vec::new(),
+            ops: Vec::new(),
+            via: MountVia::Direct,
+        }
+    }
+
+    /// Adds a lower layer below the ones already added (the first call is the top layer).
+    pub fn lower(mut self, layer: Layer) -> Scenario {
+        self.layers.push(layer);
+        self
+    }
+
+    pub fn ops(mut self, ops: impl IntoIterator<Item = Op>) -> Scenario {
+        self.ops.extend(ops);
+        self
+    }
+
+    /// The rotation variant: the same ops with up to `max` rotations (upper becomes a lower
+    /// layer, see [`Op::Rotate`]) spread evenly over the points where no file is open.
+    /// `None` if there is no such point.
+    pub fn rotated(&self, max: usize) -> Option<Scenario> {
+        let mut open = std::collections::BTreeSet::new();
+        let mut points = Vec::new();
+        for (i, op) in self.ops.iter().enumerate() {
+            match op {
+                Op::Open(slot, ..) => {
+                    open.insert(*slot);
+                }
+                Op::Close(slot) => {
+                    open.remove(slot);
+                }
+                _ => {}
+            }
+            let last = i + 1 == self.ops.len();
+            let next_is_control = matches!(
+                self.ops.get(i + 1),
+                Some(Op::Rotate | Op::Remount | Op::Checkpoint)
+            );
+            if open.is_empty() && !last && !next_is_control {
+                points.push(i);
+            }
+        }
+        if points.is_empty() {
+            return None;
+        }
+        let n = points.len().min(max);
+        let chosen: Vec<usize> = (0..n)
+            .map(|k| points[(2 * k + 1) * points.len() / (2 * n)])
+            .collect();
+        let mut ops = Vec::new();
+        for (i, op) in self.ops.iter().enumerate() {
+            ops.push(op.clone());
+            if chosen.contains(&i) {
+                ops.push(Op::Rotate);
+            }
+        }
+        Some(Scenario {
+            name: self.name.clone(),
+            layers: self.layers.clone(),
+            ops,
+            via: self.via,
+        })
+    }
+
+    /// Mount the implementation with `mount -t fuse.layervol` instead of running it directly.
+    pub fn via_helper(mut self) -> Scenario {
+        self.via = MountVia::Helper;
+        self
+    }
+}
+
+/// Suite-wide settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub imp: Impl,
+    /// Where scenario directories are created.
+    pub tmp: PathBuf,
+    /// Keep the directories of failed scenarios.
+    pub keep: bool,
+    /// Print every op with both outcomes, also for passing scenarios.
+    pub trace: bool,
+}
+
+/// Everything one side observed.
+#[derive(Default)]
+struct SideRun {
+    /// `None`: not run (a fatal error happened before).
+    outcomes: Vec<Option<Outcome>>,
+    /// (description, merged view).
+    snapshots: Vec<(String, Tree)>,
+    /// (op index of the remount/rotate, path -> inode kept).
+    stability: Vec<(usize, BTreeMap<String, bool>)>,
+    labels: BTreeMap<String, Label>,
+    /// (layer name, normalised tree) after the final unmount.
+    layers: Vec<(String, Tree)>,
+    /// Read-only kernel view of the final layers.
+    view: Option<Result<Tree, String>>,
+    /// An error that stopped the run (mount failure, daemon death, ...).
+    fatal: Option<String>,
+    /// Tail of the daemon log, for reports.
+    log: String,
+}
+
+/// Runs the scenario on both sides and compares; `Err` carries the full report.
+pub fn run(s: &Scenario, cfg: &Config) -> Result<(), String> {
+    let dir = cfg.tmp.join(s.name.replace("::", "."));
+    harness::remove_tree(&dir)?;
+    let oracle = run_side(s, None, MountVia::Direct, &dir.join("kernel"));
+    let cand = run_side(s, Some(cfg.imp), s.via, &dir.join(cfg.imp.name()));
+    if let Some(f) = &oracle.fatal {
+        return Err(format!(
+            "scenario {}: the kernel oracle itself failed: {f}\n(kept {})",
+            s.name,
+            dir.display()
+        ));
+    }
+    if cfg.trace {
+        eprintln!("{}", trace(s, &oracle, &cand, cfg.imp.name()));
+    }
+    let diffs = compare(s, &oracle, &cand, ("kernel", cfg.imp.name()));
+    if diffs.is_empty() {
+        harness::remove_tree(&dir)?;
+        return Ok(());
+    }
+    let mut msg = report(s, cfg.imp.name(), &diffs, &cand);
+    if cfg.keep {
+        let _ = write!(msg, "\nscenario directories kept in {}", dir.display());
+    } else {
+        harness::remove_tree(&dir)?;
+    }
+    Err(msg)
+}
+
+/// Runs the scenario on one side (`imp` is `None` for the oracle). Never panics on
+/// filesystem misbehaviour: failures are recorded in the returned [`SideRun`].
+fn run_side(s: &Scenario, imp: Option<Impl>, via: MountVia, dir: &Path) -> SideRun {
+    let mut run = SideRun {
+        outcomes: vec![None; s.ops.len()],
+        ..SideRun::default()
+    };
+    if let Err(e) = drive(s, imp, via, dir, &mut run) {
+        run.fatal = Some(e);
+    }
+    run
+}
+
+fn drive(
+    s: &Scenario,
+    imp: Option<Impl>,
+    via: MountVia,
+    dir: &Path,
+    run: &mut SideRun,
+) -> Result<(), String> {
+    let mount_it = |stack: &Stack| match imp {
+        None => Mount::kernel(stack, harness::KERNEL_OPTIONS),
+        Some(imp) => Mount::new(imp, via, stack),
+    };
+    let mut stack = Stack::create(dir, &s.layers)?;
+    let mut mount = mount_it(&stack)?;
+    let mut exec = Exec::new(&stack.mnt);
+    for (i, op) in s.ops.iter().enumerate() {
+        match op {
+            Op::Checkpoint => {
+                run.snapshots.push((
+                    format!("checkpoint at op #{i}"),
+                    observe::snapshot(&stack.mnt),
+                ));
+            }
+            Op::Remount | Op::Rotate => {
+                exec.close_all();
+                let before = observe::snapshot(&stack.mnt);
+                run.log = mount.log_tail();
+                mount.unmount()?;
+                // A remount keeps the work dir (the kernel's index of hard links lives there);
+                // a rotation starts a fresh one.
+                if matches!(op, Op::Rotate) {
+                    stack.rotate()?;
+                }
+                mount = mount_it(&stack)?;
+                exec.epoch += 1;
+                let after = observe::snapshot(&stack.mnt);
+                run.stability
+                    .push((i, observe::ino_stability(&before, &after)));
+                run.snapshots
+                    .push((format!("merged view before op #{i} ({op})"), before));
+                run.snapshots
+                    .push((format!("merged view after op #{i} ({op})"), after));
+            }
+            _ => {
+                run.outcomes[i] = Some(exec.apply(op));
+                continue;
+            }
+        }
+        run.outcomes[i] = Some(Outcome::Ok);
+    }
+    run.snapshots.push((
+        "final merged view".to_string(),
+        observe::snapshot(&stack.mnt),
+    ));
+    exec.close_all();
+    run.labels = std::mem::take(&mut exec.labels);
+    run.log = mount.log_tail();
+    mount.unmount()?;
+    // The work dir is not compared, and the kernel's index/ in it holds extra hard links
+    // that would inflate st_nlink of upper files.
+    harness::remove_tree(&stack.work)?;
+
+    let mut layers = vec![stack.upper.clone()];
+    layers.extend(stack.lowers.iter().cloned());
+    let mut names = vec!["upper".to_string()];
+    names.extend(stack.layer_names());
+    for (name, path) in names.iter().zip(&layers) {
+        run.layers.push((
+            name.clone(),
+            observe::normalise_layer(observe::snapshot(path)),
+        ));
+    }
+    run.view = Some(
+        Mount::kernel_view(&layers, &dir.join("view")).and_then(|m| {
+            let tree = observe::snapshot(m.path());
+            m.unmount().map(|()| tree)
+        }),
+    );
+    Ok(())
+}
+
+/// Every difference between the oracle run `a` and the candidate run `b`.
+fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<String> {
+    let (na, nb) = names;
+    let mut out = Vec::new();
+    if let Some(f) = &b.fatal {
+        out.push(format!("{nb} run aborted: {f}"));
+    }
+    for (i, (x, y)) in a.outcomes.iter().zip(&b.outcomes).enumerate() {
+        if let (Some(x), Some(y)) = (x, y)
+            && x != y
+        {
+            out.push(format!("op #{i} {}: {na}={x} {nb}={y}", s.ops[i]));
+        }
+    }
+    let complete = b.fatal.is_none();
+    if complete && a.snapshots.len() != b.snapshots.len() {
+        out.push(format!(
+            "snapshot count: {na}={} {nb}={}",
+            a.snapshots.len(),
+            b.snapshots.len()
+        ));
+    }
+    for ((ctx, x), (_, y)) in a.snapshots.iter().zip(&b.snapshots) {
+        out.extend(observe::diff_trees(ctx, x, y, names));
+    }
+    for ((i, x), (_, y)) in a.stability.iter().zip(&b.stability) {
+        for (path, kept) in x {
+            if *kept && y.get(path) == Some(&false) {
+                out.push(format!(
+                    "op #{i} {}: {path:?} kept its st_ino in {na} but not in {nb}",
+                    s.ops[*i]
+                ));
+            }
+        }
+    }
+    out.extend(compare_labels(&a.labels, &b.labels, names, complete));
+    if complete {
+        for ((name, x), (_, y)) in a.layers.iter().zip(&b.layers) {
+            out.extend(observe::diff_trees(
+                &format!("layer dir {name}"),
+                x,
+                y,
+                names,
+            ));
+        }
+        let ctx = "kernel read-only view of the final layers";
+        match (&a.view, &b.view) {
+            (Some(Ok(x)), Some(Ok(y))) => out.extend(observe::diff_trees(ctx, x, y, names)),
+            (Some(Ok(_)), Some(Err(e))) => out.push(format!("{ctx}: failed for {nb}: {e}")),
+            (Some(Err(e)), _) => out.push(format!("{ctx}: failed for {na}: {e}")),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Compares the "same inode" relation over the recorded labels. Within one mount epoch the
+/// relation must be identical. Across a remount or rotation it is compared one way: labels
+/// the kernel reports as the same inode must be the same on the implementation, which may
+/// keep inode numbers stable where the kernel does not (e.g. copied-up files after a
+/// rotation).
+fn compare_labels(
+    a: &BTreeMap<String, Label>,
+    b: &BTreeMap<String, Label>,
+    (na, nb): (&str, &str),
+    complete: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if complete {
+        for l in a.keys().filter(|l| !b.contains_key(*l)) {
+            out.push(format!("ino label {l:?} recorded in {na} only"));
+        }
+        for l in b.keys().filter(|l| !a.contains_key(*l)) {
+            out.push(format!("ino label {l:?} recorded in {nb} only"));
+        }
+    }
+    let common: Vec<&String> = a.keys().filter(|l| b.contains_key(*l)).collect();
+    for (i, l1) in common.iter().enumerate() {
+        for l2 in &common[i + 1..] {
+            let same_a = a[*l1].ino == a[*l2].ino;
+            let same_b = b[*l1].ino == b[*l2].ino;
+            let same_epoch = a[*l1].epoch == a[*l2].epoch;
+            if same_a != same_b && (same_epoch || same_a) {
+                let say = |same: bool| {
+                    if same {
+                        "same inode"
+                    } else {
+                        "different inodes"
+                    }
+                };
+                out.push(format!(
+                    "ino labels {l1:?} and {l2:?}: {na}: {}, {nb}: {}",
+                    say(same_a),
+                    say(same_b)
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Every op with both outcomes, one line each (`FS_TESTS_TRACE=1`).
+fn trace(s: &Scenario, a: &SideRun, b: &SideRun, nb: &str) -> String {
+    let mut msg = format!("trace of {}:\n", s.name);
+    for (i, op) in s.ops.iter().enumerate() {
+        let show = |o: &Option<Outcome>| o.as_ref().map_or("-".to_string(), |o| o.to_string());
+        let (x, y) = (show(&a.outcomes[i]), show(&b.outcomes[i]));
+        if x == y {
+            let _ = writeln!(msg, "  #{i} {op} -> {x}");
+        } else {
+            let _ = writeln!(msg, "  #{i} {op} -> kernel={x} {nb}={y}");
+        }
+    }
+    msg
+}
+
+const MAX_REPORTED: usize = 60;
+
+fn report(s: &Scenario, nb: &str, diffs: &[String], cand: &SideRun) -> String {
+    let mut msg = format!(
+        "scenario {}: {} difference(s) between kernel overlayfs (oracle) and {nb}:\n",
+        s.name,
+        diffs.len()
+    );
+    for d in diffs.iter().take(MAX_REPORTED) {
+        let _ = writeln!(msg, "  - {d}");
+    }
+    if diffs.len() > MAX_REPORTED {
+        let _ = writeln!(msg, "  ... and {} more", diffs.len() - MAX_REPORTED);
+    }
+    let _ = writeln!(msg, "ops:");
+    for (i, op) in s.ops.iter().enumerate() {
+        let _ = writeln!(msg, "  #{i} {op}");
+    }
+    if !cand.log.is_empty() {
+        let _ = writeln!(msg, "{nb} {}", cand.log);
+    }
+    msg
+}
