@@ -97,7 +97,11 @@ impl Overlay {
                 sys::fchmodat(wdir, &tmp, st.st_mode)?;
             }
             self.copy_xattrs(ldir.as_fd(), &lname, wdir, &tmp)?;
-            let origin = match sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)? {
+            // Keep the lower copy's own origin when it is the object's identity (see `ino_of`),
+            // otherwise the lower object itself is the origin.
+            let inherited = sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)?
+                .filter(|o| self.origin_ino(o).is_some_and(|(_, nlink)| nlink <= 1));
+            let origin = match inherited {
                 Some(o) => Some(o),
                 None => {
                     crate::layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd()).ok()

@@ -249,7 +249,7 @@ impl Overlay {
         self.map_ino(st.st_dev, st.st_ino)
     }
 
-    fn origin_ino(&self, fb: &[u8]) -> Option<(u64, u64)> {
+    pub(super) fn origin_ino(&self, fb: &[u8]) -> Option<(u64, u64)> {
         for l in self.lowers.iter().chain(self.upper.iter()) {
             if let Ok(fd) = layer::decode_origin(fb, l.root_rd.as_fd()) {
                 let st = sys::fstat(fd.as_fd()).ok()?;
