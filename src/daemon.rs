@@ -22,10 +22,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .flat_map(|o| options::split_escaped(o, ','))
         .collect();
     let mut plan = options::parse(&opts, &cwd)?;
-    if let Some(src) = cli.source() {
-        if plan.fsname == "layervol" {
-            plan.fsname = src.to_string();
-        }
+    if let Some(src) = cli.source()
+        && plan.fsname == "layervol"
+    {
+        plan.fsname = src.to_string();
     }
     if cli.single_thread {
         plan.threads = 1;

@@ -231,10 +231,10 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             let u = resolve_dir("upperdir", &u, cwd)?;
             let w = resolve_dir("workdir", &w, cwd)?;
             let (mu, mw) = (std::fs::metadata(&u), std::fs::metadata(&w));
-            if let (Ok(mu), Ok(mw)) = (mu, mw) {
-                if mu.dev() != mw.dev() {
-                    return Err(OptionError::WorkdirOtherFs { upper: u, work: w });
-                }
+            if let (Ok(mu), Ok(mw)) = (mu, mw)
+                && mu.dev() != mw.dev()
+            {
+                return Err(OptionError::WorkdirOtherFs { upper: u, work: w });
             }
             if let Err(e) = nix::unistd::access(&u, nix::unistd::AccessFlags::W_OK) {
                 return Err(OptionError::BadDir {

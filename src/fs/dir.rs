@@ -124,8 +124,8 @@ impl Overlay {
         if parent.lower_dirs.is_empty() {
             return Ok(false);
         }
-        let (nondir, dirs, _) = self.lookup_lower(parent, name, None, None)?;
-        Ok(nondir.is_some() || !dirs.is_empty())
+        let found = self.lookup_lower(parent, name, None, None)?;
+        Ok(found.nondir.is_some() || !found.dirs.is_empty())
     }
 
     fn is_empty_dir(&self, node: &Arc<Node>) -> Result<bool> {
@@ -153,11 +153,11 @@ impl Overlay {
             Err(Errno::ENOENT) => {}
             Err(e) => return Err(e),
         }
-        if let NewKind::Node { mode, rdev: 0 } = &kind {
-            if mode & libc::S_IFMT == libc::S_IFCHR {
-                // A 0/0 character device is a whiteout: the kernel refuses to create one.
-                return Err(Errno::EPERM);
-            }
+        if let NewKind::Node { mode, rdev: 0 } = &kind
+            && mode & libc::S_IFMT == libc::S_IFCHR
+        {
+            // A 0/0 character device is a whiteout: the kernel refuses to create one.
+            return Err(Errno::EPERM);
         }
         if let NewKind::Link { target } = &kind {
             if target.is_dir() {
@@ -371,10 +371,8 @@ impl Overlay {
         let pdir = self.upper_dir(&p)?;
         let qdir = self.upper_dir(&q)?;
         self.prepare_move(&s, &pdir, name, &q, Arc::ptr_eq(&p, &q))?;
-        if exchange {
-            if let Some(t) = &t {
-                self.prepare_move(t, &qdir, newname, &p, Arc::ptr_eq(&p, &q))?;
-            }
+        if exchange && let Some(t) = &t {
+            self.prepare_move(t, &qdir, newname, &p, Arc::ptr_eq(&p, &q))?;
         }
         let need_whiteout = !exchange && self.lower_has(&p, name)?;
         let onto_whiteout = t.is_none()

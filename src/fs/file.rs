@@ -123,11 +123,12 @@ impl Overlay {
     /// The fd to read through. A handle opened on a lower file follows the file to the upper
     /// once it is copied up, as kernel overlayfs does.
     pub(super) fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
-        if h.on_lower.load(Ordering::Acquire) && h.node.has_upper() {
-            if let Ok((false, fd)) = self.open_object(&h.node, libc::O_RDONLY) {
-                *h.file.write() = Arc::new(fd);
-                h.on_lower.store(false, Ordering::Release);
-            }
+        if h.on_lower.load(Ordering::Acquire)
+            && h.node.has_upper()
+            && let Ok((false, fd)) = self.open_object(&h.node, libc::O_RDONLY)
+        {
+            *h.file.write() = Arc::new(fd);
+            h.on_lower.store(false, Ordering::Release);
         }
         Ok(h.fd())
     }
@@ -261,10 +262,10 @@ impl Overlay {
                 return Err(Errno::last());
             }
         }
-        if let Some(mode) = a.mode {
-            if unsafe { libc::fchmod(raw, mode & 0o7777) } < 0 {
-                return Err(Errno::last());
-            }
+        if let Some(mode) = a.mode
+            && unsafe { libc::fchmod(raw, mode & 0o7777) } < 0
+        {
+            return Err(Errno::last());
         }
         if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
             let ts = [a.atime.timespec(), a.mtime.timespec()];

@@ -123,6 +123,16 @@ struct Found {
     hardlink: Option<(Hardlink, bool, u32)>,
 }
 
+/// What the lower layers show under one name.
+struct LowerFound {
+    /// The topmost lower non-directory, if that is what the name is.
+    nondir: Option<LowerRef>,
+    /// The lower directories merged under the name, topmost first.
+    dirs: Vec<LowerRef>,
+    /// Stat and stable inode number of the topmost object.
+    top: Option<(Stat, u64)>,
+}
+
 /// Attributes of a node as reported to the kernel.
 pub type Attr = Stat;
 
@@ -239,12 +249,11 @@ impl Overlay {
     /// if the origin object has no other name that a lower layer could still show: two
     /// different files must never share a node.
     fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat, upper: bool) -> u64 {
-        if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin) {
-            if let Some((ino, nlink)) = self.origin_ino(&fb) {
-                if upper || nlink <= 1 {
-                    return ino;
-                }
-            }
+        if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin)
+            && let Some((ino, nlink)) = self.origin_ino(&fb)
+            && (upper || nlink <= 1)
+        {
+            return ino;
         }
         self.map_ino(st.st_dev, st.st_ino)
     }
@@ -303,7 +312,7 @@ impl Overlay {
         name: &CStr,
         mut redirect: Option<RelPath>,
         upper_is_dir: Option<bool>,
-    ) -> Result<(Option<LowerRef>, Vec<LowerRef>, Option<(Stat, u64)>)> {
+    ) -> Result<LowerFound> {
         let mut dirs = Vec::new();
         let mut nondir = None;
         let mut top: Option<(Stat, u64)> = None;
@@ -362,7 +371,7 @@ impl Overlay {
                 }
             }
         }
-        Ok((nondir, dirs, top))
+        Ok(LowerFound { nondir, dirs, top })
     }
 
     /// Resolves `name` in directory `parent` in the merged view.
@@ -402,12 +411,19 @@ impl Overlay {
                 Err(e) => return Err(e),
             }
         }
-        let (lower, lower_dirs, ltop) =
-            if stop_lower || parent.lower_dirs.is_empty() && redirect.is_none() {
-                (None, Vec::new(), None)
-            } else {
-                self.lookup_lower(parent, name, redirect, upper_st.map(|s| sys::is_dir(&s)))?
-            };
+        let LowerFound {
+            nondir: lower,
+            dirs: lower_dirs,
+            top: ltop,
+        } = if stop_lower || parent.lower_dirs.is_empty() && redirect.is_none() {
+            LowerFound {
+                nondir: None,
+                dirs: Vec::new(),
+                top: None,
+            }
+        } else {
+            self.lookup_lower(parent, name, redirect, upper_st.map(|s| sys::is_dir(&s)))?
+        };
         match upper_st {
             Some(st) => {
                 // A merged directory keeps the inode number of its topmost lower directory
@@ -533,12 +549,12 @@ impl Overlay {
         if ino == ROOT_INO {
             return;
         }
-        if let Some(node) = self.nodes.get(&ino).map(|e| e.clone()) {
-            if node.forget(n) {
-                self.nodes.remove_if(&ino, |_, v| {
-                    Arc::ptr_eq(v, &node) && v.lookups.load(Ordering::Acquire) == 0
-                });
-            }
+        if let Some(node) = self.nodes.get(&ino).map(|e| e.clone())
+            && node.forget(n)
+        {
+            self.nodes.remove_if(&ino, |_, v| {
+                Arc::ptr_eq(v, &node) && v.lookups.load(Ordering::Acquire) == 0
+            });
         }
     }
 
@@ -570,10 +586,10 @@ impl Overlay {
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
-        if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone())) {
-            if !node.is_dir() {
-                return Ok(self.finish_attr(&node, sys::fstat(self.read_fd(&h)?.as_fd())?));
-            }
+        if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()))
+            && !node.is_dir()
+        {
+            return Ok(self.finish_attr(&node, sys::fstat(self.read_fd(&h)?.as_fd())?));
         }
         self.stat_node(&node)
     }
@@ -608,10 +624,10 @@ impl Overlay {
     }
 
     pub fn syncfs(&self) -> Result<()> {
-        if let Some(u) = &self.upper {
-            if self.cfg.fsync {
-                sys::syncfs(u.root.as_fd())?;
-            }
+        if let Some(u) = &self.upper
+            && self.cfg.fsync
+        {
+            sys::syncfs(u.root.as_fd())?;
         }
         Ok(())
     }

@@ -87,6 +87,7 @@ pub enum IoMode {
 }
 
 impl Node {
+    #[allow(clippy::too_many_arguments)] // each is a distinct, named fact found by lookup
     pub fn new(
         ino: u64,
         fmt: u32,
