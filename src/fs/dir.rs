@@ -66,9 +66,9 @@ impl Overlay {
             }
         }
         let mut lower_names = HashSet::new();
-        for lr in &node.lower_dirs {
+        for (k, lr) in node.lower_dirs.iter().enumerate() {
             let l = &self.lowers[lr.layer];
-            let d = l.dir(&lr.path)?;
+            let d = self.lower_dir(node, k)?;
             for (name, ino, t) in sys::read_dir(d.as_fd())? {
                 if seen.contains(&name) {
                     lower_names.insert(name);

@@ -729,11 +729,13 @@ impl IntoIno for u64 {
 }
 
 fn open_flags(mode: IoMode) -> FopenFlags {
-    match mode {
-        // Only this daemon changes the layers, so cached pages stay valid across opens.
-        IoMode::Cached => FopenFlags::FOPEN_KEEP_CACHE,
-        IoMode::Direct | IoMode::Passthrough => FopenFlags::FOPEN_DIRECT_IO,
-    }
+    // FLUSH has nothing to do here (no write-back cache, locks are the kernel's): skip it.
+    FopenFlags::FOPEN_NOFLUSH
+        | match mode {
+            // Only this daemon changes the layers, so cached pages stay valid across opens.
+            IoMode::Cached => FopenFlags::FOPEN_KEEP_CACHE,
+            IoMode::Direct | IoMode::Passthrough => FopenFlags::FOPEN_DIRECT_IO,
+        }
 }
 
 fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Errno>) {

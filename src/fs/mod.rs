@@ -29,6 +29,9 @@ pub use node::{Hardlink, IoMode, LowerRef, Node};
 
 pub const ROOT_INO: u64 = 1;
 
+/// An O_PATH directory fd, shared by the node cache and the operation using it.
+type DirFd = Arc<OwnedFd>;
+
 /// What a mount serves and how. Built from the command line (see `options.rs`).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -276,32 +279,65 @@ impl Overlay {
         ino | (fsid << 56)
     }
 
-    /// Where the node's current object lives: (layer, dir fd, name).
-    fn locate(&self, node: &Node) -> Result<(&Layer, OwnedFd, CString)> {
+    /// Where the node's current object lives: (layer, dir fd, name). A directory is given as
+    /// its own fd and `.`.
+    fn locate(&self, node: &Node) -> Result<(&Layer, DirFd, CString)> {
+        if node.is_dir() {
+            if node.has_upper() {
+                return Ok((self.upper()?, self.upper_dir(node)?, sys::dot().to_owned()));
+            }
+            let lr = node.lower_dirs.first().ok_or(Errno::ENOENT)?;
+            return Ok((
+                &self.lowers[lr.layer],
+                self.lower_dir(node, 0)?,
+                sys::dot().to_owned(),
+            ));
+        }
+        let (parent, name) = {
+            let s = node.state.lock();
+            if s.unlinked {
+                return Err(Errno::ENOENT);
+            }
+            (s.parent.clone().ok_or(Errno::ENOENT)?, s.name.clone())
+        };
         if node.has_upper() {
-            let path = node.path().ok_or(Errno::ENOENT)?;
-            let up = self.upper()?;
-            let (d, n) = up.parent_of(&path)?;
-            return Ok((up, d, n));
+            return Ok((self.upper()?, self.upper_dir(&parent)?, name));
         }
         if let (Some(hl), true) = (&node.hardlink, node.state.lock().indexed) {
             let ix = self.index.as_ref().ok_or(Errno::EIO)?;
-            return Ok((ix, ix.dir(&RelPath::root())?, hl.index.clone()));
+            return Ok((ix, Arc::new(ix.dir(&RelPath::root())?), hl.index.clone()));
         }
-        let lr = if node.is_dir() {
-            node.lower_dirs.first()
-        } else {
-            node.lower.as_ref()
-        };
-        let lr = lr.ok_or(Errno::ENOENT)?;
+        let lr = node.lower.as_ref().ok_or(Errno::ENOENT)?;
         let l = &self.lowers[lr.layer];
+        // Usually the lower file sits in the parent's lower directory of the same layer.
+        if let Some(k) = parent.lower_dirs.iter().position(|p| p.layer == lr.layer) {
+            if parent.lower_dirs[k].path.join(&name) == lr.path {
+                return Ok((l, self.lower_dir(&parent, k)?, name));
+            }
+        }
         let (d, n) = l.parent_of(&lr.path)?;
-        Ok((l, d, n))
+        Ok((l, Arc::new(d), n))
     }
 
     /// Upper directory fd of `node`, which must already be copied up.
-    fn upper_dir(&self, node: &Node) -> Result<OwnedFd> {
-        self.upper()?.dir(&node.path().ok_or(Errno::ENOENT)?)
+    fn upper_dir(&self, node: &Node) -> Result<DirFd> {
+        let mut cached = node.upper_fd.lock();
+        if let Some(fd) = &*cached {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(self.upper()?.dir(&node.path().ok_or(Errno::ENOENT)?)?);
+        *cached = Some(fd.clone());
+        Ok(fd)
+    }
+
+    /// The fd of `node.lower_dirs[k]`.
+    fn lower_dir(&self, node: &Node, k: usize) -> Result<DirFd> {
+        if let Some(fd) = node.lower_fds[k].get() {
+            return Ok(fd.clone());
+        }
+        let lr = &node.lower_dirs[k];
+        let fd = Arc::new(self.lowers[lr.layer].dir(&lr.path)?);
+        Ok(node.lower_fds[k].get_or_init(|| fd).clone())
     }
 
     /// Looks in the lower layers below `parent` for `name`. `redirect` is an absolute layer
@@ -316,24 +352,27 @@ impl Overlay {
         let mut dirs = Vec::new();
         let mut nondir = None;
         let mut top: Option<(Stat, u64)> = None;
-        let mut pdirs = parent.lower_dirs.iter().peekable();
+        let mut pdirs = parent.lower_dirs.iter().enumerate().peekable();
         for (j, l) in self.lowers.iter().enumerate() {
-            let path = match &redirect {
-                Some(r) => r.clone(),
+            let (path, cached) = match &redirect {
+                Some(r) => (r.clone(), None),
                 None => {
-                    while pdirs.peek().is_some_and(|p| p.layer < j) {
+                    while pdirs.peek().is_some_and(|(_, p)| p.layer < j) {
                         pdirs.next();
                     }
                     match pdirs.peek() {
-                        Some(p) if p.layer == j => p.path.join(name),
+                        Some((k, p)) if p.layer == j => (p.path.join(name), Some(*k)),
                         _ => continue,
                     }
                 }
             };
-            let (d, n) = match l.parent_of(&path) {
-                Ok(x) => x,
-                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
-                Err(e) => return Err(e),
+            let (d, n) = match cached {
+                Some(k) => (self.lower_dir(parent, k)?, name.to_owned()),
+                None => match l.parent_of(&path) {
+                    Ok((d, n)) => (Arc::new(d), n),
+                    Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                    Err(e) => return Err(e),
+                },
             };
             let st = match sys::fstatat(d.as_fd(), &n) {
                 Ok(st) => st,
@@ -385,8 +424,7 @@ impl Overlay {
         let mut upper_ino = 0;
         if parent.has_upper() {
             let ppath = parent.path().ok_or(Errno::ENOENT)?;
-            let up = self.upper()?;
-            let d = up.dir(&ppath)?;
+            let d = self.upper_dir(parent)?;
             match sys::fstatat(d.as_fd(), name) {
                 Ok(st) => match layer::classify(&st) {
                     EntryKind::Whiteout => return Err(Errno::ENOENT),

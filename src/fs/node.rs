@@ -64,6 +64,11 @@ pub struct Node {
     pub lookups: AtomicU64,
     /// Serialises copy-up of this node.
     pub copy_up_lock: Mutex<()>,
+    /// Cached O_PATH fds of this directory in the upper and in each of `lower_dirs`: lookups
+    /// and opens below it then need no path walk. An fd follows its directory through
+    /// renames, exactly as the node does.
+    pub upper_fd: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
+    pub lower_fds: Vec<std::sync::OnceLock<Arc<std::os::fd::OwnedFd>>>,
     /// Open handles by kernel I/O mode. The kernel refuses (EIO) to have one inode open in
     /// passthrough and page-cached mode at once, so every open picks a compatible mode.
     pub io: Mutex<IoCounts>,
@@ -99,7 +104,13 @@ impl Node {
         hardlink: Option<(Hardlink, bool, u32)>,
     ) -> Node {
         let (indexed, merged_nlink) = hardlink.as_ref().map_or((false, 0), |h| (h.1, h.2));
+        let lower_fds = lower_dirs
+            .iter()
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
         Node {
+            upper_fd: Mutex::new(None),
+            lower_fds,
             ino,
             fmt,
             lower,
