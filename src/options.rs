@@ -87,6 +87,34 @@ fn parse_id(opt: &str, v: &str) -> Result<u32, OptionError> {
     })
 }
 
+/// `VIEW:LAYER:LEN[:VIEW:LAYER:LEN...]` (fuse-overlayfs also separates triples with `,`,
+/// which a mount option string cannot carry; `:` throughout is what podman passes).
+fn parse_idmap(opt: &str, v: &str) -> Result<crate::fs::IdMap, OptionError> {
+    let bad = |why: &str| OptionError::BadValue {
+        opt: opt.into(),
+        value: v.into(),
+        why: why.into(),
+    };
+    let nums: Vec<u32> = v
+        .split(':')
+        .map(|n| {
+            n.parse::<u32>()
+                .map_err(|_| bad("expected numbers VIEW:LAYER:LEN"))
+        })
+        .collect::<Result<_, _>>()?;
+    if nums.is_empty() || nums.len() % 3 != 0 {
+        return Err(bad("expected triples VIEW:LAYER:LEN"));
+    }
+    let ranges: Vec<(u32, u32, u32)> = nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect();
+    if ranges
+        .iter()
+        .any(|(v, l, n)| *n == 0 || v.checked_add(*n).is_none() || l.checked_add(*n).is_none())
+    {
+        return Err(bad("a range is empty or overflows"));
+    }
+    Ok(crate::fs::IdMap(ranges))
+}
+
 fn parse_onoff(opt: &str, v: &str) -> Result<bool, OptionError> {
     match v {
         "on" | "1" | "yes" | "true" => Ok(true),
@@ -161,6 +189,8 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             }
             "squash_to_uid" => cfg.squash_uid = Some(parse_id(k, val()?)?),
             "squash_to_gid" => cfg.squash_gid = Some(parse_id(k, val()?)?),
+            "uidmapping" => cfg.uid_map = parse_idmap(k, val()?)?,
+            "gidmapping" => cfg.gid_map = parse_idmap(k, val()?)?,
             "volatile" => cfg.fsync = false,
             "fsync" => cfg.fsync = parse_onoff(k, val()?)?,
             "passthrough" => passthrough = Some(parse_onoff(k, val()?)?),
@@ -207,9 +237,7 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             | "nodiratime" | "lazytime" | "nolazytime" | "async" | "auto" | "noauto" | "user"
             | "nouser" | "users" | "defaults" | "_netdev" | "nofail" | "auto_unmount"
             | "subtype" | "blksize" | "max_read" | "context" | "fscontext" | "defcontext"
-            | "rootcontext" | "plugins" | "xattr_permissions" | "uidmapping" | "gidmapping" => {
-                ignored.push(opt.clone())
-            }
+            | "rootcontext" | "plugins" | "xattr_permissions" => ignored.push(opt.clone()),
             _ if k.starts_with("x-") => {}
             _ => return Err(OptionError::Unknown(opt.clone())),
         }
@@ -300,6 +328,18 @@ mod tests {
 
     fn opts(s: &str) -> Vec<String> {
         split_escaped(s, ',')
+    }
+
+    #[test]
+    fn idmaps() {
+        let m = parse_idmap("uidmapping", "0:1000:1:1:100000:65536").unwrap();
+        assert_eq!(m.to_view(1000), 0);
+        assert_eq!(m.to_view(100_004), 5);
+        assert_eq!(m.to_view(7), 65534);
+        assert_eq!(m.to_layer(0), 1000);
+        assert_eq!(m.to_layer(5), 100_004);
+        assert!(parse_idmap("uidmapping", "0:1000").is_err());
+        assert!(parse_idmap("uidmapping", "0:1000:0").is_err());
     }
 
     #[test]

@@ -168,6 +168,10 @@ impl Overlay {
         self.copy_up(&parent, true)?;
         let updir = self.upper_dir(&parent)?;
         let pst = sys::fstat(updir.as_fd())?;
+        let (uid, gid) = (
+            self.cfg.uid_map.to_layer(uid),
+            self.cfg.gid_map.to_layer(gid),
+        );
         let gid = if pst.st_mode & libc::S_ISGID != 0 {
             pst.st_gid
         } else {

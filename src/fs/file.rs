@@ -192,6 +192,11 @@ impl Overlay {
         if self.read_only() {
             return Err(Errno::EROFS);
         }
+        let a = SetAttr {
+            uid: a.uid.map(|u| self.cfg.uid_map.to_layer(u)),
+            gid: a.gid.map(|g| self.cfg.gid_map.to_layer(g)),
+            ..a
+        };
         let truncating_to_zero = a.size == Some(0);
         self.copy_up(&node, !truncating_to_zero)?;
         let handle = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()));

@@ -29,6 +29,34 @@ pub use node::{Hardlink, IoMode, LowerRef, Node};
 
 pub const ROOT_INO: u64 = 1;
 
+/// A fuse-overlayfs style id mapping: `VIEW:LAYER:LEN` ranges. Empty = identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdMap(pub Vec<(u32, u32, u32)>);
+
+/// The id the kernel's overflow uid/gid: shown for layer ids outside every range.
+const OVERFLOW_ID: u32 = 65534;
+
+impl IdMap {
+    /// Layer id -> id shown in the mount.
+    pub fn to_view(&self, id: u32) -> u32 {
+        if self.0.is_empty() {
+            return id;
+        }
+        self.0
+            .iter()
+            .find(|(_, l, n)| id >= *l && id - l < *n)
+            .map_or(OVERFLOW_ID, |(v, l, _)| v + (id - l))
+    }
+
+    /// Id given by a caller -> id stored in the layer (unmapped ids are stored as they are).
+    pub fn to_layer(&self, id: u32) -> u32 {
+        self.0
+            .iter()
+            .find(|(v, _, n)| id >= *v && id - v < *n)
+            .map_or(id, |(v, l, _)| l + (id - v))
+    }
+}
+
 /// An O_PATH directory fd, shared by the node cache and the operation using it.
 type DirFd = Arc<OwnedFd>;
 
@@ -46,6 +74,9 @@ pub struct Config {
     /// Report every file as owned by this uid / gid.
     pub squash_uid: Option<u32>,
     pub squash_gid: Option<u32>,
+    /// fuse-overlayfs `uidmapping=` / `gidmapping=`: ids in the layers are shown shifted.
+    pub uid_map: IdMap,
+    pub gid_map: IdMap,
     /// `volatile` / `fsync=0`: skip fsync (data may be lost on a crash, like kernel `volatile`).
     pub fsync: bool,
     /// How long the kernel may cache entries and attributes. All changes go through this
@@ -66,6 +97,8 @@ impl Default for Config {
             userxattr: false,
             squash_uid: None,
             squash_gid: None,
+            uid_map: IdMap::default(),
+            gid_map: IdMap::default(),
             fsync: true,
             ttl: Duration::from_secs(1),
             passthrough: true,
@@ -606,6 +639,8 @@ impl Overlay {
         if node.hardlink.is_some() {
             st.st_nlink = node.state.lock().merged_nlink as _;
         }
+        st.st_uid = self.cfg.uid_map.to_view(st.st_uid);
+        st.st_gid = self.cfg.gid_map.to_view(st.st_gid);
         if let Some(u) = self.cfg.squash_uid {
             st.st_uid = u;
         }

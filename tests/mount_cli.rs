@@ -1,0 +1,244 @@
+//! The mount command as users run it: option handling, errors before mounting, read-only
+//! mounts, id mapping, daemon lifetime. Real FUSE mounts: needs root and /dev/fuse, and fails
+//! (never skips) without them.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_layervol");
+
+struct Stack {
+    _t: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Stack {
+    fn new() -> Stack {
+        assert!(
+            nix::unistd::geteuid().is_root() && Path::new("/dev/fuse").exists(),
+            "these tests mount FUSE filesystems: run them as root on a machine with /dev/fuse"
+        );
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_path_buf();
+        for d in ["l1", "l2", "u", "w", "m"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("l1/a"), b"top").unwrap();
+        std::fs::write(root.join("l2/a"), b"bottom").unwrap();
+        std::fs::write(root.join("l2/b"), b"b").unwrap();
+        Stack { _t: t, root }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn mount(&self, opts: &str) -> std::process::Output {
+        Command::new(BIN)
+            .current_dir(&self.root)
+            .args(["-o", opts, "m"])
+            .output()
+            .unwrap()
+    }
+
+    fn mounted(&self) -> bool {
+        let mnt = self.p("m");
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(mnt.to_str().unwrap()))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if self.mounted() {
+            let _ = Command::new("umount").arg(self.p("m")).status();
+        }
+    }
+}
+
+fn umount(s: &Stack) {
+    let st = Command::new("umount").arg(s.p("m")).status().unwrap();
+    assert!(st.success());
+    assert!(!s.mounted());
+}
+
+#[test]
+fn relative_layers_and_precedence() {
+    let s = Stack::new();
+    let out = s.mount("lowerdir=l1:l2,upperdir=u,workdir=w");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.mounted(), "the command returns once the mount is ready");
+    assert_eq!(std::fs::read(s.p("m/a")).unwrap(), b"top");
+    assert_eq!(std::fs::read(s.p("m/b")).unwrap(), b"b");
+    std::fs::write(s.p("m/new"), b"n").unwrap();
+    assert_eq!(std::fs::read(s.p("u/new")).unwrap(), b"n");
+    umount(&s);
+}
+
+#[test]
+fn bad_input_is_refused_before_mounting() {
+    let s = Stack::new();
+    std::fs::create_dir(s.p("l1/inner")).unwrap();
+    let cases = [
+        ("lowerdir=l1,bogus_option", "unknown mount option"),
+        ("lowerdir=missing", "lowerdir"),
+        ("upperdir=u,workdir=w", "no lowerdir"),
+        ("lowerdir=l1,upperdir=u", "workdir"),
+        ("lowerdir=l1,upperdir=l1/inner,workdir=w", "overlap"),
+        ("lowerdir=l1,upperdir=u,workdir=/dev/shm", "same filesystem"),
+        ("lowerdir=l1,uidmapping=0:1000", "uidmapping"),
+    ];
+    for (opts, want) in cases {
+        let out = s.mount(opts);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{opts}: accepted");
+        assert!(
+            err.contains(want),
+            "{opts}: error `{err}` does not mention `{want}`"
+        );
+        assert!(!s.mounted(), "{opts}: mounted anyway");
+    }
+}
+
+#[test]
+fn no_upper_is_read_only() {
+    let s = Stack::new();
+    let out = s.mount("lowerdir=l1:l2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(s.p("m/a")).unwrap(), b"top");
+    let e = std::fs::write(s.p("m/x"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    umount(&s);
+}
+
+#[test]
+fn uid_and_gid_mapping() {
+    let s = Stack::new();
+    nix::unistd::chown(&s.p("l2/b"), Some(1000.into()), Some(1000.into())).unwrap();
+    let out =
+        s.mount("lowerdir=l1:l2,upperdir=u,workdir=w,uidmapping=0:1000:10,gidmapping=0:1000:10");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::metadata(s.p("m/b")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (0, 0), "layer 1000 is shown as 0");
+    // a file owned by 0 in the layer is outside the mapping: overflow id
+    assert_eq!(std::fs::metadata(s.p("m/a")).unwrap().uid(), 65534);
+    nix::unistd::chown(&s.p("m/b"), Some(3.into()), Some(4.into())).unwrap();
+    let up = std::fs::metadata(s.p("u/b")).unwrap();
+    assert_eq!(
+        (up.uid(), up.gid()),
+        (1003, 1004),
+        "view 3:4 is stored as 1003:1004"
+    );
+    umount(&s);
+}
+
+#[test]
+fn squash_to_uid() {
+    let s = Stack::new();
+    let out = s.mount("lowerdir=l1:l2,upperdir=u,workdir=w,squash_to_uid=7,squash_to_gid=8");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::metadata(s.p("m/a")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (7, 8));
+    umount(&s);
+}
+
+#[test]
+fn foreground_daemon_ends_on_fusermount_u() {
+    let s = Stack::new();
+    let mut child = Command::new(BIN)
+        .current_dir(&s.root)
+        .args(["-f", "-o", "lowerdir=l1,upperdir=u,workdir=w", "m"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.mounted() {
+        assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(s.p("m"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let code = child.wait().unwrap();
+    assert!(code.success(), "daemon exit: {code:?}");
+}
+
+#[test]
+fn full_upper_fails_cleanly_and_loses_nothing() {
+    let s = Stack::new();
+    // upper and work on a tiny tmpfs: copy-up of a 2 MiB lower file cannot fit
+    let small = s.p("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    std::fs::create_dir(small.join("u")).unwrap();
+    std::fs::create_dir(small.join("w")).unwrap();
+    let big: Vec<u8> = (0..2 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(s.p("l1/big"), &big).unwrap();
+    let out = s.mount("lowerdir=l1,upperdir=small/u,workdir=small/w");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(s.p("m/big"))
+        .unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC),
+        "copy-up on a full disk: {e}"
+    );
+    assert_eq!(
+        std::fs::read(s.p("m/big")).unwrap(),
+        big,
+        "the file is intact"
+    );
+    // new data that does not fit: ENOSPC from write or close, never a silent loss
+    let r = std::fs::write(s.p("m/new"), &big);
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+    umount(&s);
+    let left: Vec<_> = std::fs::read_dir(small.join("w/work")).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "copy-up leftovers in the work dir: {left:?}"
+    );
+    assert!(
+        !small.join("u/big").exists(),
+        "no partial copy-up in the upper"
+    );
+}
