@@ -102,7 +102,7 @@ fn parse_idmap(opt: &str, v: &str) -> Result<crate::fs::IdMap, OptionError> {
                 .map_err(|_| bad("expected numbers VIEW:LAYER:LEN"))
         })
         .collect::<Result<_, _>>()?;
-    if nums.is_empty() || nums.len() % 3 != 0 {
+    if nums.is_empty() || !nums.len().is_multiple_of(3) {
         return Err(bad("expected triples VIEW:LAYER:LEN"));
     }
     let ranges: Vec<(u32, u32, u32)> = nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect();

@@ -343,10 +343,10 @@ impl Overlay {
         let lr = node.lower.as_ref().ok_or(Errno::ENOENT)?;
         let l = &self.lowers[lr.layer];
         // Usually the lower file sits in the parent's lower directory of the same layer.
-        if let Some(k) = parent.lower_dirs.iter().position(|p| p.layer == lr.layer) {
-            if parent.lower_dirs[k].path.join(&name) == lr.path {
-                return Ok((l, self.lower_dir(&parent, k)?, name));
-            }
+        if let Some(k) = parent.lower_dirs.iter().position(|p| p.layer == lr.layer)
+            && parent.lower_dirs[k].path.join(&name) == lr.path
+        {
+            return Ok((l, self.lower_dir(&parent, k)?, name));
         }
         let (d, n) = l.parent_of(&lr.path)?;
         Ok((l, Arc::new(d), n))
