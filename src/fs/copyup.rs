@@ -55,13 +55,14 @@ impl Overlay {
     /// Builds a complete copy of the node's lower object under a temporary name in the work
     /// dir: data, owner, mode, xattrs, `overlay.origin`, times. Returns the name.
     pub(super) fn make_copy(&self, node: &Node, data: bool) -> Result<CString> {
+        let lay = node.layout();
         let src = if node.is_dir() {
-            node.lower_dirs.first()
+            lay.lower_dirs.first()
         } else {
-            node.lower.as_ref()
+            lay.lower.as_ref()
         }
         .ok_or(Errno::EIO)?;
-        let lower = &self.lowers[src.layer];
+        let lower = self.lower(src.layer);
         let (ldir, lname) = lower.parent_of(&src.path)?;
         let st = sys::fstatat(ldir.as_fd(), &lname)?;
         let wdir = self.work()?.root.as_fd();

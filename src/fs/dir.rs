@@ -66,9 +66,10 @@ impl Overlay {
             }
         }
         let mut lower_names = HashSet::new();
-        for (k, lr) in node.lower_dirs.iter().enumerate() {
-            let l = &self.lowers[lr.layer];
-            let d = self.lower_dir(node, k)?;
+        let lay = node.layout();
+        for (k, lr) in lay.lower_dirs.iter().enumerate() {
+            let l = self.lower(lr.layer);
+            let d = self.lower_dir(&lay, k)?;
             for (name, ino, t) in sys::read_dir(d.as_fd())? {
                 if seen.contains(&name) {
                     lower_names.insert(name);
@@ -95,7 +96,7 @@ impl Overlay {
                 out.push(DirEntry { name, ino, fmt });
             }
         }
-        let upper_dev = self.upper.as_ref().map_or(0, |u| u.dev);
+        let upper_dev = self.upper().map_or(0, |u| u.dev);
         let impure = node.has_upper() && {
             let path = node.path().ok_or(Errno::ENOENT)?;
             let (d, n) = self.upper()?.parent_of(&path)?;
@@ -121,7 +122,7 @@ impl Overlay {
 
     /// True when a lower layer shows `name` in `parent`, so removing it needs a whiteout.
     fn lower_has(&self, parent: &Node, name: &CStr) -> Result<bool> {
-        if parent.lower_dirs.is_empty() {
+        if parent.layout().lower_dirs.is_empty() {
             return Ok(false);
         }
         let found = self.lookup_lower(parent, name, None, None)?;
@@ -230,7 +231,7 @@ impl Overlay {
             }
             // Like the kernel: a new directory in a merged directory is opaque, so it never
             // merges with something a lower layer could show under its name.
-            if is_dir && (over_whiteout || !parent.lower_dirs.is_empty()) {
+            if is_dir && (over_whiteout || !parent.layout().lower_dirs.is_empty()) {
                 sys::setxattr(dir, &tmp, &self.x.opaque, b"y", 0)?;
             }
             Ok(())
@@ -428,12 +429,12 @@ impl Overlay {
         _same_dir: bool,
     ) -> Result<()> {
         if !node.is_dir() {
-            if node.lower.is_some() {
+            if node.layout().lower.is_some() {
                 self.set_impure(dest)?;
             }
             return Ok(());
         }
-        match node.lower_dirs.first() {
+        match node.layout().lower_dirs.first() {
             Some(lr) => {
                 let mut v = b"/".to_vec();
                 v.extend_from_slice(lr.path.as_bytes());
@@ -441,7 +442,7 @@ impl Overlay {
                 self.set_impure(dest)?;
             }
             None => {
-                if !dest.lower_dirs.is_empty() {
+                if !dest.layout().lower_dirs.is_empty() {
                     sys::setxattr(dir.as_fd(), name, &self.x.opaque, b"y", 0)?;
                 }
             }

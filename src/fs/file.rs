@@ -115,8 +115,8 @@ impl Overlay {
     }
 
     fn open_object(&self, node: &Node, oflags: i32) -> Result<(bool, OwnedFd)> {
-        let (l, d, n) = self.locate(node)?;
-        let on_lower = !std::ptr::eq(l, self.upper.as_ref().map_or(std::ptr::null(), |u| u));
+        let (w, d, n) = self.locate(node)?;
+        let on_lower = w != super::Where::Upper;
         Ok((on_lower, sys::openat(d.as_fd(), &n, oflags, 0)?))
     }
 

@@ -25,7 +25,7 @@ use parking_lot::RwLock;
 
 use crate::layer::{self, EntryKind, Layer, RelPath, XattrNames};
 use crate::sys::{self, Errno, Result, Stat};
-pub use node::{Hardlink, IoMode, LowerRef, Node};
+pub use node::{Hardlink, IoMode, Layout, LowerRef, Node};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -126,14 +126,28 @@ impl Handle {
     }
 }
 
+/// The layer stack. Replaced as a whole when a live snapshot freezes the upper.
+#[derive(Debug)]
+pub struct Layers {
+    pub upper: Option<Arc<Layer>>,
+    /// Lower layers by stable id (`LowerRef::layer`). The stack order is by id, highest on
+    /// top, so a frozen upper (the next id) slides in on top without renumbering anything.
+    pub lowers: Vec<Arc<Layer>>,
+}
+
 pub struct Overlay {
     pub cfg: Config,
-    upper: Option<Layer>,
+    layers: parking_lot::RwLock<Arc<Layers>>,
     /// `workdir/work`, like the kernel.
     work: Option<Layer>,
     /// `workdir/index`: copies of hard-linked lower files (see `index.rs`).
     index: Option<Layer>,
-    lowers: Vec<Layer>,
+    /// Snapshot epoch: number of freezes since mount.
+    epoch: AtomicU64,
+    /// Freeze history: (epoch before the freeze, id of the layer the upper became).
+    freezes: parking_lot::RwLock<Vec<(u64, usize)>>,
+    /// Held shared by every operation that changes the upper, exclusively by a freeze.
+    barrier: parking_lot::RwLock<()>,
     x: XattrNames,
     /// All layers on one filesystem: real inode numbers are unique and used as they are.
     samefs: bool,
@@ -146,6 +160,14 @@ pub struct Overlay {
     /// Tells the kernel to drop cached attributes of an inode whose attributes changed as a
     /// side effect it cannot know about (a directory copied up becomes a merged directory).
     invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+/// Which layer an object was found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Where {
+    Upper,
+    Lower(usize),
+    Index,
 }
 
 /// Result of resolving one name in a directory.
@@ -174,12 +196,19 @@ pub type Attr = Stat;
 
 impl Overlay {
     pub fn new(cfg: Config) -> std::io::Result<Overlay> {
+        // `cfg.lowers` is top first; ids count from the bottom.
         let lowers = cfg
             .lowers
             .iter()
-            .map(|p| Layer::open(p))
+            .rev()
+            .map(|p| Layer::open(p).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let upper = cfg.upper.as_deref().map(Layer::open).transpose()?;
+        let upper = cfg
+            .upper
+            .as_deref()
+            .map(Layer::open)
+            .transpose()?
+            .map(Arc::new);
         let work = match (&cfg.work, &upper) {
             (Some(w), Some(_)) => {
                 let wl = Layer::open(w)?;
@@ -210,10 +239,9 @@ impl Overlay {
             }
         }
         let samefs = devs.len() <= 1;
-        let root_lowers = lowers
-            .iter()
-            .enumerate()
-            .map(|(i, _)| LowerRef {
+        let root_lowers = (0..lowers.len())
+            .rev()
+            .map(|i| LowerRef {
                 layer: i,
                 path: RelPath::root(),
             })
@@ -227,6 +255,7 @@ impl Overlay {
             None,
             root_lowers,
             None,
+            0,
         );
         root.add_lookup(1);
         let nodes = DashMap::new();
@@ -234,10 +263,12 @@ impl Overlay {
         Ok(Overlay {
             x: XattrNames::new(cfg.userxattr),
             cfg,
-            upper,
+            layers: parking_lot::RwLock::new(Arc::new(Layers { upper, lowers })),
             work,
             index,
-            lowers,
+            epoch: AtomicU64::new(0),
+            freezes: parking_lot::RwLock::new(Vec::new()),
+            barrier: parking_lot::RwLock::new(()),
             samefs,
             devs,
             nodes,
@@ -260,15 +291,23 @@ impl Overlay {
     }
 
     pub fn read_only(&self) -> bool {
-        self.upper.is_none()
+        self.layers.read().upper.is_none()
+    }
+
+    pub fn layers(&self) -> Arc<Layers> {
+        self.layers.read().clone()
+    }
+
+    fn lower(&self, id: usize) -> Arc<Layer> {
+        self.layers.read().lowers[id].clone()
     }
 
     pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
         self.nodes.get(&ino).map(|n| n.clone()).ok_or(Errno::ESTALE)
     }
 
-    fn upper(&self) -> Result<&Layer> {
-        self.upper.as_ref().ok_or(Errno::EROFS)
+    fn upper(&self) -> Result<Arc<Layer>> {
+        self.layers.read().upper.clone().ok_or(Errno::EROFS)
     }
 
     fn work(&self) -> Result<&Layer> {
@@ -295,7 +334,8 @@ impl Overlay {
     }
 
     pub(super) fn origin_ino(&self, fb: &[u8]) -> Option<(u64, u64)> {
-        for l in self.lowers.iter().chain(self.upper.iter()) {
+        let layers = self.layers();
+        for l in layers.lowers.iter().chain(layers.upper.iter()) {
             if let Ok(fd) = layer::decode_origin(fb, l.root_rd.as_fd()) {
                 let st = sys::fstat(fd.as_fd()).ok()?;
                 return Some((self.map_ino(st.st_dev, st.st_ino), st.st_nlink as u64));
@@ -312,17 +352,18 @@ impl Overlay {
         ino | (fsid << 56)
     }
 
-    /// Where the node's current object lives: (layer, dir fd, name). A directory is given as
-    /// its own fd and `.`.
-    fn locate(&self, node: &Node) -> Result<(&Layer, DirFd, CString)> {
+    /// Where the node's current object lives: (which layer, dir fd, name). A directory is
+    /// given as its own fd and `.`.
+    fn locate(&self, node: &Node) -> Result<(Where, DirFd, CString)> {
         if node.is_dir() {
             if node.has_upper() {
-                return Ok((self.upper()?, self.upper_dir(node)?, sys::dot().to_owned()));
+                return Ok((Where::Upper, self.upper_dir(node)?, sys::dot().to_owned()));
             }
-            let lr = node.lower_dirs.first().ok_or(Errno::ENOENT)?;
+            let lay = node.layout();
+            let lr = lay.lower_dirs.first().ok_or(Errno::ENOENT)?;
             return Ok((
-                &self.lowers[lr.layer],
-                self.lower_dir(node, 0)?,
+                Where::Lower(lr.layer),
+                self.lower_dir(&lay, 0)?,
                 sys::dot().to_owned(),
             ));
         }
@@ -334,22 +375,27 @@ impl Overlay {
             (s.parent.clone().ok_or(Errno::ENOENT)?, s.name.clone())
         };
         if node.has_upper() {
-            return Ok((self.upper()?, self.upper_dir(&parent)?, name));
+            return Ok((Where::Upper, self.upper_dir(&parent)?, name));
         }
         if let (Some(hl), true) = (&node.hardlink, node.state.lock().indexed) {
             let ix = self.index.as_ref().ok_or(Errno::EIO)?;
-            return Ok((ix, Arc::new(ix.dir(&RelPath::root())?), hl.index.clone()));
+            return Ok((
+                Where::Index,
+                Arc::new(ix.dir(&RelPath::root())?),
+                hl.index.clone(),
+            ));
         }
-        let lr = node.lower.as_ref().ok_or(Errno::ENOENT)?;
-        let l = &self.lowers[lr.layer];
+        let lay = node.layout();
+        let lr = lay.lower.as_ref().ok_or(Errno::ENOENT)?;
         // Usually the lower file sits in the parent's lower directory of the same layer.
-        if let Some(k) = parent.lower_dirs.iter().position(|p| p.layer == lr.layer)
-            && parent.lower_dirs[k].path.join(&name) == lr.path
+        let play = parent.layout();
+        if let Some(k) = play.lower_dirs.iter().position(|p| p.layer == lr.layer)
+            && play.lower_dirs[k].path.join(&name) == lr.path
         {
-            return Ok((l, self.lower_dir(&parent, k)?, name));
+            return Ok((Where::Lower(lr.layer), self.lower_dir(&play, k)?, name));
         }
-        let (d, n) = l.parent_of(&lr.path)?;
-        Ok((l, Arc::new(d), n))
+        let (d, n) = self.lower(lr.layer).parent_of(&lr.path)?;
+        Ok((Where::Lower(lr.layer), Arc::new(d), n))
     }
 
     /// Upper directory fd of `node`, which must already be copied up.
@@ -363,14 +409,14 @@ impl Overlay {
         Ok(fd)
     }
 
-    /// The fd of `node.lower_dirs[k]`.
-    fn lower_dir(&self, node: &Node, k: usize) -> Result<DirFd> {
-        if let Some(fd) = node.lower_fds[k].get() {
+    /// The fd of `lay.lower_dirs[k]`.
+    fn lower_dir(&self, lay: &Layout, k: usize) -> Result<DirFd> {
+        if let Some(fd) = lay.lower_fds[k].get() {
             return Ok(fd.clone());
         }
-        let lr = &node.lower_dirs[k];
-        let fd = Arc::new(self.lowers[lr.layer].dir(&lr.path)?);
-        Ok(node.lower_fds[k].get_or_init(|| fd).clone())
+        let lr = &lay.lower_dirs[k];
+        let fd = Arc::new(self.lower(lr.layer).dir(&lr.path)?);
+        Ok(lay.lower_fds[k].get_or_init(|| fd).clone())
     }
 
     /// Looks in the lower layers below `parent` for `name`. `redirect` is an absolute layer
@@ -385,12 +431,15 @@ impl Overlay {
         let mut dirs = Vec::new();
         let mut nondir = None;
         let mut top: Option<(Stat, u64)> = None;
-        let mut pdirs = parent.lower_dirs.iter().enumerate().peekable();
-        for (j, l) in self.lowers.iter().enumerate() {
+        let play = parent.layout();
+        let layers = self.layers();
+        let mut pdirs = play.lower_dirs.iter().enumerate().peekable();
+        // Top of the stack first: the highest id.
+        for (j, l) in layers.lowers.iter().enumerate().rev() {
             let (path, cached) = match &redirect {
                 Some(r) => (r.clone(), None),
                 None => {
-                    while pdirs.peek().is_some_and(|(_, p)| p.layer < j) {
+                    while pdirs.peek().is_some_and(|(_, p)| p.layer > j) {
                         pdirs.next();
                     }
                     match pdirs.peek() {
@@ -400,7 +449,7 @@ impl Overlay {
                 }
             };
             let (d, n) = match cached {
-                Some(k) => (self.lower_dir(parent, k)?, name.to_owned()),
+                Some(k) => (self.lower_dir(&play, k)?, name.to_owned()),
                 None => match l.parent_of(&path) {
                     Ok((d, n)) => (Arc::new(d), n),
                     Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
@@ -486,7 +535,7 @@ impl Overlay {
             nondir: lower,
             dirs: lower_dirs,
             top: ltop,
-        } = if stop_lower || parent.lower_dirs.is_empty() && redirect.is_none() {
+        } = if stop_lower || parent.layout().lower_dirs.is_empty() && redirect.is_none() {
             LowerFound {
                 nondir: None,
                 dirs: Vec::new(),
@@ -575,6 +624,7 @@ impl Overlay {
                         f.lower,
                         f.lower_dirs,
                         f.hardlink,
+                        self.epoch.load(Ordering::Acquire),
                     ));
                     fresh.add_lookup(n.lookups.load(Ordering::Relaxed));
                     e.insert(fresh.clone());
@@ -591,6 +641,7 @@ impl Overlay {
                     f.lower,
                     f.lower_dirs,
                     f.hardlink,
+                    self.epoch.load(Ordering::Acquire),
                 ));
                 e.insert(n.clone());
                 n
@@ -632,7 +683,7 @@ impl Overlay {
     /// Adjusts a real stat to what the merged view reports.
     fn finish_attr(&self, node: &Node, mut st: Stat) -> Attr {
         st.st_ino = node.ino;
-        if node.is_dir() && (node.lower_dirs.len() + usize::from(node.has_upper())) > 1 {
+        if node.is_dir() && (node.layout().lower_dirs.len() + usize::from(node.has_upper())) > 1 {
             // Like the kernel: a merged directory's link count is unknown.
             st.st_nlink = 1;
         }
@@ -686,10 +737,11 @@ impl Overlay {
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {
-        let l = self
+        let layers = self.layers();
+        let l = layers
             .upper
             .as_ref()
-            .or(self.lowers.first())
+            .or(layers.lowers.last())
             .ok_or(Errno::EIO)?;
         let mut st = sys::fstatvfs(l.root.as_fd())?;
         st.f_namemax = 255;
@@ -697,7 +749,7 @@ impl Overlay {
     }
 
     pub fn syncfs(&self) -> Result<()> {
-        if let Some(u) = &self.upper
+        if let Some(u) = &self.layers().upper
             && self.cfg.fsync
         {
             sys::syncfs(u.root.as_fd())?;

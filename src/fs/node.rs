@@ -7,8 +7,10 @@
 //! hard links share one node.
 //!
 //! A node records where it is in the merged tree (parent node + name; the upper object, when
-//! there is one, is always at that merged position) and, fixed at lookup, where its lower
-//! objects are (lower layers are read-only, so those paths never change).
+//! there is one, is always at that merged position) and its `Layout`: where its lower objects
+//! are. Lower layers are read-only, so a layout only changes when a live snapshot freezes the
+//! upper into a new lower layer; nodes then catch up lazily (`Overlay::refresh`), so a
+//! snapshot costs nothing per node.
 
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
@@ -54,24 +56,45 @@ pub struct Node {
     pub ino: u64,
     /// `S_IFMT` bits: the type never changes for a node.
     pub fmt: u32,
-    /// Non-directories: the topmost lower object, if the object is (or was copied up from) one.
-    pub lower: Option<LowerRef>,
-    /// Directories: the lower directories merged below this one, topmost first.
-    pub lower_dirs: Vec<LowerRef>,
+    layout: parking_lot::RwLock<Arc<Layout>>,
+    /// The snapshot epoch `layout` and `state.upper` are valid for.
+    pub epoch: AtomicU64,
+    /// Bumped by every copy-up: open handles compare it to follow the file to its new copy.
+    pub generation: AtomicU64,
     pub hardlink: Option<Hardlink>,
     pub state: Mutex<NodeState>,
     /// Kernel lookup count: the node leaves the table when it drops to zero.
     pub lookups: AtomicU64,
     /// Serialises copy-up of this node.
     pub copy_up_lock: Mutex<()>,
-    /// Cached O_PATH fds of this directory in the upper and in each of `lower_dirs`: lookups
-    /// and opens below it then need no path walk. An fd follows its directory through
-    /// renames, exactly as the node does.
+    /// Cached O_PATH fd of this directory in the upper (see `Layout::lower_fds`).
     pub upper_fd: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
-    pub lower_fds: Vec<std::sync::OnceLock<Arc<std::os::fd::OwnedFd>>>,
     /// Open handles by kernel I/O mode. The kernel refuses (EIO) to have one inode open in
     /// passthrough and page-cached mode at once, so every open picks a compatible mode.
     pub io: Mutex<IoCounts>,
+}
+
+/// Where a node's lower objects are.
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// Non-directories: the topmost lower object, if the object is (or was copied up from) one.
+    pub lower: Option<LowerRef>,
+    /// Directories: the lower directories merged below this one, topmost first.
+    pub lower_dirs: Vec<LowerRef>,
+    /// Cached O_PATH fds of `lower_dirs`: lookups and opens below a directory then need no
+    /// path walk. An fd follows its directory through renames, exactly as the node does.
+    pub lower_fds: Vec<std::sync::OnceLock<Arc<std::os::fd::OwnedFd>>>,
+}
+
+impl Layout {
+    pub fn new(lower: Option<LowerRef>, lower_dirs: Vec<LowerRef>) -> Layout {
+        let lower_fds = lower_dirs.iter().map(|_| std::sync::OnceLock::new()).collect();
+        Layout {
+            lower,
+            lower_dirs,
+            lower_fds,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -102,19 +125,16 @@ impl Node {
         lower: Option<LowerRef>,
         lower_dirs: Vec<LowerRef>,
         hardlink: Option<(Hardlink, bool, u32)>,
+        epoch: u64,
     ) -> Node {
         let (indexed, merged_nlink) = hardlink.as_ref().map_or((false, 0), |h| (h.1, h.2));
-        let lower_fds = lower_dirs
-            .iter()
-            .map(|_| std::sync::OnceLock::new())
-            .collect();
         Node {
             upper_fd: Mutex::new(None),
-            lower_fds,
+            layout: parking_lot::RwLock::new(Arc::new(Layout::new(lower, lower_dirs))),
+            epoch: AtomicU64::new(epoch),
+            generation: AtomicU64::new(0),
             ino,
             fmt,
-            lower,
-            lower_dirs,
             hardlink: hardlink.map(|h| h.0),
             state: Mutex::new(NodeState {
                 parent,
@@ -128,6 +148,14 @@ impl Node {
             copy_up_lock: Mutex::new(()),
             io: Mutex::new(IoCounts::default()),
         }
+    }
+
+    pub fn layout(&self) -> Arc<Layout> {
+        self.layout.read().clone()
+    }
+
+    pub fn set_layout(&self, l: Layout) {
+        *self.layout.write() = Arc::new(l);
     }
 
     pub fn is_dir(&self) -> bool {
