@@ -142,6 +142,7 @@ impl Overlay {
         uid: u32,
         gid: u32,
     ) -> Result<(Arc<Node>, Attr)> {
+        let _w = self.writing();
         let parent = self.node(parent_ino)?;
         if !parent.is_dir() {
             return Err(Errno::ENOTDIR);
@@ -274,6 +275,7 @@ impl Overlay {
     }
 
     fn remove(&self, parent_ino: u64, name: &CStr, want_dir: bool) -> Result<()> {
+        let _w = self.writing();
         let parent = self.node(parent_ino)?;
         let (node, _) = self.lookup_node(&parent, name)?;
         match (want_dir, node.is_dir()) {
@@ -329,6 +331,7 @@ impl Overlay {
         {
             return Err(Errno::EINVAL);
         }
+        let _w = self.writing();
         let p = self.node(parent_ino)?;
         let q = self.node(newparent_ino)?;
         let (s, _) = self.lookup_node(&p, name)?;

@@ -83,6 +83,7 @@ impl Overlay {
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let _w = writes.then(|| self.writing());
         if writes {
             if self.read_only() {
                 return Err(Errno::EROFS);
@@ -90,19 +91,25 @@ impl Overlay {
             self.copy_up(&node, flags & libc::O_TRUNC == 0)?;
         }
         let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
-        let (on_lower, fd) = self.open_object(&node, oflags)?;
+        let fd = self.open_object(&node, oflags)?;
         let fd = Arc::new(fd);
         let regular = node.fmt == libc::S_IFREG;
         let mode = node.start_io(writes, self.cfg.passthrough && regular);
         let fh = self.add_handle(Handle {
+            generation: node.generation.load(Ordering::Acquire).into(),
+            epoch: self.epoch().into(),
             node,
             file: RwLock::new(fd.clone()),
-            on_lower: on_lower.into(),
             flags,
             io: Mutex::new(mode),
             entries: Mutex::new(None),
         });
         Ok((fh, mode, fd))
+    }
+
+    /// Flags to reopen a handle's file with: as opened, minus one-time effects.
+    fn reopen_flags(flags: i32) -> i32 {
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_NOFOLLOW)
     }
 
     /// The kernel refused a passthrough backing: serve this handle through the daemon.
@@ -114,23 +121,38 @@ impl Overlay {
         Ok(*m)
     }
 
-    fn open_object(&self, node: &Node, oflags: i32) -> Result<(bool, OwnedFd)> {
-        let (w, d, n) = self.locate(node)?;
-        let on_lower = w != super::Where::Upper;
-        Ok((on_lower, sys::openat(d.as_fd(), &n, oflags, 0)?))
+    fn open_object(&self, node: &Node, oflags: i32) -> Result<OwnedFd> {
+        let (_, d, n) = self.locate(node)?;
+        sys::openat(d.as_fd(), &n, oflags, 0)
     }
 
     /// The fd to read through. A handle opened on a lower file follows the file to the upper
     /// once it is copied up, as kernel overlayfs does.
     pub(super) fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
-        if h.on_lower.load(Ordering::Acquire)
-            && h.node.has_upper()
-            && let Ok((false, fd)) = self.open_object(&h.node, libc::O_RDONLY)
+        self.refresh(&h.node);
+        let generation = h.node.generation.load(Ordering::Acquire);
+        if h.generation.load(Ordering::Acquire) != generation
+            && let Ok(fd) = self.open_object(&h.node, Self::reopen_flags(h.flags))
         {
             *h.file.write() = Arc::new(fd);
-            h.on_lower.store(false, Ordering::Release);
+            h.generation.store(generation, Ordering::Release);
         }
         Ok(h.fd())
+    }
+
+    /// The fd to write through: never a file of a frozen layer.
+    fn write_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
+        let epoch = self.epoch();
+        if h.epoch.load(Ordering::Acquire) != epoch {
+            self.refresh(&h.node);
+            self.copy_up(&h.node, true)?;
+            let fd = self.open_object(&h.node, Self::reopen_flags(h.flags))?;
+            *h.file.write() = Arc::new(fd);
+            h.generation
+                .store(h.node.generation.load(Ordering::Acquire), Ordering::Release);
+            h.epoch.store(epoch, Ordering::Release);
+        }
+        self.read_fd(h)
     }
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
@@ -143,8 +165,9 @@ impl Overlay {
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let _w = self.writing();
         let h = self.handle(fh)?;
-        let fd = h.fd();
+        let fd = self.write_fd(&h)?;
         let mut done = 0;
         while done < data.len() {
             match sys::pwrite(fd.as_fd(), &data[done..], off + done as u64) {
@@ -177,8 +200,9 @@ impl Overlay {
     }
 
     pub fn fallocate(&self, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
+        let _w = self.writing();
         let h = self.handle(fh)?;
-        sys::fallocate(h.fd().as_fd(), mode, off, len)
+        sys::fallocate(self.write_fd(&h)?.as_fd(), mode, off, len)
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
@@ -188,6 +212,7 @@ impl Overlay {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, a: SetAttr) -> Result<Attr> {
+        let _w = self.writing();
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);
@@ -210,7 +235,7 @@ impl Overlay {
             {
                 Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
                 None => {
-                    let (_, fd) = self.open_object(&node, libc::O_WRONLY)?;
+                    let fd = self.open_object(&node, libc::O_WRONLY)?;
                     sys::ftruncate(fd.as_fd(), size)?;
                 }
             }
@@ -286,11 +311,12 @@ impl Overlay {
         if !node.is_dir() {
             return Err(Errno::ENOTDIR);
         }
-        let (_, fd) = self.open_object(&node, libc::O_PATH | libc::O_DIRECTORY)?;
+        let fd = self.open_object(&node, libc::O_PATH | libc::O_DIRECTORY)?;
         Ok(self.add_handle(Handle {
             node,
             file: RwLock::new(Arc::new(fd)),
-            on_lower: false.into(),
+            generation: 0.into(),
+            epoch: self.epoch().into(),
             flags: libc::O_RDONLY,
             io: Mutex::new(IoMode::Direct),
             entries: Mutex::new(None),
@@ -339,6 +365,7 @@ impl Overlay {
 
     pub fn setxattr(&self, ino: u64, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
         let key = &self.x.to_layer(key);
+        let _w = self.writing();
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);
@@ -350,6 +377,7 @@ impl Overlay {
 
     pub fn removexattr(&self, ino: u64, key: &CStr) -> Result<()> {
         let key = &self.x.to_layer(key);
+        let _w = self.writing();
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);

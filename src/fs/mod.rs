@@ -12,12 +12,13 @@ mod file;
 pub mod fuse;
 mod index;
 mod node;
+pub mod snapshot;
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -110,10 +111,14 @@ impl Default for Config {
 #[derive(Debug)]
 pub struct Handle {
     pub node: Arc<Node>,
-    /// The real file. Replaced when a read-only handle on a lower file sees the file copied up,
-    /// so that readers observe later writes like with kernel overlayfs.
+    /// The real file. Replaced when the file is copied up after the open (readers then see
+    /// later writes, like with kernel overlayfs) and, for writers, after a freeze (their next
+    /// write must land in the new upper, never in a frozen layer).
     file: RwLock<Arc<OwnedFd>>,
-    on_lower: AtomicBool,
+    /// `Node::generation` when `file` was opened.
+    generation: AtomicU64,
+    /// Snapshot epoch when `file` was opened.
+    epoch: AtomicU64,
     pub flags: i32,
     pub io: parking_lot::Mutex<IoMode>,
     /// Directories: the merged listing, taken at the first readdir.
@@ -303,7 +308,9 @@ impl Overlay {
     }
 
     pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
-        self.nodes.get(&ino).map(|n| n.clone()).ok_or(Errno::ESTALE)
+        let n = self.nodes.get(&ino).map(|n| n.clone()).ok_or(Errno::ESTALE)?;
+        self.refresh(&n);
+        Ok(n)
     }
 
     fn upper(&self) -> Result<Arc<Layer>> {
@@ -594,6 +601,7 @@ impl Overlay {
         let node = match self.nodes.entry(ino) {
             dashmap::Entry::Occupied(mut e) => {
                 let n = e.get().clone();
+                self.refresh(&n);
                 if n.fmt == fmt {
                     // Same object (or a hard link to it): follow it to the name just used.
                     // The kernel resolves the names of multiply-linked files before each use
