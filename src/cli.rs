@@ -1,9 +1,10 @@
 //! Command line. The bare form is the one mount helpers use:
-//! `layervol [SOURCE] MOUNTPOINT -o lowerdir=...,upperdir=...,workdir=...`.
+//! `layervol [SOURCE] MOUNTPOINT -o lowerdir=...,upperdir=...,workdir=...`; the subcommands
+//! manage volumes (snapshots and more).
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 const AFTER_HELP: &str = "\
 Mount options (-o, comma-separated; `\\,` and `\\:` escape):
@@ -36,8 +37,17 @@ Examples:
 /// like `mount -t overlay` and fuse-overlayfs. Returns once the mount is ready; the daemon
 /// keeps serving in the background until the filesystem is unmounted.
 #[derive(Debug, Parser)]
-#[command(name = "layervol", version, after_help = AFTER_HELP)]
+#[command(
+    name = "layervol",
+    version,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+
     /// [SOURCE] MOUNTPOINT. SOURCE (as passed by mount.fuse3) names the mount in /proc/mounts.
     #[arg(num_args = 1..=2, value_name = "[SOURCE] MOUNTPOINT", required = true)]
     pub args: Vec<String>,
@@ -57,6 +67,65 @@ pub struct Cli {
     /// Single-threaded (accepted for FUSE compatibility; uses one worker thread).
     #[arg(short = 's')]
     pub single_thread: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Mount a volume (same daemon behaviour and -o options as overlay mode, plus
+    /// snapshot_interval=SECS for periodic live snapshots).
+    Mount {
+        /// The volume directory.
+        vol: PathBuf,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+        /// Mount options (see `layervol --help`); layer options are not allowed here.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay in the foreground.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Debug logging (implies --foreground).
+        #[arg(short = 'd', long)]
+        debug: bool,
+    },
+    /// Take a live snapshot of a mounted volume: the active layer becomes read-only layer N
+    /// and an empty one starts, without unmounting; writers pause only for the flip.
+    Snapshot {
+        mountpoint: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the layers, dirty bytes and snapshot times of a mounted volume.
+    Status {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every manifest, block map and block CRC of a volume; exits non-zero on damage.
+    Verify {
+        vol: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume: a layer stack with an empty active layer on top.
+    Create {
+        /// The volume directory (created; must not exist or be empty).
+        vol: PathBuf,
+        /// Import this directory as the base layer (modes, owners, xattrs, links kept).
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// Block size of dirty tracking and partial files: 4K (default), 64K, 1M, ...
+        #[arg(long, value_name = "SIZE", default_value = "4K")]
+        block_size: String,
+    },
 }
 
 impl Cli {

@@ -15,12 +15,11 @@ use crate::fs::fuse::FuseAdapter;
 use crate::options::{self, MountPlan};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(cmd) = cli.cmd {
+        return crate::volume_cli::run(cmd);
+    }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let opts: Vec<String> = cli
-        .options
-        .iter()
-        .flat_map(|o| options::split_escaped(o, ','))
-        .collect();
+    let opts = split_options(&cli.options);
     let mut plan = options::parse(&opts, &cwd)?;
     if let Some(src) = cli.source()
         && plan.fsname == "layervol"
@@ -30,22 +29,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.single_thread {
         plan.threads = 1;
     }
-    let mnt = cwd.join(cli.mountpoint());
-    let mnt = mnt
+    let mnt = mountpoint(&cwd.join(cli.mountpoint()))?;
+    mount(plan, &mnt, cli.foreground, cli.debug, None)
+}
+
+pub fn split_options(opts: &[String]) -> Vec<String> {
+    opts.iter()
+        .flat_map(|o| options::split_escaped(o, ','))
+        .collect()
+}
+
+pub fn mountpoint(p: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let mnt = p
         .canonicalize()
-        .with_context(|| format!("mountpoint `{}` cannot be used", mnt.display()))?;
+        .with_context(|| format!("mountpoint `{}` cannot be used", p.display()))?;
     if !mnt.is_dir() {
         bail!("mountpoint `{}` is not a directory", mnt.display());
     }
+    Ok(mnt)
+}
+
+/// Extra work a volume mount does once the filesystem is up (control socket, periodic
+/// snapshots). Runs in the daemon process.
+pub type AfterMount = Box<dyn FnOnce(&Arc<Overlay>, &Path) -> anyhow::Result<()>>;
+
+/// Mounts `plan` on `mnt`: in the foreground, or daemonised with the command returning once
+/// the mount is ready.
+pub fn mount(
+    plan: MountPlan,
+    mnt: &Path,
+    foreground: bool,
+    debug: bool,
+    after: Option<AfterMount>,
+) -> anyhow::Result<()> {
     for w in &plan.ignored {
         eprintln!(
             "layervol: warning: option `{w}` is accepted for compatibility and has no effect"
         );
     }
-    let debug = cli.debug || plan.debug;
-    if cli.foreground || debug {
+    let debug = debug || plan.debug;
+    if foreground || debug {
         init_tracing(debug);
-        return serve(&plan, &mnt, || {});
+        return serve(&plan, mnt, after, || {});
     }
 
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
@@ -68,7 +93,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = std::env::set_current_dir("/");
             init_tracing(false);
             let mut report = Some(std::fs::File::from(w));
-            let res = serve(&plan, &mnt, || {
+            let res = serve(&plan, mnt, after, || {
                 // Closing the pipe lets the parent return.
                 if let Some(mut r) = report.take() {
                     let _ = r.write_all(b"1");
@@ -89,7 +114,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(plan: &MountPlan, mnt: &Path, on_ready: impl FnOnce()) -> anyhow::Result<()> {
+fn serve(
+    plan: &MountPlan,
+    mnt: &Path,
+    after: Option<AfterMount>,
+    on_ready: impl FnOnce(),
+) -> anyhow::Result<()> {
     // The kernel applied the caller's umask already; ours must not apply a second one.
     unsafe { libc::umask(0) };
     raise_nofile();
@@ -119,6 +149,9 @@ fn serve(plan: &MountPlan, mnt: &Path, on_ready: impl FnOnce()) -> anyhow::Resul
         // against the request that triggered it.
         let _ = notifier.inval_inode(fuser::INodeNo(ino), -1, 0);
     }));
+    if let Some(after) = after {
+        after(&fs, mnt)?;
+    }
     on_ready();
     session.run().context("FUSE session ended with an error")?;
     Ok(())

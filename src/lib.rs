@@ -5,10 +5,14 @@
 //! - `options`: mount options and their validation
 //! - `daemon`: mounting, daemonising, serving
 //! - `sys`: safe wrappers over the `*at` system calls
+//! - `volume`: volume mode's on-disk building blocks (extents, partial files, manifests, store)
 
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod layer;
 pub mod options;
 pub mod sys;
+pub mod volume;
+pub mod volume_cli;

@@ -56,6 +56,8 @@ pub struct MountPlan {
     pub fsname: String,
     /// Accepted for compatibility but without effect here; reported as warnings.
     pub ignored: Vec<String>,
+    /// Volume mode: take a live snapshot this often.
+    pub snapshot_interval: Option<Duration>,
 }
 
 /// Splits on `sep` unless escaped with a backslash; removes the escapes.
@@ -150,7 +152,17 @@ fn resolve_dir(what: &'static str, p: &str, cwd: &Path) -> Result<PathBuf, Optio
 
 /// Parses `-o` options (already split on commas) into a mount plan.
 pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
+    parse_inner(opts, cwd, false)
+}
+
+/// Parses the options of `layervol mount VOL`: the volume supplies the layers.
+pub fn parse_volume(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
+    parse_inner(opts, cwd, true)
+}
+
+fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, OptionError> {
     use fuser::MountOption as M;
+    let mut snapshot_interval = None;
     let mut cfg = Config::default();
     let mut lower = None;
     let mut upper = None;
@@ -179,6 +191,28 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             })
         };
         match k {
+            "lowerdir" | "upperdir" | "workdir" if volume => {
+                return Err(OptionError::BadValue {
+                    opt: k.into(),
+                    value: v.unwrap_or_default().into(),
+                    why: "a volume's layers are set by the volume, not by options".into(),
+                });
+            }
+            "snapshot_interval" if volume => {
+                let secs: f64 = val()?.parse().map_err(|_| OptionError::BadValue {
+                    opt: k.into(),
+                    value: val().unwrap_or_default().into(),
+                    why: "expected seconds".into(),
+                })?;
+                if !(0.1..=31_536_000.0).contains(&secs) {
+                    return Err(OptionError::BadValue {
+                        opt: k.into(),
+                        value: val().unwrap_or_default().into(),
+                        why: "between 0.1 s and a year".into(),
+                    });
+                }
+                snapshot_interval = Some(Duration::from_secs_f64(secs));
+            }
             "lowerdir" => lower = Some(val()?.to_string()),
             "upperdir" => upper = Some(val()?.to_string()),
             "workdir" => work = Some(val()?.to_string()),
@@ -242,59 +276,61 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             _ => return Err(OptionError::Unknown(opt.clone())),
         }
     }
-    let lower = lower.ok_or(OptionError::NoLower)?;
-    for l in split_escaped(&lower, ':') {
-        if l.is_empty() {
-            // `::` separates data-only lowers in the kernel; not supported here.
-            return Err(OptionError::BadValue {
-                opt: "lowerdir".into(),
-                value: lower.clone(),
-                why: "empty layer (data-only layers `::` are not supported)".into(),
-            });
+    if !volume {
+        let lower = lower.ok_or(OptionError::NoLower)?;
+        for l in split_escaped(&lower, ':') {
+            if l.is_empty() {
+                // `::` separates data-only lowers in the kernel; not supported here.
+                return Err(OptionError::BadValue {
+                    opt: "lowerdir".into(),
+                    value: lower.clone(),
+                    why: "empty layer (data-only layers `::` are not supported)".into(),
+                });
+            }
+            cfg.lowers.push(resolve_dir("lowerdir", &l, cwd)?);
         }
-        cfg.lowers.push(resolve_dir("lowerdir", &l, cwd)?);
-    }
-    match (upper, work) {
-        (Some(u), Some(w)) if !plan_ro => {
-            let u = resolve_dir("upperdir", &u, cwd)?;
-            let w = resolve_dir("workdir", &w, cwd)?;
-            let (mu, mw) = (std::fs::metadata(&u), std::fs::metadata(&w));
-            if let (Ok(mu), Ok(mw)) = (mu, mw)
-                && mu.dev() != mw.dev()
-            {
-                return Err(OptionError::WorkdirOtherFs { upper: u, work: w });
-            }
-            if let Err(e) = nix::unistd::access(&u, nix::unistd::AccessFlags::W_OK) {
-                return Err(OptionError::BadDir {
-                    what: "upperdir",
-                    path: u,
-                    why: format!("is not writable: {e}"),
-                });
-            }
-            if u.starts_with(&w) || w.starts_with(&u) {
-                return Err(OptionError::Overlap {
-                    a: "upperdir",
-                    pa: u,
-                    b: "workdir",
-                    pb: w,
-                });
-            }
-            for l in &cfg.lowers {
-                if u.starts_with(l) || l.starts_with(&u) {
+        match (upper, work) {
+            (Some(u), Some(w)) if !plan_ro => {
+                let u = resolve_dir("upperdir", &u, cwd)?;
+                let w = resolve_dir("workdir", &w, cwd)?;
+                let (mu, mw) = (std::fs::metadata(&u), std::fs::metadata(&w));
+                if let (Ok(mu), Ok(mw)) = (mu, mw)
+                    && mu.dev() != mw.dev()
+                {
+                    return Err(OptionError::WorkdirOtherFs { upper: u, work: w });
+                }
+                if let Err(e) = nix::unistd::access(&u, nix::unistd::AccessFlags::W_OK) {
+                    return Err(OptionError::BadDir {
+                        what: "upperdir",
+                        path: u,
+                        why: format!("is not writable: {e}"),
+                    });
+                }
+                if u.starts_with(&w) || w.starts_with(&u) {
                     return Err(OptionError::Overlap {
                         a: "upperdir",
                         pa: u,
-                        b: "lowerdir",
-                        pb: l.clone(),
+                        b: "workdir",
+                        pb: w,
                     });
                 }
+                for l in &cfg.lowers {
+                    if u.starts_with(l) || l.starts_with(&u) {
+                        return Err(OptionError::Overlap {
+                            a: "upperdir",
+                            pa: u,
+                            b: "lowerdir",
+                            pb: l.clone(),
+                        });
+                    }
+                }
+                cfg.upper = Some(u);
+                cfg.work = Some(w);
             }
-            cfg.upper = Some(u);
-            cfg.work = Some(w);
+            (Some(_), None) if !plan_ro => return Err(OptionError::NoWorkdir),
+            (None, Some(_)) => ignored.push("workdir (no upperdir)".into()),
+            _ => plan_ro = true,
         }
-        (Some(_), None) if !plan_ro => return Err(OptionError::NoWorkdir),
-        (None, Some(_)) => ignored.push("workdir (no upperdir)".into()),
-        _ => plan_ro = true,
     }
     // Like `mount -t overlay`: devices and set-id files work unless the caller says nodev /
     // nosuid (FUSE mounts default to nodev,nosuid; only root may lift that).
@@ -306,7 +342,7 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
             kernel_flags.push(M::Suid);
         }
     }
-    let read_only = plan_ro || cfg.upper.is_none();
+    let read_only = plan_ro || (!volume && cfg.upper.is_none());
     // The kernel cannot mix passthrough and daemon-served opens of one inode: a write open
     // while a passthrough read open exists fails with EIO. Only a read-only mount is safe.
     cfg.passthrough = passthrough.unwrap_or(read_only);
@@ -319,6 +355,7 @@ pub fn parse(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionError> {
         kernel_flags,
         fsname,
         ignored,
+        snapshot_interval,
     })
 }
 

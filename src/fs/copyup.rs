@@ -45,7 +45,8 @@ impl Overlay {
         }
         sys::utimensat(updir.as_fd(), sys::dot(), &[st_atime(&pst), st_mtime(&pst)])?;
         node.set_upper();
-        node.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        node.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if node.is_dir() {
             // It is a merged directory now: the kernel's cached link count is stale.
             self.invalidate_attr(node.ino);

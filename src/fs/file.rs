@@ -178,7 +178,42 @@ impl Overlay {
                 Err(_) => break,
             }
         }
+        // O_APPEND writes land at the end whatever the offset says.
+        let at = if h.flags & libc::O_APPEND != 0 {
+            sys::fstat(fd.as_fd())?.st_size as u64 - done as u64
+        } else {
+            off
+        };
+        self.mark_dirty(h.node.ino, at, done as u64);
         Ok(done as u32)
+    }
+
+    fn mark_dirty(&self, ino: u64, off: u64, len: u64) {
+        if len > 0 {
+            let r = crate::volume::extents::blocks_of_bytes(off, len, self.cfg.block_size);
+            self.dirty.entry(ino).or_default().insert(r);
+        }
+    }
+
+    /// A truncate drops the blocks past the end and changes the (new) last block.
+    fn mark_truncated(&self, ino: u64, size: u64) {
+        let bs = self.cfg.block_size;
+        let mut e = self.dirty.entry(ino).or_default();
+        e.truncate(size.div_ceil(bs));
+        if !size.is_multiple_of(bs) {
+            e.insert_block(size / bs);
+        }
+    }
+
+    /// Dirty bytes and files of the current epoch.
+    pub fn dirty_stats(&self) -> (u64, u64) {
+        let bs = self.cfg.block_size;
+        let bytes = self.dirty.iter().map(|e| e.len_bytes(bs)).sum();
+        (bytes, self.dirty.len() as u64)
+    }
+
+    pub fn open_handles(&self) -> usize {
+        self.handles.len()
     }
 
     pub fn release(&self, fh: u64) {
@@ -202,7 +237,9 @@ impl Overlay {
     pub fn fallocate(&self, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
         let _w = self.writing();
         let h = self.handle(fh)?;
-        sys::fallocate(self.write_fd(&h)?.as_fd(), mode, off, len)
+        sys::fallocate(self.write_fd(&h)?.as_fd(), mode, off, len)?;
+        self.mark_dirty(h.node.ino, off, len);
+        Ok(())
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
@@ -229,6 +266,7 @@ impl Overlay {
             if node.is_dir() {
                 return Err(Errno::EISDIR);
             }
+            self.mark_truncated(node.ino, size);
             match handle
                 .as_ref()
                 .filter(|h| h.flags & libc::O_ACCMODE != libc::O_RDONLY)

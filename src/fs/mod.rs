@@ -83,6 +83,11 @@ pub struct Config {
     /// How long the kernel may cache entries and attributes. All changes go through this
     /// daemon, so caching is coherent; only out-of-band changes to layers need a short TTL.
     pub ttl: Duration,
+    /// Block size of dirty tracking (a volume setting; the page size by default).
+    pub block_size: u64,
+    /// Hard-linked lower files share one copy through `workdir/index` (kernel `index=on`).
+    /// Off in volume mode: index entries would link into layers that a snapshot freezes.
+    pub index: bool,
     /// FUSE passthrough for files opened read-only (kernel >= 6.9): reads bypass the daemon.
     /// On by default only for read-only mounts: the kernel fails (EIO) a write open of an
     /// inode that has passthrough opens, and a passthrough reader would not follow copy-up.
@@ -102,6 +107,8 @@ impl Default for Config {
             gid_map: IdMap::default(),
             fsync: true,
             ttl: Duration::from_secs(1),
+            block_size: 4096,
+            index: true,
             passthrough: true,
         }
     }
@@ -153,6 +160,8 @@ pub struct Overlay {
     freezes: parking_lot::RwLock<Vec<(u64, usize)>>,
     /// Held shared by every operation that changes the upper, exclusively by a freeze.
     barrier: parking_lot::RwLock<()>,
+    /// Blocks written in the current epoch, per inode (exact, extent-based).
+    dirty: DashMap<u64, crate::volume::ExtentSet>,
     x: XattrNames,
     /// All layers on one filesystem: real inode numbers are unique and used as they are.
     samefs: bool,
@@ -227,7 +236,7 @@ impl Overlay {
             _ => None,
         };
         let index = match (&cfg.work, &work) {
-            (Some(w), Some(_)) => {
+            (Some(w), Some(_)) if cfg.index => {
                 match std::fs::create_dir(w.join("index")) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -274,6 +283,7 @@ impl Overlay {
             epoch: AtomicU64::new(0),
             freezes: parking_lot::RwLock::new(Vec::new()),
             barrier: parking_lot::RwLock::new(()),
+            dirty: DashMap::new(),
             samefs,
             devs,
             nodes,
@@ -308,7 +318,11 @@ impl Overlay {
     }
 
     pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
-        let n = self.nodes.get(&ino).map(|n| n.clone()).ok_or(Errno::ESTALE)?;
+        let n = self
+            .nodes
+            .get(&ino)
+            .map(|n| n.clone())
+            .ok_or(Errno::ESTALE)?;
         self.refresh(&n);
         Ok(n)
     }
@@ -760,7 +774,7 @@ impl Overlay {
         if let Some(u) = &self.layers().upper
             && self.cfg.fsync
         {
-            sys::syncfs(u.root.as_fd())?;
+            sys::syncfs(u.root_rd.as_fd())?;
         }
         Ok(())
     }

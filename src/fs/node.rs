@@ -88,7 +88,10 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(lower: Option<LowerRef>, lower_dirs: Vec<LowerRef>) -> Layout {
-        let lower_fds = lower_dirs.iter().map(|_| std::sync::OnceLock::new()).collect();
+        let lower_fds = lower_dirs
+            .iter()
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
         Layout {
             lower,
             lower_dirs,

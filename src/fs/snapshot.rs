@@ -8,7 +8,6 @@
 //! Open handles follow on their next write (copy-up into the new upper, then reopen) or read
 //! (reopen when the file was copied up again).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -28,30 +27,37 @@ pub struct FreezeStats {
     pub barrier_micros: u64,
     /// Time of the flush before the barrier.
     pub flush_micros: u64,
+    /// Blocks written in the frozen epoch, in bytes, and the files they belong to.
+    pub dirty_bytes: u64,
+    pub dirty_files: u64,
 }
 
 impl Overlay {
-    /// Freezes the upper. The caller has already made `new_upper` an empty directory and, if
-    /// it wants the frozen layer elsewhere, renamed the old upper directory (the open fd
-    /// follows it). `on_flip` runs under the barrier after the flip, for metadata that must
-    /// change atomically with it (e.g. the volume's layer list).
+    /// Freezes the upper. Under the write barrier, after flushing the upper, `prepare` makes
+    /// the frozen state durable (e.g. commits the volume's layer list) and returns the empty
+    /// directory that becomes the new upper; then the stack is swapped. The old upper's
+    /// directory fd stays valid wherever the directory is.
     pub fn freeze(
         &self,
-        new_upper: &Path,
-        on_flip: impl FnOnce(u64) -> std::io::Result<()>,
+        prepare: impl FnOnce() -> std::io::Result<std::path::PathBuf>,
     ) -> std::io::Result<FreezeStats> {
         let t0 = Instant::now();
         // Flush most dirty data before blocking writers, so the barrier stays short.
         self.syncfs().map_err(std::io::Error::from)?;
         let flush = t0.elapsed();
-        let next_upper = Arc::new(Layer::open(new_upper)?);
         let t1 = Instant::now();
         let _barrier = self.barrier.write();
         self.syncfs().map_err(std::io::Error::from)?;
+        let next_upper = Arc::new(Layer::open(&prepare()?)?);
         let epoch = self.epoch.load(Ordering::Acquire);
+        let (dirty_bytes, dirty_files) = self.dirty_stats();
+        self.dirty.clear();
         let layer_id = {
             let mut layers = self.layers.write();
-            let old = layers.upper.clone().ok_or(std::io::Error::from(Errno::EROFS))?;
+            let old = layers
+                .upper
+                .clone()
+                .ok_or(std::io::Error::from(Errno::EROFS))?;
             let mut lowers = layers.lowers.clone();
             lowers.push(old);
             let id = lowers.len() - 1;
@@ -63,13 +69,14 @@ impl Overlay {
             id
         };
         self.epoch.store(epoch + 1, Ordering::Release);
-        on_flip(epoch + 1)?;
         let held = t1.elapsed();
         Ok(FreezeStats {
             epoch: epoch + 1,
             layer_id,
             barrier_micros: held.as_micros() as u64,
             flush_micros: flush.as_micros() as u64,
+            dirty_bytes,
+            dirty_files,
         })
     }
 

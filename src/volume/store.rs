@@ -1,0 +1,850 @@
+//! The volume directory: layout, metadata, and the operations that change them.
+//!
+//! ```text
+//! VOL/volume.json              the volume's state (the only source of truth; see below)
+//! VOL/lock                     flock(2)ed by whoever may change the volume (a mount, squash)
+//! VOL/layers/<epoch>/tree/     the layer itself, in kernel overlay format (+ partial files)
+//! VOL/layers/<epoch>/maps/     block maps of the partial files in tree/ (`blockmap`)
+//! VOL/layers/<epoch>/manifest.json   written when a frozen layer is sealed (`manifest`)
+//! VOL/work/<epoch>/            overlay work dir of the active layer
+//! ```
+//!
+//! Why this shape:
+//! - Everything about one layer lives under `layers/<epoch>/`, so a layer moves as one
+//!   directory: a replica receives it into a staging dir and commits it with one rename, and
+//!   squash replaces layers the same way. The tree is a subdirectory, not the epoch dir
+//!   itself, so that maps and manifest sit next to it without appearing in the merged view
+//!   or in a kernel overlay mount of the tree.
+//! - One work dir per epoch: the engine's work dir also holds the hard-link index, whose
+//!   entries are links to upper inodes. After a freeze those inodes belong to a frozen layer;
+//!   a fresh work dir for the new epoch guarantees no write can reach them through the index.
+//! - `volume.json` records the layers (epoch, parent, state, pin) and the active layer. There
+//!   is no `active` symlink: two sources of truth could disagree after a crash. Directories
+//!   it does not list are not part of the volume (leftovers of a crash; `Volume::verify`
+//!   reports them and `freeze_active` reuses an empty one).
+//!
+//! Crash safety: every change is prepared first (new directories made and fsynced), then
+//! committed by atomically replacing `volume.json` (`meta::write_atomic`). A crash leaves
+//! either the old state or the new one, plus at most unlisted leftovers that are harmless.
+//!
+//! Concurrency: `Volume::open` takes an exclusive `flock` on `VOL/lock` for as long as the
+//! `Volume` lives; only such a handle can change the volume. `open_read_only` takes no lock,
+//! for status and verify while a mount runs (it sees a consistent `volume.json`, since that
+//! file is only ever replaced whole).
+//!
+//! This module never writes into a frozen layer's tree and never deletes a listed layer.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::blockmap::MapStore;
+use super::error::{Result, VolumeError, errno_io, io};
+use super::import;
+use super::manifest::{LayerIdentity, MANIFEST_FILE, Manifest};
+use super::meta::{self, Version, crash_point};
+use super::scan::{self, LayerLocation, LayerReport, Problem};
+use super::{DEFAULT_BLOCK_SIZE, MapId, VolumeId, check_block_size, now_unix_secs};
+use crate::sys;
+
+pub const VOLUME_FILE: &str = "volume.json";
+pub const VOLUME_FORMAT: &str = "layervol.volume";
+pub const VOLUME_VERSION: Version = Version { major: 1, minor: 0 };
+pub const LOCK_FILE: &str = "lock";
+pub const LAYERS_DIR: &str = "layers";
+pub const WORK_DIR: &str = "work";
+pub const TREE_DIR: &str = "tree";
+pub const MAPS_DIR: &str = "maps";
+
+/// Whether a layer still takes writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerState {
+    /// The writable upper; exactly one, the newest.
+    Active,
+    /// Read-only forever (a snapshot).
+    Frozen,
+}
+
+impl fmt::Display for LayerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LayerState::Active => "active",
+            LayerState::Frozen => "frozen",
+        })
+    }
+}
+
+/// One layer as `volume.json` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub epoch: u64,
+    /// The layer directly below, `None` for the bottom one.
+    pub parent_epoch: Option<u64>,
+    pub state: LayerState,
+    /// A pinned layer is kept as a layer: squash must not merge it away (a snapshot a user
+    /// asked to keep, or one a replica has not acknowledged). Only frozen layers are pinned.
+    #[serde(default)]
+    pub pinned: bool,
+    pub created_unix_secs: u64,
+    #[serde(default)]
+    pub frozen_unix_secs: Option<u64>,
+}
+
+/// The namespace of the volume's private xattrs (overlay format and partial-file markers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XattrNamespace {
+    /// `trusted.overlay.*`, `trusted.layervol.*`: needs CAP_SYS_ADMIN, like kernel overlayfs.
+    Trusted,
+    /// `user.overlay.*`, `user.layervol.*`: rootless volumes (kernel `userxattr`).
+    User,
+}
+
+/// The body of `volume.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VolumeMeta {
+    id: VolumeId,
+    block_size: u32,
+    created_unix_secs: u64,
+    xattr_namespace: XattrNamespace,
+    /// Oldest first; the last is the active layer.
+    layers: Vec<LayerRecord>,
+}
+
+/// Options of `Volume::create_with`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions<'a> {
+    /// Block size for dirty tracking and partial files (default 4096). Fixed for the volume's
+    /// life.
+    pub block_size: u32,
+    /// Import this directory as the base layer (epoch 1, frozen and sealed).
+    pub from: Option<&'a Path>,
+    /// Use `user.*` xattrs for the private ones (rootless volumes).
+    pub userxattr: bool,
+}
+
+impl Default for CreateOptions<'_> {
+    fn default() -> Self {
+        CreateOptions {
+            block_size: DEFAULT_BLOCK_SIZE,
+            from: None,
+            userxattr: false,
+        }
+    }
+}
+
+/// What `freeze_active` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freeze {
+    /// The layer that was active and is now frozen.
+    pub frozen_epoch: u64,
+    /// The new, empty active layer.
+    pub active_epoch: u64,
+}
+
+/// The result of `Volume::verify`.
+#[derive(Debug, Default)]
+pub struct VolumeReport {
+    /// One report per frozen layer, oldest first.
+    pub layers: Vec<LayerReport>,
+    /// Entries under `layers/` or `work/` that `volume.json` does not list (crash leftovers).
+    pub strays: Vec<PathBuf>,
+}
+
+impl VolumeReport {
+    /// True if no layer has damage (warnings and strays are not damage).
+    pub fn is_sound(&self) -> bool {
+        self.layers.iter().all(LayerReport::is_sound)
+    }
+
+    /// Every problem with its epoch.
+    pub fn problems(&self) -> impl Iterator<Item = (u64, &Problem)> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.problems.iter().map(move |p| (l.epoch, p)))
+    }
+}
+
+/// An opened volume. See the module doc for the layout and the locking rules.
+#[derive(Debug)]
+pub struct Volume {
+    root: PathBuf,
+    meta: VolumeMeta,
+    /// The held `flock`; `None` for a read-only handle.
+    lock: Option<File>,
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<()> {
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(p)
+        .map_err(io("create directory", p))
+}
+
+fn is_empty_dir(p: &Path) -> Result<bool> {
+    Ok(fs::read_dir(p).map_err(io("list", p))?.next().is_none())
+}
+
+fn take_lock(root: &Path) -> Result<File> {
+    let path = root.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io("open lock file", &path))?;
+    // SAFETY: flock on a valid fd.
+    let r = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(VolumeError::Locked {
+                path: root.to_path_buf(),
+            });
+        }
+        return Err(io("lock", &path)(e));
+    }
+    Ok(f)
+}
+
+impl Volume {
+    /// Creates a volume at `path` (a new directory, or an existing empty one) with the given
+    /// block size, importing `from` as the base layer if given. See `create_with`.
+    pub fn create(path: &Path, block_size: u32, from: Option<&Path>) -> Result<Volume> {
+        Volume::create_with(
+            path,
+            &CreateOptions {
+                block_size,
+                from,
+                ..CreateOptions::default()
+            },
+        )
+    }
+
+    /// Creates a volume. With `from`, the directory is copied faithfully (see `import`) into
+    /// frozen, sealed layer 1 and the active layer is 2; without, the active layer is 1 and
+    /// the volume is empty. All data is flushed (`syncfs`) before `volume.json` is written,
+    /// which is the commit point: a crash before it leaves a directory that is not a volume.
+    /// The returned handle holds the volume's lock.
+    ///
+    /// On failure the target is put back as it was (removed if this call made it, emptied if
+    /// it was an empty directory), so the command can simply be retried.
+    pub fn create_with(path: &Path, opts: &CreateOptions) -> Result<Volume> {
+        let block_size = check_block_size(u64::from(opts.block_size))?;
+        let existed = match fs::symlink_metadata(path) {
+            Ok(md) if md.is_dir() && is_empty_dir(path)? => true,
+            Ok(_) => {
+                return Err(VolumeError::TargetNotEmpty {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                mkdir(path, 0o755)?;
+                false
+            }
+            Err(e) => return Err(io("stat", path)(e)),
+        };
+        let made = Volume::create_in(path, opts, block_size);
+        if let Err(e) = &made
+            && !meta::is_simulated_crash(e)
+        {
+            // Best effort: the error being reported matters more than a cleanup failure.
+            if existed {
+                if let Ok(rd) = fs::read_dir(path) {
+                    for ent in rd.flatten() {
+                        let p = ent.path();
+                        let _ = if p.is_dir() && !p.is_symlink() {
+                            fs::remove_dir_all(&p)
+                        } else {
+                            fs::remove_file(&p)
+                        };
+                    }
+                }
+            } else {
+                let _ = fs::remove_dir_all(path);
+            }
+        }
+        made
+    }
+
+    /// `create_with` after the target directory exists and is empty.
+    fn create_in(path: &Path, opts: &CreateOptions, block_size: u32) -> Result<Volume> {
+        if let Some(src) = opts.from {
+            let s = fs::canonicalize(src).map_err(io("resolve", src))?;
+            let d = fs::canonicalize(path).map_err(io("resolve", path))?;
+            if !s.is_dir() {
+                return Err(VolumeError::Unrepresentable {
+                    path: src.to_path_buf(),
+                    reason: "it is not a directory".into(),
+                });
+            }
+            if d.starts_with(&s) {
+                return Err(VolumeError::Unrepresentable {
+                    path: src.to_path_buf(),
+                    reason: format!(
+                        "the volume {} would be inside the directory it imports; put the volume elsewhere",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        let lock = take_lock(path)?;
+        let userxattr = opts.userxattr;
+        let now = now_unix_secs();
+        let id = VolumeId::random().map_err(io("get random bytes for", path))?;
+        mkdir(&path.join(LAYERS_DIR), 0o755)?;
+        mkdir(&path.join(WORK_DIR), 0o755)?;
+        let mut layers = Vec::new();
+        let vol_path = path.to_path_buf();
+        let mut vol = Volume {
+            root: vol_path,
+            meta: VolumeMeta {
+                id,
+                block_size,
+                created_unix_secs: now,
+                xattr_namespace: if userxattr {
+                    XattrNamespace::User
+                } else {
+                    XattrNamespace::Trusted
+                },
+                layers: Vec::new(),
+            },
+            lock: Some(lock),
+        };
+        let active = if let Some(src) = opts.from {
+            vol.make_layer_dirs(1)?;
+            import::import_tree(src, &vol.tree_dir(1), userxattr)?;
+            let base = LayerRecord {
+                epoch: 1,
+                parent_epoch: None,
+                state: LayerState::Frozen,
+                pinned: false,
+                created_unix_secs: now,
+                frozen_unix_secs: Some(now),
+            };
+            let manifest = Manifest::build(&vol.tree_dir(1), &vol.maps(1), vol.identity(&base))?;
+            manifest.write(&vol.layer_dir(1))?;
+            layers.push(base);
+            vol.make_layer_dirs(2)?;
+            import::copy_root_attrs(&vol.tree_dir(1), &vol.tree_dir(2), userxattr)?;
+            2
+        } else {
+            vol.make_layer_dirs(1)?;
+            fs::set_permissions(
+                vol.tree_dir(1),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .map_err(io("chmod", vol.tree_dir(1)))?;
+            1
+        };
+        mkdir(&vol.work_dir_of(active), 0o700)?;
+        layers.push(LayerRecord {
+            epoch: active,
+            parent_epoch: (active > 1).then_some(active - 1),
+            state: LayerState::Active,
+            pinned: false,
+            created_unix_secs: now,
+            frozen_unix_secs: None,
+        });
+        let root = File::open(path).map_err(io("open", path))?;
+        sys::syncfs(root.as_fd()).map_err(errno_io("flush (syncfs) the filesystem of", path))?;
+        let meta = VolumeMeta {
+            layers,
+            ..vol.meta.clone()
+        };
+        vol.commit(meta)?;
+        Ok(vol)
+    }
+
+    /// Opens a volume for changing it (mounting, freezing, pinning, sealing): takes its lock
+    /// (`VolumeError::Locked` if another process holds it), validates `volume.json` and the
+    /// layout, and removes temporaries a crash left behind (`meta::remove_stale_temps`) next to
+    /// `volume.json`, manifests and block maps.
+    pub fn open(path: &Path) -> Result<Volume> {
+        if !path.join(VOLUME_FILE).exists() {
+            return Err(VolumeError::NotAVolume {
+                path: path.to_path_buf(),
+            });
+        }
+        let lock = take_lock(path)?;
+        let vol = Volume::load(path, Some(lock))?;
+        meta::remove_stale_temps(path)?;
+        for l in &vol.meta.layers {
+            meta::remove_stale_temps(&vol.layer_dir(l.epoch))?;
+            meta::remove_stale_temps(vol.maps(l.epoch).dir())?;
+        }
+        Ok(vol)
+    }
+
+    /// Opens a volume without its lock, for reading (status, verify, export). Changes through
+    /// this handle fail with `VolumeError::ReadOnly`.
+    pub fn open_read_only(path: &Path) -> Result<Volume> {
+        Volume::load(path, None)
+    }
+
+    fn load(path: &Path, lock: Option<File>) -> Result<Volume> {
+        let vf = path.join(VOLUME_FILE);
+        let bytes = meta::read_optional(&vf)?.ok_or_else(|| VolumeError::NotAVolume {
+            path: path.to_path_buf(),
+        })?;
+        let (meta, _): (VolumeMeta, _) = meta::decode_envelope(
+            &vf,
+            &bytes,
+            VOLUME_FORMAT,
+            "volume metadata",
+            VOLUME_VERSION.major,
+        )?;
+        let vol = Volume {
+            root: path.to_path_buf(),
+            meta,
+            lock,
+        };
+        vol.validate()?;
+        Ok(vol)
+    }
+
+    /// Checks the invariants of `volume.json` and that every listed directory exists.
+    fn validate(&self) -> Result<()> {
+        let bad = |reason: String| VolumeError::Inconsistent {
+            path: self.root.clone(),
+            reason,
+        };
+        check_block_size(u64::from(self.meta.block_size))?;
+        let layers = &self.meta.layers;
+        let Some(last) = layers.last() else {
+            return Err(bad("volume.json lists no layer".into()));
+        };
+        if last.state != LayerState::Active {
+            return Err(bad(format!(
+                "the newest layer {} is {}, not active",
+                last.epoch, last.state
+            )));
+        }
+        let mut prev: Option<u64> = None;
+        for l in layers {
+            if prev.is_some_and(|p| l.epoch <= p) {
+                return Err(bad(format!(
+                    "layer epochs are not increasing ({} after {})",
+                    l.epoch,
+                    prev.unwrap_or(0)
+                )));
+            }
+            if l.parent_epoch != prev {
+                return Err(bad(format!(
+                    "layer {} names parent {:?} but sits on {:?}",
+                    l.epoch, l.parent_epoch, prev
+                )));
+            }
+            if l.epoch != last.epoch && l.state == LayerState::Active {
+                return Err(bad(format!(
+                    "layer {} is active but is not the newest",
+                    l.epoch
+                )));
+            }
+            if l.pinned && l.state != LayerState::Frozen {
+                return Err(bad(format!("layer {} is pinned but not frozen", l.epoch)));
+            }
+            for d in [
+                self.tree_dir(l.epoch),
+                self.maps(l.epoch).dir().to_path_buf(),
+            ] {
+                if !d.is_dir() {
+                    return Err(bad(format!(
+                        "layer {} is listed but {} is missing",
+                        l.epoch,
+                        d.display()
+                    )));
+                }
+            }
+            prev = Some(l.epoch);
+        }
+        let work = self.work_dir();
+        if !work.is_dir() {
+            return Err(bad(format!("the work dir {} is missing", work.display())));
+        }
+        Ok(())
+    }
+
+    /// Replaces `volume.json` with `new` (the commit point of every change).
+    fn commit(&mut self, new: VolumeMeta) -> Result<()> {
+        let bytes = meta::encode_envelope(VOLUME_FORMAT, VOLUME_VERSION, &new, true);
+        meta::write_atomic(&self.root, VOLUME_FILE, &bytes, true)?;
+        self.meta = new;
+        Ok(())
+    }
+
+    fn require_lock(&self, action: &'static str) -> Result<()> {
+        if self.lock.is_none() {
+            return Err(VolumeError::ReadOnly {
+                path: self.root.clone(),
+                action,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn id(&self) -> VolumeId {
+        self.meta.id
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.meta.block_size
+    }
+
+    pub fn created_unix_secs(&self) -> u64 {
+        self.meta.created_unix_secs
+    }
+
+    pub fn xattr_namespace(&self) -> XattrNamespace {
+        self.meta.xattr_namespace
+    }
+
+    /// True if the volume's private xattrs are `user.*` (the engine's `userxattr`).
+    pub fn userxattr(&self) -> bool {
+        self.meta.xattr_namespace == XattrNamespace::User
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.lock.is_none()
+    }
+
+    /// All layers, oldest first; the last is the active one.
+    pub fn layers(&self) -> &[LayerRecord] {
+        &self.meta.layers
+    }
+
+    pub fn layer(&self, epoch: u64) -> Option<&LayerRecord> {
+        self.meta.layers.iter().find(|l| l.epoch == epoch)
+    }
+
+    pub fn active_epoch(&self) -> u64 {
+        // `validate` guarantees a last layer and that it is active.
+        self.meta.layers.last().map_or(0, |l| l.epoch)
+    }
+
+    /// `VOL/layers/<epoch>`: the tree, its maps and its manifest.
+    pub fn layer_dir(&self, epoch: u64) -> PathBuf {
+        self.root.join(LAYERS_DIR).join(epoch.to_string())
+    }
+
+    /// `VOL/layers/<epoch>/tree`: the layer in kernel overlay format.
+    pub fn tree_dir(&self, epoch: u64) -> PathBuf {
+        self.layer_dir(epoch).join(TREE_DIR)
+    }
+
+    /// The block maps of layer `epoch`.
+    pub fn maps(&self, epoch: u64) -> MapStore {
+        MapStore::new(self.layer_dir(epoch).join(MAPS_DIR))
+    }
+
+    /// Frozen layer trees, newest first: the engine's `lowerdir` order.
+    pub fn lower_dirs(&self) -> Vec<PathBuf> {
+        self.meta
+            .layers
+            .iter()
+            .rev()
+            .filter(|l| l.state == LayerState::Frozen)
+            .map(|l| self.tree_dir(l.epoch))
+            .collect()
+    }
+
+    /// Frozen layers' epochs, newest first (same order as `lower_dirs`).
+    pub fn lower_epochs(&self) -> Vec<u64> {
+        self.meta
+            .layers
+            .iter()
+            .rev()
+            .filter(|l| l.state == LayerState::Frozen)
+            .map(|l| l.epoch)
+            .collect()
+    }
+
+    /// The active layer's tree: the engine's `upperdir`.
+    pub fn upper_dir(&self) -> PathBuf {
+        self.tree_dir(self.active_epoch())
+    }
+
+    /// The active epoch's work dir: the engine's `workdir`.
+    pub fn work_dir(&self) -> PathBuf {
+        self.work_dir_of(self.active_epoch())
+    }
+
+    fn work_dir_of(&self, epoch: u64) -> PathBuf {
+        self.root.join(WORK_DIR).join(epoch.to_string())
+    }
+
+    fn identity(&self, l: &LayerRecord) -> LayerIdentity {
+        LayerIdentity {
+            volume_id: self.meta.id,
+            epoch: l.epoch,
+            parent_epoch: l.parent_epoch,
+            block_size: self.meta.block_size,
+            userxattr: self.userxattr(),
+        }
+    }
+
+    fn record(&self, epoch: u64) -> Result<&LayerRecord> {
+        self.layer(epoch).ok_or_else(|| VolumeError::NoSuchEpoch {
+            path: self.root.clone(),
+            epoch,
+        })
+    }
+
+    fn make_layer_dirs(&self, epoch: u64) -> Result<()> {
+        let dir = self.layer_dir(epoch);
+        mkdir(&dir, 0o755)?;
+        mkdir(&dir.join(TREE_DIR), 0o755)?;
+        mkdir(&dir.join(MAPS_DIR), 0o755)?;
+        meta::sync_dir(&dir)?;
+        meta::sync_dir(&self.root.join(LAYERS_DIR))
+    }
+
+    /// Makes room for a new layer `epoch` that `volume.json` does not list: an empty
+    /// skeleton left by a crashed freeze is removed; anything holding data is refused.
+    fn clear_unlisted_layer(&self, epoch: u64) -> Result<()> {
+        let dir = self.layer_dir(epoch);
+        if fs::symlink_metadata(&dir).is_err() {
+            return Ok(());
+        }
+        let skeleton = dir.is_dir()
+            && fs::read_dir(&dir).map_err(io("list", &dir))?.all(|e| {
+                e.is_ok_and(|e| {
+                    (e.file_name() == TREE_DIR || e.file_name() == MAPS_DIR)
+                        && is_empty_dir(&e.path()).unwrap_or(false)
+                })
+            });
+        if !skeleton {
+            return Err(VolumeError::Inconsistent {
+                path: self.root.clone(),
+                reason: format!(
+                    "{} exists and holds data but volume.json does not list it; move it out of the volume",
+                    dir.display()
+                ),
+            });
+        }
+        fs::remove_dir_all(&dir).map_err(io("remove leftover", &dir))
+    }
+
+    /// Freezes the active layer and starts an empty one: the metadata step of a live
+    /// snapshot. Prepares `layers/<N+1>` (its root with the attributes of the current upper
+    /// root) and `work/<N+1>`, then commits `volume.json` with N frozen and N+1 active.
+    ///
+    /// The engine must have stopped writes to layer N and flushed its data and block maps
+    /// (`MapStore::store` + `sync`) before, and switches its upper and work dir to the new
+    /// paths after; the new layer is not sealed here (`seal` reads the whole layer).
+    pub fn freeze_active(&mut self) -> Result<Freeze> {
+        self.require_lock("freeze the active layer")?;
+        let n = self.active_epoch();
+        let m = n + 1;
+        self.clear_unlisted_layer(m)?;
+        self.make_layer_dirs(m)?;
+        import::copy_root_attrs(&self.tree_dir(n), &self.tree_dir(m), self.userxattr())?;
+        let work = self.work_dir_of(m);
+        if work.exists() {
+            // Unlisted, so from a crashed freeze: nothing in it is referenced.
+            fs::remove_dir_all(&work).map_err(io("remove leftover", &work))?;
+        }
+        mkdir(&work, 0o700)?;
+        meta::sync_dir(&self.root.join(WORK_DIR))?;
+        meta::sync_dir(&self.tree_dir(m))?;
+        crash_point("freeze:before-commit")?;
+        let now = now_unix_secs();
+        let mut new = self.meta.clone();
+        if let Some(l) = new.layers.last_mut() {
+            l.state = LayerState::Frozen;
+            l.frozen_unix_secs = Some(now);
+        }
+        new.layers.push(LayerRecord {
+            epoch: m,
+            parent_epoch: Some(n),
+            state: LayerState::Active,
+            pinned: false,
+            created_unix_secs: now,
+            frozen_unix_secs: None,
+        });
+        self.commit(new)?;
+        Ok(Freeze {
+            frozen_epoch: n,
+            active_epoch: m,
+        })
+    }
+
+    /// Removes work dirs of epochs other than the active one (left by freezes). Call when no
+    /// mount uses them: at mount time, or after the engine switched to the new work dir.
+    pub fn remove_stale_work_dirs(&self) -> Result<Vec<PathBuf>> {
+        self.require_lock("remove stale work dirs")?;
+        let active = self.work_dir();
+        let base = self.root.join(WORK_DIR);
+        let mut removed = Vec::new();
+        for e in fs::read_dir(&base).map_err(io("list", &base))? {
+            let p = e.map_err(io("list", &base))?.path();
+            if p != active {
+                fs::remove_dir_all(&p).map_err(io("remove stale work dir", &p))?;
+                removed.push(p);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Writes the manifest of frozen layer `epoch` if it has none, and returns it. Reads the
+    /// whole layer (CRC of every whole file). Idempotent: an existing valid manifest is
+    /// returned unchanged, never rewritten.
+    pub fn seal(&self, epoch: u64) -> Result<Manifest> {
+        self.require_lock("seal a layer")?;
+        let rec = self.record(epoch)?;
+        if rec.state != LayerState::Frozen {
+            return Err(VolumeError::NotFrozen {
+                path: self.root.clone(),
+                epoch,
+                state: rec.state,
+                action: "sealed",
+            });
+        }
+        if let Some(m) = Manifest::load_optional(&self.layer_dir(epoch))? {
+            return Ok(m);
+        }
+        let m = Manifest::build(&self.tree_dir(epoch), &self.maps(epoch), self.identity(rec))?;
+        m.write(&self.layer_dir(epoch))?;
+        Ok(m)
+    }
+
+    /// Frozen layers without a manifest yet (frozen by a snapshot, not sealed before a crash
+    /// or unmount), oldest first.
+    pub fn unsealed_epochs(&self) -> Vec<u64> {
+        self.meta
+            .layers
+            .iter()
+            .filter(|l| l.state == LayerState::Frozen)
+            .filter(|l| !self.layer_dir(l.epoch).join(MANIFEST_FILE).exists())
+            .map(|l| l.epoch)
+            .collect()
+    }
+
+    /// Pins frozen layer `epoch` (squash keeps it). No-op if already pinned.
+    pub fn pin(&mut self, epoch: u64) -> Result<()> {
+        self.set_pinned(epoch, true)
+    }
+
+    /// Unpins layer `epoch`. No-op if not pinned.
+    pub fn unpin(&mut self, epoch: u64) -> Result<()> {
+        self.set_pinned(epoch, false)
+    }
+
+    fn set_pinned(&mut self, epoch: u64, pinned: bool) -> Result<()> {
+        self.require_lock(if pinned {
+            "pin a layer"
+        } else {
+            "unpin a layer"
+        })?;
+        let rec = self.record(epoch)?;
+        if rec.state != LayerState::Frozen {
+            return Err(VolumeError::NotFrozen {
+                path: self.root.clone(),
+                epoch,
+                state: rec.state,
+                action: if pinned { "pinned" } else { "unpinned" },
+            });
+        }
+        if rec.pinned == pinned {
+            return Ok(());
+        }
+        let mut new = self.meta.clone();
+        for l in &mut new.layers {
+            if l.epoch == epoch {
+                l.pinned = pinned;
+            }
+        }
+        self.commit(new)
+    }
+
+    /// Removes the block maps of frozen layer `epoch` that no file refers to, and returns
+    /// their ids. Never on the active layer: there a map is briefly unreferenced during
+    /// every block copy-up (the map is stored before the marked file is renamed into place).
+    pub fn collect_orphan_maps(&self, epoch: u64) -> Result<Vec<MapId>> {
+        self.require_lock("collect orphan block maps")?;
+        let rec = self.record(epoch)?;
+        if rec.state != LayerState::Frozen {
+            return Err(VolumeError::NotFrozen {
+                path: self.root.clone(),
+                epoch,
+                state: rec.state,
+                action: "cleaned of orphan block maps",
+            });
+        }
+        let maps = self.maps(epoch);
+        let scan = scan::scan_tree(
+            &self.tree_dir(epoch),
+            &maps,
+            self.block_size(),
+            self.userxattr(),
+            false,
+        )?;
+        let mut removed = Vec::new();
+        for id in maps.list()? {
+            if !scan.referenced_maps.contains(&id) {
+                maps.remove(id)?;
+                removed.push(id);
+            }
+        }
+        if !removed.is_empty() {
+            maps.sync()?;
+        }
+        Ok(removed)
+    }
+
+    /// Verifies every frozen layer (manifest, tree, data CRCs, block maps, block CRCs) and
+    /// lists unlisted leftovers. Reads all frozen data. Works on a read-only handle.
+    pub fn verify(&self) -> Result<VolumeReport> {
+        let mut rep = VolumeReport::default();
+        for l in self
+            .meta
+            .layers
+            .iter()
+            .filter(|l| l.state == LayerState::Frozen)
+        {
+            let loc = LayerLocation {
+                epoch: l.epoch,
+                layer_dir: self.layer_dir(l.epoch),
+                tree: self.tree_dir(l.epoch),
+                maps: self.maps(l.epoch),
+            };
+            rep.layers
+                .push(scan::verify_layer(&loc, &self.identity(l))?);
+        }
+        let listed = |name: &str| {
+            name.parse::<u64>()
+                .is_ok_and(|e| e.to_string() == name && self.layer(e).is_some())
+        };
+        let work_active = self.active_epoch().to_string();
+        for (sub, keep) in [
+            (LAYERS_DIR, &listed as &dyn Fn(&str) -> bool),
+            (WORK_DIR, &|n: &str| n == work_active),
+        ] {
+            let d = self.root.join(sub);
+            for e in fs::read_dir(&d).map_err(io("list", &d))? {
+                let e = e.map_err(io("list", &d))?;
+                if !keep(&e.file_name().to_string_lossy()) {
+                    rep.strays.push(e.path());
+                }
+            }
+        }
+        Ok(rep)
+    }
+}

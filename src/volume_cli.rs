@@ -1,0 +1,339 @@
+//! The volume subcommands: `volume create`, `mount`, `snapshot`, `status`, `verify`.
+//!
+//! `mount` runs the same engine and daemon as overlay mode, with the layers the volume lists,
+//! plus a control socket that takes live snapshots (`fs::snapshot`) and answers status.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cli::{Cmd, VolumeCmd};
+use crate::control::{self, Request};
+use crate::daemon;
+use crate::fs::Overlay;
+use crate::options;
+use crate::volume::{CreateOptions, Volume};
+
+pub fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Volume(VolumeCmd::Create {
+            vol,
+            from,
+            block_size,
+        }) => {
+            let bs = parse_size(&block_size)?;
+            let opts = CreateOptions {
+                block_size: u32::try_from(bs).context("block size too large")?,
+                from: from.as_deref(),
+                ..CreateOptions::default()
+            };
+            let v = Volume::create_with(&vol, &opts)
+                .with_context(|| format!("cannot create volume `{}`", vol.display()))?;
+            println!(
+                "created volume {} (id {}, block size {}, {} layer(s), active epoch {})",
+                vol.display(),
+                v.id(),
+                v.block_size(),
+                v.layers().len(),
+                v.active_epoch()
+            );
+            Ok(())
+        }
+        Cmd::Mount {
+            vol,
+            mountpoint,
+            options,
+            foreground,
+            debug,
+        } => mount(&vol, &mountpoint, &options, foreground, debug),
+        Cmd::Snapshot { mountpoint, json } => {
+            let r = control::call(&mountpoint, &Request::Snapshot)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "snapshot: epoch {} frozen, epoch {} active; writers paused {} us; {} dirty bytes in {} file(s)",
+                    r["frozen_epoch"],
+                    r["active_epoch"],
+                    r["barrier_micros"],
+                    r["dirty_bytes"],
+                    r["dirty_files"]
+                );
+            }
+            Ok(())
+        }
+        Cmd::Status { mountpoint, json } => {
+            let r = control::call(&mountpoint, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_status(&r);
+            }
+            Ok(())
+        }
+        Cmd::Verify { vol, json } => verify(&vol, json),
+    }
+}
+
+/// "4K", "64k", "1M", "4096".
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad size `{s}`: expected e.g. 4K, 64K, 1M or bytes"))?;
+    Ok(n * mul)
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct LastSnapshot {
+    unix_secs: u64,
+    total_micros: u64,
+    barrier_micros: u64,
+    frozen_epoch: u64,
+}
+
+fn mount(
+    vol_path: &Path,
+    mnt: &Path,
+    opts: &[String],
+    foreground: bool,
+    debug: bool,
+) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir()?;
+    let vol = Volume::open(&cwd.join(vol_path))
+        .with_context(|| format!("cannot open volume `{}`", vol_path.display()))?;
+    vol.remove_stale_work_dirs()?;
+    let mut plan = options::parse_volume(&daemon::split_options(opts), &cwd)?;
+    plan.cfg.lowers = vol.lower_dirs();
+    plan.cfg.upper = Some(vol.upper_dir());
+    plan.cfg.work = Some(vol.work_dir());
+    plan.cfg.userxattr = vol.userxattr();
+    plan.cfg.block_size = vol.block_size() as u64;
+    plan.cfg.index = false;
+    if plan.read_only {
+        plan.cfg.upper = None;
+        plan.cfg.work = None;
+    }
+    if plan.fsname == "layervol" {
+        plan.fsname = format!("layervol:{}", vol.path().display());
+    }
+    let interval = plan.snapshot_interval;
+    let mnt = daemon::mountpoint(&cwd.join(mnt))?;
+    let vol = Arc::new(Mutex::new(vol));
+    let after: daemon::AfterMount = Box::new(move |fs: &Arc<Overlay>, mnt: &Path| {
+        let last: Arc<Mutex<Option<LastSnapshot>>> = Arc::default();
+        let snap = {
+            let (fs, vol, last) = (fs.clone(), vol.clone(), last.clone());
+            move || snapshot(&fs, &vol, &last)
+        };
+        let snap = Arc::new(snap);
+        {
+            let (fs, vol, last, snap) = (fs.clone(), vol.clone(), last.clone(), snap.clone());
+            control::serve(mnt, move |req| match req {
+                Request::Snapshot => snap(),
+                Request::Status => status(&fs, &vol, &last),
+            })?;
+        }
+        if let Some(every) = interval {
+            std::thread::Builder::new()
+                .name("snapshot-timer".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        if let Err(e) = snap() {
+                            tracing::error!("periodic snapshot failed: {e:#}");
+                        }
+                    }
+                })?;
+        }
+        Ok(())
+    });
+    daemon::mount(plan, &mnt, foreground, debug, Some(after))
+}
+
+fn snapshot(
+    fs: &Overlay,
+    vol: &Mutex<Volume>,
+    last: &Mutex<Option<LastSnapshot>>,
+) -> anyhow::Result<serde_json::Value> {
+    let t0 = Instant::now();
+    let mut v = vol.lock();
+    let mut done = None;
+    let stats = fs
+        .freeze(|| {
+            let f = v.freeze_active().map_err(std::io::Error::other)?;
+            done = Some(f);
+            Ok(v.upper_dir())
+        })
+        .context("snapshot failed; the volume is unchanged")?;
+    let f = done.context("freeze did not run")?;
+    // The manifest reads the whole frozen layer: write it outside the barrier.
+    if let Err(e) = v.seal(f.frozen_epoch) {
+        tracing::warn!("sealing epoch {}: {e:#}", f.frozen_epoch);
+    }
+    let total = t0.elapsed().as_micros() as u64;
+    *last.lock() = Some(LastSnapshot {
+        unix_secs: now_secs(),
+        total_micros: total,
+        barrier_micros: stats.barrier_micros,
+        frozen_epoch: f.frozen_epoch,
+    });
+    Ok(json!({
+        "frozen_epoch": f.frozen_epoch,
+        "active_epoch": f.active_epoch,
+        "barrier_micros": stats.barrier_micros,
+        "flush_micros": stats.flush_micros,
+        "total_micros": total,
+        "dirty_bytes": stats.dirty_bytes,
+        "dirty_files": stats.dirty_files,
+    }))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Entries, data bytes and allocated blocks of one layer tree.
+fn layer_usage(tree: &Path) -> (u64, u64, u64) {
+    let (mut entries, mut bytes, mut blocks) = (0, 0, 0);
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            entries += 1;
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                bytes += md.size();
+                blocks += md.blocks();
+            }
+        }
+    }
+    (entries, bytes, blocks)
+}
+
+fn status(
+    fs: &Overlay,
+    vol: &Mutex<Volume>,
+    last: &Mutex<Option<LastSnapshot>>,
+) -> anyhow::Result<serde_json::Value> {
+    let v = vol.lock();
+    let layers: Vec<_> = v
+        .layers()
+        .iter()
+        .map(|l| {
+            let (entries, data_bytes, blocks) = layer_usage(&v.tree_dir(l.epoch));
+            json!({
+                "epoch": l.epoch,
+                "state": l.state.to_string(),
+                "pinned": l.pinned,
+                "entries": entries,
+                "data_bytes": data_bytes,
+                "allocated_bytes": blocks * 512,
+                "created_unix_secs": l.created_unix_secs,
+                "frozen_unix_secs": l.frozen_unix_secs,
+            })
+        })
+        .collect();
+    let (dirty_bytes, dirty_files) = fs.dirty_stats();
+    Ok(json!({
+        "volume": v.path(),
+        "volume_id": v.id().to_string(),
+        "block_size": v.block_size(),
+        "active_epoch": v.active_epoch(),
+        "layers": layers,
+        "dirty_bytes": dirty_bytes,
+        "dirty_files": dirty_files,
+        "open_handles": fs.open_handles(),
+        "last_snapshot": *last.lock(),
+    }))
+}
+
+fn print_status(r: &serde_json::Value) {
+    println!(
+        "volume {} (block size {}), active epoch {}",
+        r["volume"].as_str().unwrap_or("?"),
+        r["block_size"],
+        r["active_epoch"]
+    );
+    println!("  epoch  state   pinned  entries  data bytes");
+    for l in r["layers"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>5}  {:<6}  {:<6}  {:>7}  {:>10}",
+            l["epoch"],
+            l["state"].as_str().unwrap_or("?"),
+            l["pinned"],
+            l["entries"],
+            l["data_bytes"]
+        );
+    }
+    println!(
+        "  dirty in the active epoch: {} bytes in {} file(s); open handles: {}",
+        r["dirty_bytes"], r["dirty_files"], r["open_handles"]
+    );
+    match r["last_snapshot"].as_object() {
+        Some(s) => println!(
+            "  last snapshot: epoch {} at {} (unix), took {} us, writers paused {} us",
+            s["frozen_epoch"], s["unix_secs"], s["total_micros"], s["barrier_micros"]
+        ),
+        None => println!("  no snapshot since mount"),
+    }
+}
+
+fn verify(vol: &Path, json: bool) -> anyhow::Result<()> {
+    let v = Volume::open_read_only(vol)
+        .with_context(|| format!("cannot open volume `{}`", vol.display()))?;
+    let rep = v.verify()?;
+    let problems: Vec<_> = rep
+        .problems()
+        .map(|(epoch, p)| json!({"epoch": epoch, "problem": p.to_string(), "warning": p.is_warning()}))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "sound": rep.is_sound(),
+                "layers_checked": rep.layers.len(),
+                "problems": problems,
+                "strays": rep.strays,
+            }))?
+        );
+    } else {
+        for l in &rep.layers {
+            println!(
+                "epoch {}: {} entries, {} data bytes checked, {} problem(s)",
+                l.epoch,
+                l.entries_checked,
+                l.data_bytes_checked,
+                l.problems.len()
+            );
+        }
+        for (epoch, p) in rep.problems() {
+            println!("  epoch {epoch}: {p}");
+        }
+        for s in &rep.strays {
+            println!("  stray (not listed in volume.json): {}", s.display());
+        }
+    }
+    if !rep.is_sound() {
+        bail!("volume `{}` has damage (see above)", vol.display());
+    }
+    Ok(())
+}
