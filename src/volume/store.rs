@@ -152,7 +152,7 @@ pub struct Freeze {
 pub struct VolumeReport {
     /// One report per frozen layer, oldest first.
     pub layers: Vec<LayerReport>,
-    /// Entries under `layers/` or `work/` that `volume.json` does not list (crash leftovers).
+    /// Entries under `layers/` or `work/` not named after a listed epoch (crash leftovers).
     pub strays: Vec<PathBuf>,
 }
 
@@ -828,19 +828,17 @@ impl Volume {
             rep.layers
                 .push(scan::verify_layer(&loc, &self.identity(l))?);
         }
+        // Work dirs of older, listed epochs are not strays: a running mount keeps using the
+        // one it started with until `remove_stale_work_dirs` at the next mount.
         let listed = |name: &str| {
             name.parse::<u64>()
                 .is_ok_and(|e| e.to_string() == name && self.layer(e).is_some())
         };
-        let work_active = self.active_epoch().to_string();
-        for (sub, keep) in [
-            (LAYERS_DIR, &listed as &dyn Fn(&str) -> bool),
-            (WORK_DIR, &|n: &str| n == work_active),
-        ] {
+        for sub in [LAYERS_DIR, WORK_DIR] {
             let d = self.root.join(sub);
             for e in fs::read_dir(&d).map_err(io("list", &d))? {
                 let e = e.map_err(io("list", &d))?;
-                if !keep(&e.file_name().to_string_lossy()) {
+                if !listed(&e.file_name().to_string_lossy()) {
                     rep.strays.push(e.path());
                 }
             }

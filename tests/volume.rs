@@ -1,0 +1,232 @@
+//! Volume mode end to end, on real FUSE mounts: create, mount, live snapshots with open files
+//! and a writer running, status, remount, verify (and damage it must report). Needs root and
+//! /dev/fuse; fails (never skips) without them.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_layervol");
+
+struct Vol {
+    _t: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Vol {
+    fn new() -> Vol {
+        assert!(
+            nix::unistd::geteuid().is_root() && Path::new("/dev/fuse").exists(),
+            "these tests mount FUSE filesystems: run them as root on a machine with /dev/fuse"
+        );
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_path_buf();
+        std::fs::create_dir_all(root.join("src/d")).unwrap();
+        std::fs::create_dir(root.join("m")).unwrap();
+        std::fs::write(root.join("src/a"), b"base a\n").unwrap();
+        std::fs::write(root.join("src/d/x"), b"x").unwrap();
+        let v = Vol { _t: t, root };
+        v.ok(&["volume", "create", "vol", "--from", "src"]);
+        v
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .current_dir(&self.root)
+            .env("LAYERVOL_RUN_DIR", self.root.join("run"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "layervol {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn mount(&self) {
+        self.ok(&["mount", "vol", "m"]);
+    }
+
+    fn umount(&self) {
+        assert!(
+            Command::new("umount")
+                .arg(self.p("m"))
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    fn mounted(&self) -> bool {
+        let m = self.p("m");
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == m.to_str())
+    }
+}
+
+impl Drop for Vol {
+    fn drop(&mut self) {
+        if self.mounted() {
+            let _ = Command::new("umount").arg("-l").arg(self.p("m")).status();
+        }
+    }
+}
+
+#[test]
+fn live_snapshot_freezes_the_active_layer_and_open_files_follow() {
+    let v = Vol::new();
+    v.mount();
+    std::fs::write(v.p("m/new"), b"epoch2").unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(v.p("m/a"))
+        .unwrap();
+    f.write_all(b"+before\n").unwrap();
+
+    let snap = v.json(&["snapshot", "m", "--json"]);
+    let frozen = snap["frozen_epoch"].as_u64().unwrap();
+    assert_eq!(snap["active_epoch"].as_u64().unwrap(), frozen + 1);
+    assert!(snap["dirty_bytes"].as_u64().unwrap() >= 4096, "{snap}");
+
+    // The open fd keeps working; its next write lands in the new layer, never the frozen one.
+    f.write_all(b"+after\n").unwrap();
+    drop(f);
+    std::fs::remove_file(v.p("m/d/x")).unwrap();
+    let tree = |e: u64, rel: &str| v.p(&format!("vol/layers/{e}/tree/{rel}"));
+    assert_eq!(
+        std::fs::read(tree(frozen, "a")).unwrap(),
+        b"base a\n+before\n"
+    );
+    assert_eq!(std::fs::read(tree(frozen, "new")).unwrap(), b"epoch2");
+    assert_eq!(
+        std::fs::read(tree(frozen + 1, "a")).unwrap(),
+        b"base a\n+before\n+after\n"
+    );
+    assert_eq!(
+        std::fs::read(v.p("m/a")).unwrap(),
+        b"base a\n+before\n+after\n"
+    );
+    assert!(!v.p("m/d/x").exists());
+    assert!(
+        tree(frozen, "d/x").symlink_metadata().is_err(),
+        "the whiteout goes to the new layer, not the frozen one"
+    );
+
+    let st = v.json(&["status", "m", "--json"]);
+    assert_eq!(st["active_epoch"].as_u64().unwrap(), frozen + 1);
+    assert_eq!(
+        st["last_snapshot"]["frozen_epoch"].as_u64().unwrap(),
+        frozen
+    );
+    let states: Vec<_> = st["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states.last().unwrap(), "active");
+    assert!(states[..states.len() - 1].iter().all(|s| s == "frozen"));
+
+    // Remount: the same view from the layers on disk.
+    v.umount();
+    v.mount();
+    assert_eq!(
+        std::fs::read(v.p("m/a")).unwrap(),
+        b"base a\n+before\n+after\n"
+    );
+    assert_eq!(std::fs::read(v.p("m/new")).unwrap(), b"epoch2");
+    assert!(!v.p("m/d/x").exists());
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
+
+#[test]
+fn snapshots_with_a_writer_running_lose_nothing() {
+    let v = Vol::new();
+    v.mount();
+    let path = v.p("m/log");
+    let writer = std::thread::spawn(move || {
+        let f = std::fs::File::create(&path).unwrap();
+        for i in 0u64..2000 {
+            f.write_all_at(&i.to_le_bytes(), i * 8).unwrap();
+        }
+    });
+    let mut epochs = Vec::new();
+    for _ in 0..5 {
+        let s = v.json(&["snapshot", "m", "--json"]);
+        assert!(s["barrier_micros"].as_u64().unwrap() < 2_000_000);
+        epochs.push(s["frozen_epoch"].as_u64().unwrap());
+    }
+    writer.join().unwrap();
+    let data = std::fs::read(v.p("m/log")).unwrap();
+    assert_eq!(data.len(), 2000 * 8);
+    for (i, c) in data.chunks(8).enumerate() {
+        assert_eq!(
+            u64::from_le_bytes(c.try_into().unwrap()),
+            i as u64,
+            "record {i}"
+        );
+    }
+    assert!(epochs.windows(2).all(|w| w[1] == w[0] + 1));
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
+
+#[test]
+fn verify_reports_damage_in_a_frozen_layer() {
+    let v = Vol::new();
+    v.mount();
+    std::fs::write(v.p("m/f"), vec![7u8; 10000]).unwrap();
+    let frozen = v.json(&["snapshot", "m", "--json"])["frozen_epoch"]
+        .as_u64()
+        .unwrap();
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    // Flip one byte of a frozen file behind layervol's back.
+    let victim = v.p(&format!("vol/layers/{frozen}/tree/f"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap();
+    f.write_all_at(b"X", 5000).unwrap();
+    drop(f);
+    let out = v.run(&["verify", "vol"]);
+    assert!(!out.status.success(), "verify accepted a damaged layer");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("epoch {frozen}")), "{text}");
+}
+
+#[test]
+fn bad_volume_commands_are_clear() {
+    let v = Vol::new();
+    let out = v.run(&["snapshot", "m"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no layervol volume is mounted"));
+    let out = v.run(&["mount", "vol", "m", "-o", "lowerdir=/x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set by the volume"));
+    let out = v.run(&["volume", "create", "vol"]);
+    assert!(!out.status.success(), "create over an existing volume");
+    let out = v.run(&["volume", "create", "v2", "--block-size", "3K"]);
+    assert!(
+        !out.status.success(),
+        "a block size that is not a power of two"
+    );
+}
