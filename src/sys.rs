@@ -427,3 +427,27 @@ pub fn is_whiteout(st: &Stat) -> bool {
 pub fn is_dir(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
+
+/// Value of xattr `key` of an open (non-O_PATH) file, or `None` if it is not set.
+pub fn fgetxattr(fd: BorrowedFd, key: &CStr) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        let n = unsafe {
+            libc::fgetxattr(
+                fd.as_raw_fd(),
+                key.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(Some(buf));
+        }
+        match Errno::last() {
+            Errno::ENODATA => return Ok(None),
+            Errno::ERANGE => buf.resize(buf.len() * 4, 0),
+            e => return Err(e),
+        }
+    }
+}

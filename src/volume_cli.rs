@@ -113,6 +113,11 @@ fn mount(
     let vol = Volume::open(&cwd.join(vol_path))
         .with_context(|| format!("cannot open volume `{}`", vol_path.display()))?;
     vol.remove_stale_work_dirs()?;
+    // A crash between a freeze and its seal leaves a frozen layer without manifest.
+    for e in vol.unsealed_epochs() {
+        vol.seal(e)
+            .with_context(|| format!("cannot seal layer {e} of `{}`", vol_path.display()))?;
+    }
     let mut plan = options::parse_volume(&daemon::split_options(opts), &cwd)?;
     plan.cfg.lowers = vol.lower_dirs();
     plan.cfg.upper = Some(vol.upper_dir());
@@ -120,6 +125,9 @@ fn mount(
     plan.cfg.userxattr = vol.userxattr();
     plan.cfg.block_size = vol.block_size() as u64;
     plan.cfg.index = false;
+    plan.cfg.maps = Some(crate::fs::MapDirs {
+        layers: vol.path().join("layers"),
+    });
     if plan.read_only {
         plan.cfg.upper = None;
         plan.cfg.work = None;

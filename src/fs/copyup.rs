@@ -34,6 +34,17 @@ impl Overlay {
             // A hard-linked lower file: every name links the one index copy.
             self.ensure_index(node)?;
             sys::linkat(self.index_dir()?.as_fd(), &hl.index, updir.as_fd(), &name)?;
+        } else if data && node.fmt == libc::S_IFREG && self.partial_enabled() {
+            // Volume mode: copy the metadata only; writes fill in blocks (`partial.rs`).
+            let work = self.work()?.root.as_fd();
+            let (tmp, ps) = self.make_partial_copy(node)?;
+            if let Err(e) = sys::renameat2(work, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE)
+            {
+                let _ = remove_tree(work, &tmp);
+                return Err(e);
+            }
+            *node.partial.lock() = Some(ps);
+            self.live_partials.insert(node.ino, ());
         } else {
             let work = self.work()?.root.as_fd();
             let tmp = self.make_copy(node, data)?;

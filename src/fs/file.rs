@@ -91,11 +91,12 @@ impl Overlay {
             self.copy_up(&node, flags & libc::O_TRUNC == 0)?;
         }
         let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
-        let fd = self.open_object(&node, oflags)?;
+        let (fd, partial) = self.open_handle_fd(&node, oflags)?;
         let fd = Arc::new(fd);
         let regular = node.fmt == libc::S_IFREG;
-        let mode = node.start_io(writes, self.cfg.passthrough && regular);
+        let mode = node.start_io(writes, self.cfg.passthrough && regular && !partial);
         let fh = self.add_handle(Handle {
+            partial: partial.into(),
             generation: node.generation.load(Ordering::Acquire).into(),
             epoch: self.epoch().into(),
             node,
@@ -126,15 +127,38 @@ impl Overlay {
         sys::openat(d.as_fd(), &n, oflags, 0)
     }
 
+    /// Opens the fd of a handle, and tells whether it is a partial file. A partial file is
+    /// never opened O_APPEND (its end is the map's logical size, which the daemon applies)
+    /// nor write-only.
+    fn open_handle_fd(&self, node: &Node, oflags: i32) -> Result<(OwnedFd, bool)> {
+        let fd = self.open_object(node, oflags)?;
+        if node.fmt != libc::S_IFREG || !self.partial_enabled() || !self.is_partial(fd.as_fd())? {
+            return Ok((fd, false));
+        }
+        // Writes read back partly written blocks (CRCs), so a writer needs a readable fd.
+        let acc = oflags & libc::O_ACCMODE;
+        if oflags & libc::O_APPEND == 0 && acc != libc::O_WRONLY {
+            return Ok((fd, true));
+        }
+        let acc = if acc == libc::O_RDONLY { acc } else { libc::O_RDWR };
+        let flags = (oflags & !(libc::O_APPEND | libc::O_ACCMODE)) | acc;
+        Ok((self.open_object(node, flags)?, true))
+    }
+
+    fn set_handle_fd(h: &Handle, (fd, partial): (OwnedFd, bool)) {
+        *h.file.write() = Arc::new(fd);
+        h.partial.store(partial, Ordering::Release);
+    }
+
     /// The fd to read through. A handle opened on a lower file follows the file to the upper
     /// once it is copied up, as kernel overlayfs does.
     pub(super) fn read_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
         self.refresh(&h.node);
         let generation = h.node.generation.load(Ordering::Acquire);
         if h.generation.load(Ordering::Acquire) != generation
-            && let Ok(fd) = self.open_object(&h.node, Self::reopen_flags(h.flags))
+            && let Ok(opened) = self.open_handle_fd(&h.node, Self::reopen_flags(h.flags))
         {
-            *h.file.write() = Arc::new(fd);
+            Self::set_handle_fd(h, opened);
             h.generation.store(generation, Ordering::Release);
         }
         Ok(h.fd())
@@ -146,8 +170,10 @@ impl Overlay {
         if h.epoch.load(Ordering::Acquire) != epoch {
             self.refresh(&h.node);
             self.copy_up(&h.node, true)?;
-            let fd = self.open_object(&h.node, Self::reopen_flags(h.flags))?;
-            *h.file.write() = Arc::new(fd);
+            Self::set_handle_fd(
+                h,
+                self.open_handle_fd(&h.node, Self::reopen_flags(h.flags))?,
+            );
             h.generation
                 .store(h.node.generation.load(Ordering::Acquire), Ordering::Release);
             h.epoch.store(epoch, Ordering::Release);
@@ -158,6 +184,9 @@ impl Overlay {
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h)?;
+        if h.partial.load(Ordering::Acquire) {
+            return self.read_partial(&h.node, fd.as_fd(), off, size);
+        }
         let mut buf = vec![0u8; size as usize];
         let n = sys::pread_full(fd.as_fd(), &mut buf, off)?;
         buf.truncate(n);
@@ -168,6 +197,16 @@ impl Overlay {
         let _w = self.writing();
         let h = self.handle(fh)?;
         let fd = self.write_fd(&h)?;
+        if h.partial.load(Ordering::Acquire)
+            && let Some(mut g) = self.live_partial(&h.node, fd.as_fd())?
+            && let Some(ps) = g.as_mut()
+        {
+            let append = h.flags & libc::O_APPEND != 0;
+            let at = self.write_partial(ps, fd.as_fd(), off, append, data)?;
+            drop(g);
+            self.mark_dirty(h.node.ino, at, data.len() as u64);
+            return Ok(data.len() as u32);
+        }
         let mut done = 0;
         while done < data.len() {
             match sys::pwrite(fd.as_fd(), &data[done..], off + done as u64) {
@@ -219,11 +258,20 @@ impl Overlay {
     pub fn release(&self, fh: u64) {
         if let Some((_, h)) = self.handles.remove(&fh) {
             h.node.end_io(*h.io.lock());
+            if h.partial.load(Ordering::Acquire)
+                && let Err(e) = self.store_partial(&h.node)
+            {
+                tracing::error!("storing the block map of inode {}: {e}", h.node.ino);
+            }
         }
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.handle(fh)?;
+        if h.partial.load(Ordering::Acquire) {
+            // The map must be durable with the data it describes.
+            self.store_partial(&h.node)?;
+        }
         if !self.cfg.fsync {
             return Ok(());
         }
@@ -237,7 +285,15 @@ impl Overlay {
     pub fn fallocate(&self, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
         let _w = self.writing();
         let h = self.handle(fh)?;
-        sys::fallocate(self.write_fd(&h)?.as_fd(), mode, off, len)?;
+        let fd = self.write_fd(&h)?;
+        if h.partial.load(Ordering::Acquire) {
+            // Only plain allocation inside the file keeps a partial file's content as it is.
+            let size = sys::fstat(fd.as_fd())?.st_size as u64;
+            if mode != 0 || off.saturating_add(len) > size {
+                return Err(Errno::EOPNOTSUPP);
+            }
+        }
+        sys::fallocate(fd.as_fd(), mode, off, len)?;
         self.mark_dirty(h.node.ino, off, len);
         Ok(())
     }
@@ -245,6 +301,16 @@ impl Overlay {
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h)?;
+        if h.partial.load(Ordering::Acquire) && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE)
+        {
+            // The holes of a partial file are data below: report it as all data.
+            let size = sys::fstat(fd.as_fd())?.st_size;
+            return match (whence, off < size) {
+                (_, false) => Err(Errno::ENXIO),
+                (libc::SEEK_DATA, true) => Ok(off.max(0)),
+                _ => Ok(size),
+            };
+        }
         sys::lseek(fd.as_fd(), off, whence)
     }
 
@@ -267,15 +333,20 @@ impl Overlay {
                 return Err(Errno::EISDIR);
             }
             self.mark_truncated(node.ino, size);
-            match handle
+            let fd = match handle
                 .as_ref()
                 .filter(|h| h.flags & libc::O_ACCMODE != libc::O_RDONLY)
             {
-                Some(h) => sys::ftruncate(h.fd().as_fd(), size)?,
-                None => {
-                    let fd = self.open_object(&node, libc::O_WRONLY)?;
-                    sys::ftruncate(fd.as_fd(), size)?;
+                Some(h) => self.write_fd(h)?,
+                None => Arc::new(self.open_object(&node, libc::O_WRONLY)?),
+            };
+            match self.live_partial(&node, fd.as_fd())? {
+                Some(mut g) if g.is_some() => {
+                    let ps = g.as_mut().expect("checked");
+                    ps.map.truncate_file(fd.as_fd(), size)?;
+                    ps.dirty = true;
                 }
+                _ => sys::ftruncate(fd.as_fd(), size)?,
             }
         }
         if a.uid.is_some()
@@ -355,6 +426,7 @@ impl Overlay {
             file: RwLock::new(Arc::new(fd)),
             generation: 0.into(),
             epoch: self.epoch().into(),
+            partial: false.into(),
             flags: libc::O_RDONLY,
             io: Mutex::new(IoMode::Direct),
             entries: Mutex::new(None),
@@ -384,6 +456,9 @@ impl Overlay {
     }
 
     pub fn getxattr(&self, ino: u64, key: &CStr) -> Result<Vec<u8>> {
+        if is_layervol_key(key) {
+            return Err(Errno::ENODATA);
+        }
         let node = self.node(ino)?;
         let (_, d, n) = self.locate(&node)?;
         sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key))?.ok_or(Errno::ENODATA)
@@ -402,6 +477,9 @@ impl Overlay {
     }
 
     pub fn setxattr(&self, ino: u64, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
+        if is_layervol_key(key) {
+            return Err(Errno::EPERM);
+        }
         let key = &self.x.to_layer(key);
         let _w = self.writing();
         let node = self.node(ino)?;
@@ -414,6 +492,9 @@ impl Overlay {
     }
 
     pub fn removexattr(&self, ino: u64, key: &CStr) -> Result<()> {
+        if is_layervol_key(key) {
+            return Err(Errno::ENODATA);
+        }
         let key = &self.x.to_layer(key);
         let _w = self.writing();
         let node = self.node(ino)?;
@@ -429,4 +510,12 @@ impl Overlay {
         let (_, d, n) = self.locate(&node)?;
         sys::removexattr(d.as_fd(), &n, key)
     }
+}
+
+/// layervol's own xattrs (partial-file markers) are never visible or settable in the view.
+fn is_layervol_key(key: &CStr) -> bool {
+    let b = key.to_bytes();
+    crate::volume::blockmap::PRIVATE_XATTR_PREFIXES
+        .iter()
+        .any(|p| b.starts_with(p.as_bytes()))
 }

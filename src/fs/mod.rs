@@ -12,7 +12,9 @@ mod file;
 pub mod fuse;
 mod index;
 mod node;
+mod partial;
 pub mod snapshot;
+pub use partial::MapDirs;
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -85,6 +87,8 @@ pub struct Config {
     pub ttl: Duration,
     /// Block size of dirty tracking (a volume setting; the page size by default).
     pub block_size: u64,
+    /// Volume mode: block-level copy-up into partial files, with block maps kept here.
+    pub maps: Option<partial::MapDirs>,
     /// Hard-linked lower files share one copy through `workdir/index` (kernel `index=on`).
     /// Off in volume mode: index entries would link into layers that a snapshot freezes.
     pub index: bool,
@@ -109,6 +113,7 @@ impl Default for Config {
             ttl: Duration::from_secs(1),
             block_size: 4096,
             index: true,
+            maps: None,
             passthrough: true,
         }
     }
@@ -124,6 +129,8 @@ pub struct Handle {
     file: RwLock<Arc<OwnedFd>>,
     /// `Node::generation` when `file` was opened.
     generation: AtomicU64,
+    /// `file` is a partial file (volume mode): reads and writes go through its block map.
+    partial: std::sync::atomic::AtomicBool,
     /// Snapshot epoch when `file` was opened.
     epoch: AtomicU64,
     pub flags: i32,
@@ -162,6 +169,10 @@ pub struct Overlay {
     barrier: parking_lot::RwLock<()>,
     /// Blocks written in the current epoch, per inode (exact, extent-based).
     dirty: DashMap<u64, crate::volume::ExtentSet>,
+    /// Block maps of frozen layers' partial files, by id (immutable once frozen).
+    frozen_maps: DashMap<crate::volume::MapId, Arc<crate::volume::BlockMap>>,
+    /// Nodes whose upper partial file has a live map (`Node::partial`).
+    live_partials: DashMap<u64, ()>,
     x: XattrNames,
     /// All layers on one filesystem: real inode numbers are unique and used as they are.
     samefs: bool,
@@ -284,6 +295,8 @@ impl Overlay {
             freezes: parking_lot::RwLock::new(Vec::new()),
             barrier: parking_lot::RwLock::new(()),
             dirty: DashMap::new(),
+            frozen_maps: DashMap::new(),
+            live_partials: DashMap::new(),
             samefs,
             devs,
             nodes,

@@ -67,6 +67,8 @@ pub struct Node {
     pub lookups: AtomicU64,
     /// Serialises copy-up of this node.
     pub copy_up_lock: Mutex<()>,
+    /// The live block map of this file's upper partial file (volume mode).
+    pub partial: Mutex<Option<super::partial::PartialState>>,
     /// Cached O_PATH fd of this directory in the upper (see `Layout::lower_fds`).
     pub upper_fd: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
     /// Open handles by kernel I/O mode. The kernel refuses (EIO) to have one inode open in
@@ -132,6 +134,7 @@ impl Node {
     ) -> Node {
         let (indexed, merged_nlink) = hardlink.as_ref().map_or((false, 0), |h| (h.1, h.2));
         Node {
+            partial: Mutex::new(None),
             upper_fd: Mutex::new(None),
             layout: parking_lot::RwLock::new(Arc::new(Layout::new(lower, lower_dirs))),
             epoch: AtomicU64::new(epoch),

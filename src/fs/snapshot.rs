@@ -47,6 +47,7 @@ impl Overlay {
         let flush = t0.elapsed();
         let t1 = Instant::now();
         let _barrier = self.barrier.write();
+        self.store_all_partials().map_err(std::io::Error::from)?;
         self.syncfs().map_err(std::io::Error::from)?;
         let next_upper = Arc::new(Layer::open(&prepare()?)?);
         let epoch = self.epoch.load(Ordering::Acquire);

@@ -64,9 +64,13 @@ impl XattrNames {
         }
     }
 
-    /// The name a layer xattr has in the merged view; `None` for the format's own xattrs.
+    /// The name a layer xattr has in the merged view; `None` for the format's own xattrs
+    /// (overlay's, and layervol's partial-file markers).
     pub fn to_view(&self, key: &CStr) -> Option<CString> {
         let b = key.to_bytes();
+        if b.starts_with(b"trusted.layervol.") || b.starts_with(b"user.layervol.") {
+            return None;
+        }
         let Some(rest) = b.strip_prefix(self.prefix.as_bytes()) else {
             return Some(key.to_owned());
         };
@@ -303,6 +307,11 @@ pub fn encode_origin(dir: BorrowedFd, name: &CStr, layer_root: BorrowedFd) -> Re
 
 /// Opens (O_PATH) the object an `overlay.origin` value names, through any fd on its filesystem.
 pub fn decode_origin(fb: &[u8], mount_fd: BorrowedFd) -> Result<OwnedFd> {
+    open_by_fb(fb, mount_fd, libc::O_PATH)
+}
+
+/// Opens the object a `struct ovl_fb` names with `flags` (e.g. O_RDONLY to read it).
+pub fn open_by_fb(fb: &[u8], mount_fd: BorrowedFd, flags: i32) -> Result<OwnedFd> {
     if fb.len() < OVL_FB_HEADER || fb[1] != OVL_FH_MAGIC || fb[2] as usize != fb.len() {
         return Err(Errno::EINVAL);
     }
@@ -315,7 +324,7 @@ pub fn decode_origin(fb: &[u8], mount_fd: BorrowedFd) -> Result<OwnedFd> {
         libc::open_by_handle_at(
             mount_fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
-            libc::O_PATH | libc::O_CLOEXEC,
+            flags | libc::O_CLOEXEC,
         )
     };
     if fd < 0 {

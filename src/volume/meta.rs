@@ -121,11 +121,22 @@ pub fn encode_envelope<T: Serialize>(
         serde_json::to_string(body)
     }
     .expect("serializing plain metadata structs cannot fail");
+    // Indent the body under its key. serde_json escapes newlines inside strings, so every
+    // raw newline is formatting. The CRC covers the body exactly as stored.
+    let body = if pretty {
+        body.replace('\n', "\n  ")
+    } else {
+        body
+    };
     let crc = crc32c::crc32c(body.as_bytes());
     let format = serde_json::to_string(format).expect("a string serializes");
-    let sep = if pretty { "\n" } else { "" };
+    let (nl, ind, colon) = if pretty {
+        ("\n", "  ", ": ")
+    } else {
+        ("", "", ":")
+    };
     format!(
-        "{{{sep}\"format\": {format},{sep}\"version\": \"{version}\",{sep}\"body_crc32c\": {crc},{sep}\"body\": {body}{sep}}}\n"
+        "{{{nl}{ind}\"format\"{colon}{format},{nl}{ind}\"version\"{colon}\"{version}\",{nl}{ind}\"body_crc32c\"{colon}{crc},{nl}{ind}\"body\"{colon}{body}{nl}}}\n"
     )
     .into_bytes()
 }

@@ -1,0 +1,330 @@
+//! Block-level copy-up (volume mode): partial files in the upper.
+//!
+//! Opening a lower file for writing does not copy its data: the upper gets a *partial file*
+//! (see `volume::blockmap`): a sparse file of the same size, marked with its block map's id,
+//! whose `layervol.below` xattr names (as a file handle) the object it was copied from. Each
+//! write first completes the blocks it touches only partly (from below), then writes, then
+//! records the blocks as present with their CRC32C. A read takes each span from the topmost
+//! level that has it, following `below` down to a whole file. So a snapshot's layer holds the
+//! blocks written in its epoch and nothing else.
+//!
+//! Maps of the active layer are live in their node (`Node::partial`) and written to the
+//! layer's `maps/` on fsync, release and freeze; maps of frozen layers are immutable and
+//! cached by id.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Node, Overlay};
+use crate::layer;
+use crate::sys::{self, Errno, Result};
+use crate::volume::MapId;
+use crate::volume::blockmap::{self, BlockMap, MapStore, Source};
+
+/// The live map of an active layer's partial file.
+#[derive(Debug)]
+pub struct PartialState {
+    pub map: BlockMap,
+    /// Changed since it was last stored.
+    pub dirty: bool,
+    /// The data below the partial file, topmost first.
+    pub below: Arc<Vec<Level>>,
+}
+
+/// One level of a file's data: a readable fd and, for a partial file, its map.
+#[derive(Debug)]
+pub struct Level {
+    fd: OwnedFd,
+    map: Option<Arc<BlockMap>>,
+}
+
+/// Where volume mode keeps block maps.
+#[derive(Debug, Clone)]
+pub struct MapDirs {
+    /// `VOL/layers`: every layer's `maps/` is below it.
+    pub layers: PathBuf,
+}
+
+fn below_key(userxattr: bool) -> CString {
+    let p = if userxattr { "user" } else { "trusted" };
+    CString::new(format!("{p}.layervol.below")).expect("no NUL")
+}
+
+impl Overlay {
+    pub(super) fn partial_enabled(&self) -> bool {
+        self.cfg.maps.is_some()
+    }
+
+    /// The `maps/` of the active layer (next to its tree).
+    fn active_maps(&self) -> Result<MapStore> {
+        let up = self.upper()?;
+        let parent = up.path.parent().ok_or(Errno::EIO)?;
+        Ok(MapStore::new(parent.join("maps")))
+    }
+
+    /// A frozen layer's map, found by id in the volume's layers.
+    fn find_map(&self, id: MapId) -> Result<Arc<BlockMap>> {
+        if let Some(m) = self.frozen_maps.get(&id) {
+            return Ok(m.clone());
+        }
+        let dirs = self.cfg.maps.as_ref().ok_or(Errno::EIO)?;
+        for e in std::fs::read_dir(&dirs.layers)
+            .map_err(|_| Errno::EIO)?
+            .flatten()
+        {
+            let store = MapStore::new(e.path().join("maps"));
+            if store.path_of(id).exists() {
+                let m = Arc::new(store.load(id).map_err(|_| Errno::EIO)?);
+                self.frozen_maps.insert(id, m.clone());
+                return Ok(m);
+            }
+        }
+        tracing::error!("block map {id} not found in any layer");
+        Err(Errno::EIO)
+    }
+
+    fn marker_of(&self, fd: BorrowedFd) -> Result<Option<MapId>> {
+        match sys::fgetxattr(fd, blockmap::marker_xattr(self.cfg.userxattr))? {
+            None => Ok(None),
+            Some(v) => blockmap::decode_marker(&v)
+                .map(Some)
+                .map_err(|_| Errno::EUCLEAN),
+        }
+    }
+
+    /// True if the open file is a partial file.
+    pub(super) fn is_partial(&self, fd: BorrowedFd) -> Result<bool> {
+        Ok(self.partial_enabled() && self.marker_of(fd)?.is_some())
+    }
+
+    /// The levels of data below a partial file (not including it).
+    fn chain_below(&self, fd: BorrowedFd) -> Result<Vec<Level>> {
+        let mut levels = Vec::new();
+        let key = below_key(self.cfg.userxattr);
+        let mut cur = sys::fgetxattr(fd, &key)?;
+        while let Some(fb) = cur.take() {
+            if levels.len() > 4096 {
+                return Err(Errno::ELOOP);
+            }
+            let mount = self.upper()?;
+            let lfd = layer::open_by_fb(&fb, mount.root_rd.as_fd(), libc::O_RDONLY)?;
+            let map = match self.marker_of(lfd.as_fd())? {
+                Some(id) => {
+                    cur = sys::fgetxattr(lfd.as_fd(), &key)?;
+                    Some(self.find_map(id)?)
+                }
+                None => None,
+            };
+            levels.push(Level { fd: lfd, map });
+        }
+        Ok(levels)
+    }
+
+    /// The live map of the node's upper partial file, loading it (and reconciling it with
+    /// its data file after a crash) on first use.
+    pub(super) fn live_partial<'a>(
+        &self,
+        node: &'a Node,
+        fd: BorrowedFd,
+    ) -> Result<Option<parking_lot::MutexGuard<'a, Option<PartialState>>>> {
+        let mut g = node.partial.lock();
+        if g.is_none() {
+            let Some(id) = self.marker_of(fd)? else {
+                return Ok(None);
+            };
+            let mut map = self.active_maps()?.load(id).map_err(|_| Errno::EIO)?;
+            let rec = map.recover(fd)?;
+            let dirty = rec.size_changed.is_some() || !rec.recomputed.is_empty();
+            *g = Some(PartialState {
+                map,
+                dirty,
+                below: Arc::new(self.chain_below(fd)?),
+            });
+            self.live_partials.insert(node.ino, ());
+        }
+        Ok(Some(g))
+    }
+
+    /// Copy-up of a regular file as a partial file: metadata only, no data.
+    pub(super) fn make_partial_copy(&self, node: &Node) -> Result<(CString, PartialState)> {
+        let lay = node.layout();
+        let src = lay.lower.as_ref().ok_or(Errno::EIO)?;
+        let lower = self.lower(src.layer);
+        let (ldir, lname) = lower.parent_of(&src.path)?;
+        let st = sys::fstatat(ldir.as_fd(), &lname)?;
+        let tmp = self.make_copy(node, false)?;
+        let wdir = self.work()?.root.as_fd();
+        let made = (|| -> Result<PartialState> {
+            let f = sys::openat(wdir, &tmp, libc::O_WRONLY, 0)?;
+            sys::ftruncate(f.as_fd(), st.st_size as u64)?;
+            let below = layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd())?;
+            sys::setxattr(wdir, &tmp, &below_key(self.cfg.userxattr), &below, 0)?;
+            let id = MapId::random().map_err(|_| Errno::EIO)?;
+            let map = BlockMap::new(id, self.cfg.block_size as u32, st.st_size as u64)
+                .map_err(|_| Errno::EINVAL)?;
+            self.active_maps()?.store(&map).map_err(|_| Errno::EIO)?;
+            blockmap::write_marker(wdir, &tmp, id, self.cfg.userxattr)?;
+            let lfd = sys::openat(ldir.as_fd(), &lname, libc::O_RDONLY, 0)?;
+            let mut below = Vec::new();
+            let lmap = match self.marker_of(lfd.as_fd())? {
+                Some(id) => Some(self.find_map(id)?),
+                None => None,
+            };
+            let deeper = if lmap.is_some() {
+                self.chain_below(lfd.as_fd())?
+            } else {
+                Vec::new()
+            };
+            below.push(Level { fd: lfd, map: lmap });
+            below.extend(deeper);
+            Ok(PartialState {
+                map,
+                dirty: false,
+                below: Arc::new(below),
+            })
+        })();
+        match made {
+            Ok(ps) => Ok((tmp, ps)),
+            Err(e) => {
+                let _ = super::copyup::remove_tree(wdir, &tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `off` from `levels` (zeros past every level's data).
+    fn read_levels(levels: &[Level], off: u64, buf: &mut [u8]) -> Result<()> {
+        let Some((top, rest)) = levels.split_first() else {
+            buf.fill(0);
+            return Ok(());
+        };
+        match &top.map {
+            None => {
+                let n = sys::pread_full(top.fd.as_fd(), buf, off)?;
+                buf[n..].fill(0);
+            }
+            Some(map) => Self::read_mapped(map, top.fd.as_fd(), rest, off, buf)?,
+        }
+        Ok(())
+    }
+
+    /// Reads through one partial file's map: its own blocks from `fd`, the rest from below.
+    fn read_mapped(
+        map: &BlockMap,
+        fd: BorrowedFd,
+        below: &[Level],
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let end = off + buf.len() as u64;
+        buf.fill(0);
+        for span in map.read_plan(off, buf.len() as u64) {
+            let r = span.range;
+            let piece = &mut buf[(r.start - off) as usize..(r.end.min(end) - off) as usize];
+            match span.source {
+                Source::Here => {
+                    let n = sys::pread_full(fd, piece, r.start)?;
+                    piece[n..].fill(0);
+                }
+                Source::Below => Self::read_levels(below, r.start, piece)?,
+                Source::Zero => piece.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// A read from a partial file (live or frozen). Returns the bytes up to the file's size.
+    pub(super) fn read_partial(
+        &self,
+        node: &Node,
+        fd: BorrowedFd,
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        if let Some(g) = self.live_partial(node, fd)?
+            && let Some(ps) = g.as_ref()
+            && node.has_upper()
+        {
+            let n = (ps.map.size().saturating_sub(off)).min(size as u64) as usize;
+            buf.truncate(n);
+            Self::read_mapped(&ps.map, fd, &ps.below, off, &mut buf)?;
+            return Ok(buf);
+        }
+        // A frozen partial file (the node lives in a lower layer now).
+        let id = self.marker_of(fd)?.ok_or(Errno::EIO)?;
+        let map = self.find_map(id)?;
+        let below = self.chain_below(fd)?;
+        let n = (map.size().saturating_sub(off)).min(size as u64) as usize;
+        buf.truncate(n);
+        Self::read_mapped(&map, fd, &below, off, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// A write into the node's upper partial file. Returns the offset written at.
+    pub(super) fn write_partial(
+        &self,
+        ps: &mut PartialState,
+        fd: BorrowedFd,
+        off: u64,
+        append: bool,
+        data: &[u8],
+    ) -> Result<u64> {
+        let at = if append { ps.map.size() } else { off };
+        for span in ps.map.write_fill(at, data.len() as u64) {
+            let r = span.range;
+            let mut fill = vec![0u8; (r.end - r.start) as usize];
+            if span.source == Source::Below {
+                Self::read_levels(&ps.below, r.start, &mut fill)?;
+            }
+            write_all(fd, &fill, r.start)?;
+        }
+        write_all(fd, data, at)?;
+        ps.map.record_write(fd, at, data)?;
+        ps.dirty = true;
+        Ok(at)
+    }
+
+    /// Writes the node's map if it changed.
+    pub(super) fn store_partial(&self, node: &Node) -> Result<()> {
+        let mut g = node.partial.lock();
+        if let Some(ps) = g.as_mut()
+            && ps.dirty
+        {
+            self.active_maps()?.store(&ps.map).map_err(|_| Errno::EIO)?;
+            ps.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Before a freeze (writers blocked): every live map is written, then forgotten: the
+    /// files belong to the frozen layer now.
+    pub(super) fn store_all_partials(&self) -> Result<()> {
+        let inos: Vec<u64> = self.live_partials.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            if let Some(n) = self.nodes.get(&ino).map(|n| n.clone()) {
+                self.store_partial(&n)?;
+                *n.partial.lock() = None;
+            }
+        }
+        self.live_partials.clear();
+        Ok(())
+    }
+}
+
+fn write_all(fd: BorrowedFd, mut data: &[u8], mut off: u64) -> Result<()> {
+    while !data.is_empty() {
+        match sys::pwrite(fd, data, off) {
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => {
+                data = &data[n..];
+                off += n as u64;
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
