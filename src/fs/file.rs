@@ -140,7 +140,11 @@ impl Overlay {
         if oflags & libc::O_APPEND == 0 && acc != libc::O_WRONLY {
             return Ok((fd, true));
         }
-        let acc = if acc == libc::O_RDONLY { acc } else { libc::O_RDWR };
+        let acc = if acc == libc::O_RDONLY {
+            acc
+        } else {
+            libc::O_RDWR
+        };
         let flags = (oflags & !(libc::O_APPEND | libc::O_ACCMODE)) | acc;
         Ok((self.open_object(node, flags)?, true))
     }

@@ -244,9 +244,9 @@ impl Overlay {
         size: u32,
     ) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
-        if let Some(g) = self.live_partial(node, fd)?
+        if node.has_upper()
+            && let Some(g) = self.live_partial(node, fd)?
             && let Some(ps) = g.as_ref()
-            && node.has_upper()
         {
             let n = (ps.map.size().saturating_sub(off)).min(size as u64) as usize;
             buf.truncate(n);
