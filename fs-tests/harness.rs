@@ -25,6 +25,13 @@ use crate::sys;
 /// and it forbids some configurations for no benefit here.
 pub const KERNEL_OPTIONS: &str = "redirect_dir=on,index=on,xino=on,metacopy=off";
 
+/// Options of the kernel oracle of the volume variants (`volume::...`): [`KERNEL_OPTIONS`]
+/// with `index=off`. layervol's volume mode has no hard-link index (block-level copy-up
+/// copies one name, like the kernel without index), so a lower hard link is broken by
+/// copy-up on both sides; with `index=on` every hard-link-and-copy-up scenario would
+/// differ by design. `redirect_dir=on` stays (renaming merged dirs must work).
+pub const VOLUME_KERNEL_OPTIONS: &str = "redirect_dir=on,index=off,xino=on,metacopy=off";
+
 /// How long mounting may take before the scenario fails.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,6 +98,9 @@ pub struct Stack {
     pub work: PathBuf,
     pub mnt: PathBuf,
     rotations: usize,
+    /// Give every new upper the attributes of the root of the layer below it (set for the
+    /// kernel side of volume variants, see [`Stack::inherit_root_attrs`]).
+    pub inherit_root: bool,
 }
 
 impl Stack {
@@ -118,6 +128,7 @@ impl Stack {
             lowers,
             dir,
             rotations: 0,
+            inherit_root: false,
         };
         for p in [&stack.upper, &stack.work, &stack.mnt] {
             mk(p)?;
@@ -156,7 +167,34 @@ impl Stack {
         self.lowers.insert(0, frozen);
         std::fs::create_dir(&self.upper).map_err(|e| format!("mkdir upper: {e}"))?;
         sys::chmod(&self.upper, 0o755).map_err(|e| format!("chmod upper: {e}"))?;
+        if self.inherit_root {
+            self.inherit_root_attrs()?;
+        }
         self.reset_work()
+    }
+
+    /// Gives the (empty) upper's root the mode, owner, xattrs (but `trusted.overlay.*`) and
+    /// times of the top lower layer's root, as a layervol volume does for each new active
+    /// layer (the import and every snapshot). Kernel overlayfs shows the upper root's
+    /// attributes as the merged root's; without this the kernel side of a volume variant
+    /// would show the time the harness created the upper dir.
+    pub fn inherit_root_attrs(&self) -> Result<(), String> {
+        let from = &self.lowers[0];
+        let to = &self.upper;
+        let st = sys::lstat(from).map_err(|e| format!("stat {}: {e}", from.display()))?;
+        sys::lchown(to, st.st_uid, st.st_gid).map_err(|e| format!("chown upper: {e}"))?;
+        let names = sys::llistxattr(from).map_err(|e| format!("listxattr: {e}"))?;
+        for name in names.iter().filter(|n| !n.starts_with("trusted.overlay.")) {
+            let v = sys::lgetxattr(from, name).map_err(|e| format!("getxattr {name}: {e}"))?;
+            sys::lsetxattr(to, name, &v, 0).map_err(|e| format!("setxattr {name}: {e}"))?;
+        }
+        sys::chmod(to, st.st_mode & 0o7777).map_err(|e| format!("chmod upper: {e}"))?;
+        sys::lutimens(
+            to,
+            (st.st_atime, st.st_atime_nsec),
+            (st.st_mtime, st.st_mtime_nsec),
+        )
+        .map_err(|e| format!("utimens upper: {e}"))
     }
 
     /// Layer directory names (relative to the stack dir), top first, for reports.
@@ -197,6 +235,12 @@ pub struct Mount {
 /// feature, and proves the comparisons are not vacuous.
 pub fn kernel2_options() -> String {
     std::env::var("FS_TESTS_KERNEL2_OPTIONS").unwrap_or_else(|_| KERNEL_OPTIONS.to_string())
+}
+
+/// Options of the second kernel mount of a volume variant when `FS_TESTS_IMPL=kernel`:
+/// [`VOLUME_KERNEL_OPTIONS`] unless `FS_TESTS_KERNEL2_OPTIONS` overrides them.
+pub fn kernel2_volume_options() -> String {
+    std::env::var("FS_TESTS_KERNEL2_OPTIONS").unwrap_or_else(|_| VOLUME_KERNEL_OPTIONS.to_string())
 }
 
 /// How long a FUSE mount may live before the watchdog aborts it (`FS_TESTS_TIMEOUT`
@@ -262,16 +306,9 @@ impl Mount {
     }
 
     fn fuse(imp: Impl, via: MountVia, stack: &Stack) -> Result<Mount, String> {
-        let stuck = STUCK_MOUNTS.load(Ordering::Relaxed);
-        if stuck >= MAX_STUCK_MOUNTS {
-            return Err(format!(
-                "not attempted: the previous {stuck} mounts of {} all hung (see the first failures)",
-                imp.name()
-            ));
-        }
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_layervol"));
         let opts = stack.options();
-        let mut cmd = match (imp, via) {
+        let cmd = match (imp, via) {
             (Impl::FuseOverlayfs, _) => {
                 let mut c = Command::new("fuse-overlayfs");
                 c.arg("-o").arg(&opts).arg(&stack.mnt);
@@ -310,12 +347,25 @@ impl Mount {
                 c
             }
         };
-        // Output goes to a file, not a pipe: a daemon that keeps the inherited descriptors
-        // open would otherwise make reading its output block forever.
         let log = stack.dir.join(format!(
             "{}.log",
             stack.mnt.file_name().unwrap().to_string_lossy()
         ));
+        Mount::spawn(imp, cmd, &stack.mnt, log)
+    }
+
+    /// Runs `cmd`, which must mount a FUSE filesystem at `mnt` and return once the mount
+    /// is ready (daemonising); its output goes to `log`.
+    pub fn spawn(imp: Impl, mut cmd: Command, mnt: &Path, log: PathBuf) -> Result<Mount, String> {
+        let stuck = STUCK_MOUNTS.load(Ordering::Relaxed);
+        if stuck >= MAX_STUCK_MOUNTS {
+            return Err(format!(
+                "not attempted: the previous {stuck} mounts of {} all hung (see the first failures)",
+                imp.name()
+            ));
+        }
+        // Output goes to a file, not a pipe: a daemon that keeps the inherited descriptors
+        // open would otherwise make reading its output block forever.
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -334,7 +384,7 @@ impl Mount {
                 STUCK_MOUNTS.fetch_add(1, Ordering::Relaxed);
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = sys::umount2(&stack.mnt, libc::MNT_DETACH);
+                let _ = sys::umount2(mnt, libc::MNT_DETACH);
                 return Err(format!(
                     "{what} did not return within {MOUNT_TIMEOUT:?} (it must daemonise once the mount is ready)\n{}",
                     log_tail(&log)
@@ -342,10 +392,10 @@ impl Mount {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let mounted = is_mounted(&stack.mnt);
+        let mounted = is_mounted(mnt);
         if !status.success() || !mounted {
             if mounted {
-                let _ = sys::umount2(&stack.mnt, libc::MNT_DETACH);
+                let _ = sys::umount2(mnt, libc::MNT_DETACH);
             }
             return Err(format!(
                 "{what} exited with {status}, mounted: {mounted}\n{}",
@@ -353,11 +403,11 @@ impl Mount {
             ));
         }
         STUCK_MOUNTS.store(0, Ordering::Relaxed);
-        let fuse_conn = sys::stat(&stack.mnt).ok().map(|st| sys::minor(st.st_dev));
+        let fuse_conn = sys::stat(mnt).ok().map(|st| sys::minor(st.st_dev));
         Ok(Mount {
             imp: Some(imp),
-            daemons: find_daemons(&stack.mnt),
-            mnt: stack.mnt.clone(),
+            daemons: find_daemons(mnt),
+            mnt: mnt.to_path_buf(),
             log: Some(log),
             fuse_conn,
             mounted: true,

@@ -51,6 +51,7 @@ mod random;
 mod scenario;
 mod scenarios;
 mod sys;
+mod volume;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,7 +59,7 @@ use std::sync::Arc;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 use crate::harness::Impl;
-use crate::scenario::{Config, Scenario};
+use crate::scenario::{Config, Mode, Scenario};
 
 /// Rotations inserted into each scenario's rotation variant (`rotated::...`).
 const ROTATIONS: usize = 3;
@@ -131,34 +132,44 @@ fn main() {
             .find(|(name, _)| *name == s.name)
             .filter(|_| matches!(cfg.imp, Impl::Layervol))
             .map(|(_, why)| *why);
-        trials.push(Trial::test(s.name.clone(), move || {
-            match (scenario::run(&s, &cfg), known) {
-                (r, None) => r.map_err(Failed::from),
-                (Err(_), Some(why)) => {
-                    eprintln!("known deviation {}: {why}", s.name);
-                    Ok(())
+        // Volume mode is layervol's own: fuse-overlayfs has nothing to run.
+        let ignored = s.mode == Mode::Volume && cfg.imp == Impl::FuseOverlayfs;
+        trials.push(
+            Trial::test(s.name.clone(), move || {
+                match (scenario::run(&s, &cfg), known) {
+                    (r, None) => r.map_err(Failed::from),
+                    (Err(_), Some(why)) => {
+                        eprintln!("known deviation {}: {why}", s.name);
+                        Ok(())
+                    }
+                    (Ok(()), Some(_)) => Err(Failed::from(format!(
+                        "{} now matches the kernel: remove it from KNOWN_DEVIATIONS",
+                        s.name
+                    ))),
                 }
-                (Ok(()), Some(_)) => Err(Failed::from(format!(
-                    "{} now matches the kernel: remove it from KNOWN_DEVIATIONS",
-                    s.name
-                ))),
-            }
-        }));
+            })
+            .with_ignored_flag(ignored),
+        );
     };
     let mut rotated = Vec::new();
+    let mut volume = Vec::new();
     for (group, list) in scenarios::all() {
         for mut s in list {
             s.name = format!("{group}::{}", s.name);
-            if group != "mount"
-                && let Some(mut r) = s.rotated(ROTATIONS)
-            {
-                r.name = format!("rotated::{}", s.name);
-                rotated.push(r);
+            if group != "mount" {
+                if let Some(mut r) = s.rotated(ROTATIONS) {
+                    r.name = format!("rotated::{}", s.name);
+                    rotated.push(r);
+                }
+                let mut v = s.volume(ROTATIONS);
+                v.name = format!("volume::{}", s.name);
+                volume.push(v);
             }
             add(s);
         }
     }
     rotated.into_iter().for_each(&mut add);
+    volume.into_iter().for_each(&mut add);
     for t in random::trials() {
         let cfg = Arc::clone(&cfg);
         trials.push(Trial::test(t.name(), move || {

@@ -25,6 +25,21 @@ use crate::harness::{self, Impl, Mount, MountVia, Stack};
 use crate::layer::Layer;
 use crate::observe::{self, Tree};
 use crate::ops::{Exec, Label, Op, Outcome};
+use crate::volume::{self, Volume};
+
+/// How the implementation side of a scenario is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Overlay mode: the implementation mounts the scenario's layers like `mount -t
+    /// overlay`; rotations unmount, move the upper into the lowers and mount again.
+    #[default]
+    Overlay,
+    /// Volume mode ([`crate::volume`]): a layervol volume whose base layer is the merged
+    /// view of the scenario's layers; [`Op::Rotate`] is a live snapshot on the volume (and
+    /// still a rotation on the kernel oracle, mounted with `index=off`); layer directories
+    /// are not compared.
+    Volume,
+}
 
 /// A named list of ops over a stack of lower layers.
 #[derive(Clone, Debug)]
@@ -34,6 +49,7 @@ pub struct Scenario {
     pub layers: Vec<Layer>,
     pub ops: Vec<Op>,
     pub via: MountVia,
+    pub mode: Mode,
 }
 
 impl Scenario {
@@ -43,6 +59,7 @@ impl Scenario {
             layers: Vec::new(),
             ops: Vec::new(),
             via: MountVia::Direct,
+            mode: Mode::Overlay,
         }
     }
 
@@ -101,7 +118,18 @@ impl Scenario {
             layers: self.layers.clone(),
             ops,
             via: self.via,
+            mode: self.mode,
         })
+    }
+
+    /// The volume variant: the ops of the rotation variant (or the plain ops when there is
+    /// no point to rotate at), run in [`Mode::Volume`], where each rotation is a live
+    /// snapshot on the volume.
+    pub fn volume(&self, max: usize) -> Scenario {
+        let mut v = self.rotated(max).unwrap_or_else(|| self.clone());
+        v.mode = Mode::Volume;
+        v.via = MountVia::Direct;
+        v
     }
 
     /// Mount the implementation with `mount -t fuse.layervol` instead of running it directly.
@@ -133,22 +161,56 @@ struct SideRun {
     /// (op index of the remount/rotate, path -> inode kept).
     stability: Vec<(usize, BTreeMap<String, bool>)>,
     labels: BTreeMap<String, Label>,
-    /// (layer name, normalised tree) after the final unmount.
+    /// (layer name, normalised tree) after the final unmount (overlay mode only).
     layers: Vec<(String, Tree)>,
-    /// Read-only kernel view of the final layers.
+    /// Read-only view of the final layers: a read-only kernel overlay of them, or for a
+    /// volume, the volume mounted again read-only.
     view: Option<Result<Tree, String>>,
+    /// `layervol verify VOL` after the final unmount (volumes only).
+    verify: Option<Result<(), String>>,
     /// An error that stopped the run (mount failure, daemon death, ...).
     fatal: Option<String>,
     /// Tail of the daemon log, for reports.
     log: String,
 }
 
+/// What one side of a scenario mounts.
+#[derive(Clone, Debug)]
+enum Side {
+    /// Kernel overlayfs with these options over the scenario's layers (the oracle).
+    Kernel(String),
+    /// The implementation under test over the scenario's layers (overlay mode).
+    Overlay(Impl, MountVia),
+    /// A layervol volume imported from the merged view of the layers ([`crate::volume`]).
+    Volume,
+    /// Kernel overlayfs with these options over a flattened copy of the merged view of the
+    /// layers (`FS_TESTS_IMPL=kernel` in volume mode, see [`crate::volume`]).
+    FlatKernel(String),
+}
+
 /// Runs the scenario on both sides and compares; `Err` carries the full report.
 pub fn run(s: &Scenario, cfg: &Config) -> Result<(), String> {
     let dir = cfg.tmp.join(s.name.replace("::", "."));
     harness::remove_tree(&dir)?;
-    let oracle = run_side(s, None, MountVia::Direct, &dir.join("kernel"));
-    let cand = run_side(s, Some(cfg.imp), s.via, &dir.join(cfg.imp.name()));
+    let (oracle_side, cand_side) = match (s.mode, cfg.imp) {
+        (Mode::Overlay, imp) => (
+            Side::Kernel(harness::KERNEL_OPTIONS.to_string()),
+            Side::Overlay(imp, s.via),
+        ),
+        (Mode::Volume, Impl::Layervol) => (
+            Side::Kernel(harness::VOLUME_KERNEL_OPTIONS.to_string()),
+            Side::Volume,
+        ),
+        (Mode::Volume, Impl::Kernel) => (
+            Side::Kernel(harness::VOLUME_KERNEL_OPTIONS.to_string()),
+            Side::FlatKernel(harness::kernel2_volume_options()),
+        ),
+        (Mode::Volume, Impl::FuseOverlayfs) => {
+            return Err("volume mode is layervol's own: nothing to run on fuse-overlayfs".into());
+        }
+    };
+    let oracle = run_side(s, &oracle_side, &dir.join("kernel"));
+    let cand = run_side(s, &cand_side, &dir.join(cfg.imp.name()));
     if let Some(f) = &oracle.fatal {
         return Err(format!(
             "scenario {}: the kernel oracle itself failed: {f}\n(kept {})",
@@ -173,31 +235,39 @@ pub fn run(s: &Scenario, cfg: &Config) -> Result<(), String> {
     Err(msg)
 }
 
-/// Runs the scenario on one side (`imp` is `None` for the oracle). Never panics on
-/// filesystem misbehaviour: failures are recorded in the returned [`SideRun`].
-fn run_side(s: &Scenario, imp: Option<Impl>, via: MountVia, dir: &Path) -> SideRun {
+/// Runs the scenario on one side. Never panics on filesystem misbehaviour: failures are
+/// recorded in the returned [`SideRun`].
+fn run_side(s: &Scenario, side: &Side, dir: &Path) -> SideRun {
     let mut run = SideRun {
         outcomes: vec![None; s.ops.len()],
         ..SideRun::default()
     };
-    if let Err(e) = drive(s, imp, via, dir, &mut run) {
+    if let Err(e) = drive(s, side, dir, &mut run) {
         run.fatal = Some(e);
     }
     run
 }
 
-fn drive(
-    s: &Scenario,
-    imp: Option<Impl>,
-    via: MountVia,
-    dir: &Path,
-    run: &mut SideRun,
-) -> Result<(), String> {
-    let mount_it = |stack: &Stack| match imp {
-        None => Mount::kernel(stack, harness::KERNEL_OPTIONS),
-        Some(imp) => Mount::new(imp, via, stack),
-    };
+fn drive(s: &Scenario, side: &Side, dir: &Path, run: &mut SideRun) -> Result<(), String> {
     let mut stack = Stack::create(dir, &s.layers)?;
+    let vol = match side {
+        Side::Volume => Some(Volume::import(&stack)?),
+        Side::FlatKernel(_) => {
+            volume::flatten(&mut stack)?;
+            None
+        }
+        _ => None,
+    };
+    if s.mode == Mode::Volume && vol.is_none() {
+        stack.inherit_root = true;
+        stack.inherit_root_attrs()?;
+    }
+    let mount_it = |stack: &Stack| match (side, &vol) {
+        (Side::Kernel(opts) | Side::FlatKernel(opts), _) => Mount::kernel(stack, opts),
+        (Side::Overlay(imp, via), _) => Mount::new(*imp, *via, stack),
+        (Side::Volume, Some(vol)) => vol.mount(false),
+        (Side::Volume, None) => unreachable!("a volume side has a volume"),
+    };
     let mut mount = mount_it(&stack)?;
     let mut exec = Exec::new(&stack.mnt);
     for (i, op) in s.ops.iter().enumerate() {
@@ -212,13 +282,19 @@ fn drive(
                 exec.close_all();
                 let before = observe::snapshot(&stack.mnt);
                 run.log = mount.log_tail();
-                mount.unmount()?;
-                // A remount keeps the work dir (the kernel's index of hard links lives there);
-                // a rotation starts a fresh one.
-                if matches!(op, Op::Rotate) {
-                    stack.rotate()?;
+                match (op, &vol) {
+                    // A volume takes a live snapshot where the kernel rotates: no unmount.
+                    (Op::Rotate, Some(vol)) => vol.snapshot(&mount)?,
+                    _ => {
+                        mount.unmount()?;
+                        // A remount keeps the work dir (the kernel's index of hard links
+                        // lives there); a rotation starts a fresh one.
+                        if matches!(op, Op::Rotate) {
+                            stack.rotate()?;
+                        }
+                        mount = mount_it(&stack)?;
+                    }
                 }
-                mount = mount_it(&stack)?;
                 exec.epoch += 1;
                 let after = observe::snapshot(&stack.mnt);
                 run.stability
@@ -243,19 +319,29 @@ fn drive(
     run.labels = std::mem::take(&mut exec.labels);
     run.log = mount.log_tail();
     mount.unmount()?;
+    if let Some(vol) = &vol {
+        run.verify = Some(vol.verify());
+        run.view = Some(vol.mount(true).and_then(|m| {
+            let tree = observe::snapshot(m.path());
+            m.unmount().map(|()| tree)
+        }));
+        return Ok(());
+    }
     // The work dir is not compared, and the kernel's index/ in it holds extra hard links
     // that would inflate st_nlink of upper files.
     harness::remove_tree(&stack.work)?;
 
     let mut layers = vec![stack.upper.clone()];
     layers.extend(stack.lowers.iter().cloned());
-    let mut names = vec!["upper".to_string()];
-    names.extend(stack.layer_names());
-    for (name, path) in names.iter().zip(&layers) {
-        run.layers.push((
-            name.clone(),
-            observe::normalise_layer(observe::snapshot(path)),
-        ));
+    if s.mode == Mode::Overlay {
+        let mut names = vec!["upper".to_string()];
+        names.extend(stack.layer_names());
+        for (name, path) in names.iter().zip(&layers) {
+            run.layers.push((
+                name.clone(),
+                observe::normalise_layer(observe::snapshot(path)),
+            ));
+        }
     }
     run.view = Some(
         Mount::kernel_view(&layers, &dir.join("view")).and_then(|m| {
@@ -311,7 +397,13 @@ fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<S
                 names,
             ));
         }
-        let ctx = "kernel read-only view of the final layers";
+        if let Some(Err(e)) = &b.verify {
+            out.push(format!("layervol verify of the volume failed: {e}"));
+        }
+        let ctx = match s.mode {
+            Mode::Overlay => "kernel read-only view of the final layers",
+            Mode::Volume => "read-only view of the final layers (the volume mounted again)",
+        };
         match (&a.view, &b.view) {
             (Some(Ok(x)), Some(Ok(y))) => out.extend(observe::diff_trees(ctx, x, y, names)),
             (Some(Ok(_)), Some(Err(e))) => out.push(format!("{ctx}: failed for {nb}: {e}")),

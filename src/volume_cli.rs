@@ -113,6 +113,12 @@ fn mount(
     let vol = Volume::open(&cwd.join(vol_path))
         .with_context(|| format!("cannot open volume `{}`", vol_path.display()))?;
     vol.remove_stale_work_dirs()?;
+    let recovered = recover_active(&vol)?;
+    if recovered > 0 {
+        eprintln!(
+            "layervol: reconciled {recovered} partial file(s) with writes a crash left unrecorded"
+        );
+    }
     // A crash between a freeze and its seal leaves a frozen layer without manifest.
     for e in vol.unsealed_epochs() {
         vol.seal(e)
@@ -211,6 +217,43 @@ fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// After a crash, the maps of the active layer's partial files may lag behind their data
+/// (writes after the last fsync). Reconciles every one before the layer can be frozen.
+fn recover_active(vol: &Volume) -> anyhow::Result<usize> {
+    use crate::volume::blockmap;
+    use std::os::fd::AsFd;
+    let store = vol.maps(vol.active_epoch());
+    let mut fixed = 0;
+    let mut stack = vec![vol.upper_dir()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let md = e.path().symlink_metadata()?;
+            if md.is_dir() {
+                stack.push(e.path());
+                continue;
+            }
+            if !md.is_file() {
+                continue;
+            }
+            let f = std::fs::OpenOptions::new().read(true).open(e.path())?;
+            let Some(v) =
+                crate::sys::fgetxattr(f.as_fd(), blockmap::marker_xattr(vol.userxattr()))?
+            else {
+                continue;
+            };
+            let id = blockmap::decode_marker(&v)
+                .with_context(|| format!("bad partial-file marker on {}", e.path().display()))?;
+            let mut map = store.load(id)?;
+            let rec = map.recover(f.as_fd())?;
+            if rec.size_changed.is_some() || !rec.adopted.is_empty() || !rec.recomputed.is_empty() {
+                store.store(&map)?;
+                fixed += 1;
+            }
+        }
+    }
+    Ok(fixed)
 }
 
 /// Entries, data bytes and allocated blocks of one layer tree.

@@ -1,0 +1,192 @@
+//! Volume mode: the implementation side of the `volume::...` trials.
+//!
+//! A volume variant runs a scenario's ops on a layervol *volume* (`layervol volume create`,
+//! `layervol mount`) instead of an overlay mount, with live snapshots (`layervol snapshot
+//! MNT`, no unmount) where the rotation variant rotates, and compares it with kernel
+//! overlayfs (oracle, mounted with [`crate::harness::VOLUME_KERNEL_OPTIONS`]) that rotates
+//! its upper into its lowers at the same points.
+//!
+//! - Same starting view: a volume has one base layer, a scenario has a stack of lower
+//!   layers (whiteouts, opaque dirs, redirects). The base is imported from the merged view
+//!   of those layers: a read-only kernel overlay of them is mounted and `layervol volume
+//!   create VOL --from VIEW` copies it ([`Volume::import`]). This is the only way to give a
+//!   volume exactly the oracle's starting view.
+//! - Snapshots: every [`Op::Rotate`](crate::ops::Op::Rotate) becomes `layervol snapshot
+//!   MNT --json` on the volume (the mount stays up; its JSON must report the next epochs);
+//!   [`Op::Remount`](crate::ops::Op::Remount) unmounts and mounts the volume again.
+//! - At the end: `layervol verify VOL` must exit 0 (manifests, block maps and CRCs of every
+//!   layer), and the volume mounted again read-only must show what the kernel's read-only
+//!   view of its final layers shows (data persisted across unmount, partial files included).
+//! - Not compared: the layer directories. A volume's layers hold partial files (sparse
+//!   files whose holes read from the layers below) and live in `VOL/layers/<epoch>/tree`,
+//!   so they differ from the kernel's upper dirs by design; only merged views are compared.
+//!
+//! With `FS_TESTS_IMPL=kernel` the candidate of a volume variant is a second kernel
+//! overlay over a *flattened* copy of the lowers ([`flatten`], the kernel analogue of the
+//! import), rotating at the snapshot points. This validates the volume-mode comparisons
+//! themselves (the flattening and its normalisations) without layervol.
+
+use std::cell::Cell;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::harness::{self, Impl, Mount, Stack};
+
+fn layervol_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_layervol"))
+}
+
+/// A layervol volume of one scenario side.
+pub struct Volume {
+    /// The volume directory.
+    pub path: PathBuf,
+    mnt: PathBuf,
+    /// `LAYERVOL_RUN_DIR`: the control sockets of this scenario's mounts.
+    run_dir: PathBuf,
+    /// Daemon log.
+    log: PathBuf,
+    /// The epoch the next snapshot must freeze.
+    next_frozen: Cell<u64>,
+}
+
+/// Layers for a read-only kernel view: overlayfs without upper needs at least two lowers,
+/// so a single layer gets an empty one below it (which changes nothing in the view).
+fn view_layers(stack: &Stack) -> Result<Vec<PathBuf>, String> {
+    let mut layers = stack.lowers.clone();
+    if layers.len() < 2 {
+        let empty = stack.dir.join("empty-layer");
+        std::fs::create_dir_all(&empty).map_err(|e| format!("mkdir empty layer: {e}"))?;
+        layers.push(empty);
+    }
+    Ok(layers)
+}
+
+impl Volume {
+    /// Creates `stack.dir/vol` whose base layer is the merged view of the stack's lower
+    /// layers (imported from a read-only kernel overlay of them).
+    pub fn import(stack: &Stack) -> Result<Volume, String> {
+        let run_dir = stack.dir.join("run");
+        std::fs::create_dir_all(&run_dir).map_err(|e| format!("mkdir run dir: {e}"))?;
+        let vol = Volume {
+            path: stack.dir.join("vol"),
+            mnt: stack.mnt.clone(),
+            run_dir,
+            log: stack.dir.join("mnt.log"),
+            next_frozen: Cell::new(2),
+        };
+        let view_dir = stack.dir.join("base-view");
+        let view = Mount::kernel_view(&view_layers(stack)?, &view_dir)?;
+        let created = vol.command(&[
+            OsStr::new("volume"),
+            OsStr::new("create"),
+            vol.path.as_os_str(),
+            OsStr::new("--from"),
+            view_dir.as_os_str(),
+        ]);
+        view.unmount()?;
+        created?;
+        Ok(vol)
+    }
+
+    /// Runs `layervol ARGS` to completion; `Err` carries its exit status and output.
+    fn command(&self, args: &[&OsStr]) -> Result<String, String> {
+        let out = Command::new(layervol_bin())
+            .args(args)
+            .env("LAYERVOL_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("spawn layervol {args:?}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "layervol {args:?} exited with {}:\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                stdout
+            ))
+        }
+    }
+
+    /// `layervol mount [-o ro] VOL MNT`.
+    pub fn mount(&self, read_only: bool) -> Result<Mount, String> {
+        let mut cmd = Command::new(layervol_bin());
+        cmd.arg("mount");
+        if read_only {
+            cmd.args(["-o", "ro"]);
+        }
+        cmd.arg(&self.path)
+            .arg(&self.mnt)
+            .env("LAYERVOL_RUN_DIR", &self.run_dir);
+        Mount::spawn(Impl::Layervol, cmd, &self.mnt, self.log.clone())
+    }
+
+    /// A live snapshot of the mounted volume (`layervol snapshot MNT --json`); checks that
+    /// it froze the expected epoch and started the next one.
+    pub fn snapshot(&self, mount: &Mount) -> Result<(), String> {
+        let out = self
+            .command(&[
+                OsStr::new("snapshot"),
+                self.mnt.as_os_str(),
+                OsStr::new("--json"),
+            ])
+            .map_err(|e| format!("live snapshot failed: {e}\n{}", mount.log_tail()))?;
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| format!("layervol snapshot --json printed no JSON ({e}): {out}"))?;
+        let want = self.next_frozen.get();
+        let (frozen, active) = (v["frozen_epoch"].as_u64(), v["active_epoch"].as_u64());
+        if frozen != Some(want) || active != Some(want + 1) {
+            return Err(format!(
+                "layervol snapshot: expected epoch {want} frozen and {} active, got {out}",
+                want + 1
+            ));
+        }
+        self.next_frozen.set(want + 1);
+        if !mount.daemon_alive() {
+            return Err(format!(
+                "daemon died during a live snapshot\n{}",
+                mount.log_tail()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `layervol verify VOL` (the volume must not be mounted).
+    pub fn verify(&self) -> Result<(), String> {
+        self.command(&[OsStr::new("verify"), self.path.as_os_str()])
+            .map(drop)
+    }
+}
+
+/// The kernel analogue of [`Volume::import`] (`FS_TESTS_IMPL=kernel`): copies the merged
+/// view of the stack's lowers (`cp -a`, failing on xattrs it cannot copy, from a read-only
+/// kernel overlay) into one layer
+/// `base`, which replaces them.
+pub fn flatten(stack: &mut Stack) -> Result<(), String> {
+    let view_dir = stack.dir.join("base-view");
+    let base = stack.dir.join("base");
+    std::fs::create_dir_all(&base).map_err(|e| format!("mkdir base: {e}"))?;
+    let view = Mount::kernel_view(&view_layers(stack)?, &view_dir)?;
+    let copied = Command::new("cp")
+        .args(["-dR", "--preserve=mode,ownership,timestamps,links,xattr"])
+        .arg(view_dir.join("."))
+        .arg(&base)
+        .stdin(Stdio::null())
+        .output();
+    view.unmount()?;
+    let out = copied.map_err(|e| format!("spawn cp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cp -a {} {}: {}",
+            view_dir.display(),
+            base.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    for lower in std::mem::replace(&mut stack.lowers, vec![base]) {
+        harness::remove_tree(&lower)?;
+    }
+    Ok(())
+}
