@@ -6,6 +6,10 @@
 //! through the same comparison as a hand-written scenario. A failing sequence is shrunk to
 //! a minimal one, which the failure message shows as a ready-to-read op list.
 //!
+//! `volume::random::ops` runs the same kind of sequences in volume mode: its "rotations"
+//! are live snapshots on the volume (rotations on the kernel oracle), its remounts remount
+//! the volume.
+//!
 //! `FS_TESTS_PROPTEST_CASES` (default 32) sets the number of cases per trial and
 //! `FS_TESTS_SEED` (default [`DEFAULT_SEED`]) the seed; the run is deterministic for a
 //! given seed.
@@ -14,7 +18,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed, TestError, TestRunner};
 
 use crate::dsl::*;
-use crate::scenario::{self, Config};
+use crate::scenario::{self, Config, Mode};
 
 pub const DEFAULT_SEED: u64 = 0x1a7e_5eed;
 
@@ -26,6 +30,9 @@ pub struct RandomTrial {
     name: &'static str,
     /// Include remounts and rotations in the generated sequences.
     rotation: bool,
+    /// Run in volume mode ([`crate::volume`]): every rotation is a live snapshot on the
+    /// volume (and a rotation on the kernel oracle).
+    volume: bool,
 }
 
 pub fn trials() -> Vec<RandomTrial> {
@@ -33,10 +40,17 @@ pub fn trials() -> Vec<RandomTrial> {
         RandomTrial {
             name: "random::ops",
             rotation: false,
+            volume: false,
         },
         RandomTrial {
             name: "random::ops_with_rotation",
             rotation: true,
+            volume: false,
+        },
+        RandomTrial {
+            name: "volume::random::ops",
+            rotation: true,
+            volume: true,
         },
     ]
 }
@@ -113,6 +127,14 @@ impl RandomTrial {
         self.name.to_string()
     }
 
+    pub fn mode(&self) -> Mode {
+        if self.volume {
+            Mode::Volume
+        } else {
+            Mode::Overlay
+        }
+    }
+
     pub fn run(&self, cfg: &Config) -> Result<(), String> {
         let cases = env_u64("FS_TESTS_PROPTEST_CASES", 32) as u32;
         let seed = env_u64("FS_TESTS_SEED", DEFAULT_SEED);
@@ -129,10 +151,11 @@ impl RandomTrial {
         let strategy = prop::collection::vec(op_strategy(self.rotation), 1..=30);
         let [top, bottom] = base_layers();
         let result = runner.run(&strategy, |ops| {
-            let s = Scenario::new(self.name)
+            let mut s = Scenario::new(self.name)
                 .lower(top.clone())
                 .lower(bottom.clone())
                 .ops(ops);
+            s.mode = self.mode();
             scenario::run(&s, cfg).map_err(TestCaseError::fail)
         });
         match result {

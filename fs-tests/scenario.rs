@@ -163,8 +163,8 @@ struct SideRun {
     labels: BTreeMap<String, Label>,
     /// (layer name, normalised tree) after the final unmount (overlay mode only).
     layers: Vec<(String, Tree)>,
-    /// Read-only view of the final layers: a read-only kernel overlay of them, or for a
-    /// volume, the volume mounted again read-only.
+    /// View of the final layers: a read-only kernel overlay of them, or for a volume, the
+    /// volume mounted again.
     view: Option<Result<Tree, String>>,
     /// `layervol verify VOL` after the final unmount (volumes only).
     verify: Option<Result<(), String>>,
@@ -265,7 +265,7 @@ fn drive(s: &Scenario, side: &Side, dir: &Path, run: &mut SideRun) -> Result<(),
     let mount_it = |stack: &Stack| match (side, &vol) {
         (Side::Kernel(opts) | Side::FlatKernel(opts), _) => Mount::kernel(stack, opts),
         (Side::Overlay(imp, via), _) => Mount::new(*imp, *via, stack),
-        (Side::Volume, Some(vol)) => vol.mount(false),
+        (Side::Volume, Some(vol)) => vol.mount(),
         (Side::Volume, None) => unreachable!("a volume side has a volume"),
     };
     let mut mount = mount_it(&stack)?;
@@ -321,7 +321,7 @@ fn drive(s: &Scenario, side: &Side, dir: &Path, run: &mut SideRun) -> Result<(),
     mount.unmount()?;
     if let Some(vol) = &vol {
         run.verify = Some(vol.verify());
-        run.view = Some(vol.mount(true).and_then(|m| {
+        run.view = Some(vol.mount().and_then(|m| {
             let tree = observe::snapshot(m.path());
             m.unmount().map(|()| tree)
         }));
@@ -359,9 +359,16 @@ fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<S
     if let Some(f) = &b.fatal {
         out.push(format!("{nb} run aborted: {f}"));
     }
+    let volume = s.mode == Mode::Volume;
     for (i, (x, y)) in a.outcomes.iter().zip(&b.outcomes).enumerate() {
+        let y = match (x, y) {
+            (Some(Outcome::Meta(m)), Some(Outcome::Meta(n))) if volume => {
+                Some(Outcome::Meta(observe::align_volume_meta(m, n)))
+            }
+            _ => y.clone(),
+        };
         if let (Some(x), Some(y)) = (x, y)
-            && x != y
+            && *x != y
         {
             out.push(format!("op #{i} {}: {na}={x} {nb}={y}", s.ops[i]));
         }
@@ -374,8 +381,15 @@ fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<S
             b.snapshots.len()
         ));
     }
+    let align = |x: &Tree, y: &Tree| {
+        if volume {
+            observe::align_volume_tree(x, y)
+        } else {
+            y.clone()
+        }
+    };
     for ((ctx, x), (_, y)) in a.snapshots.iter().zip(&b.snapshots) {
-        out.extend(observe::diff_trees(ctx, x, y, names));
+        out.extend(observe::diff_trees(ctx, x, &align(x, y), names));
     }
     for ((i, x), (_, y)) in a.stability.iter().zip(&b.stability) {
         for (path, kept) in x {
@@ -402,10 +416,12 @@ fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<S
         }
         let ctx = match s.mode {
             Mode::Overlay => "kernel read-only view of the final layers",
-            Mode::Volume => "read-only view of the final layers (the volume mounted again)",
+            Mode::Volume => "view of the final layers (kernel: read-only overlay of them; volume: mounted again)",
         };
         match (&a.view, &b.view) {
-            (Some(Ok(x)), Some(Ok(y))) => out.extend(observe::diff_trees(ctx, x, y, names)),
+            (Some(Ok(x)), Some(Ok(y))) => {
+                out.extend(observe::diff_trees(ctx, x, &align(x, y), names))
+            }
             (Some(Ok(_)), Some(Err(e))) => out.push(format!("{ctx}: failed for {nb}: {e}")),
             (Some(Err(e)), _) => out.push(format!("{ctx}: failed for {na}: {e}")),
             _ => {}

@@ -15,8 +15,10 @@
 //!   MNT --json` on the volume (the mount stays up; its JSON must report the next epochs);
 //!   [`Op::Remount`](crate::ops::Op::Remount) unmounts and mounts the volume again.
 //! - At the end: `layervol verify VOL` must exit 0 (manifests, block maps and CRCs of every
-//!   layer), and the volume mounted again read-only must show what the kernel's read-only
-//!   view of its final layers shows (data persisted across unmount, partial files included).
+//!   layer), and the volume mounted again must show what the kernel's read-only view of its
+//!   final layers shows (data persisted across unmount, partial files included). It is
+//!   mounted read-write: that is the mount a volume gets in use (`-o ro` is a different
+//!   feature with its own semantics).
 //! - Not compared: the layer directories. A volume's layers hold partial files (sparse
 //!   files whose holes read from the layers below) and live in `VOL/layers/<epoch>/tree`,
 //!   so they differ from the kernel's upper dirs by design; only merged views are compared.
@@ -28,7 +30,8 @@
 
 use std::cell::Cell;
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::process::{Command, Stdio};
 
 use crate::harness::{self, Impl, Mount, Stack};
@@ -44,6 +47,8 @@ pub struct Volume {
     mnt: PathBuf,
     /// `LAYERVOL_RUN_DIR`: the control sockets of this scenario's mounts.
     run_dir: PathBuf,
+    /// `run_dir` is a fallback outside the scenario dir, removed on drop.
+    own_run_dir: bool,
     /// Daemon log.
     log: PathBuf,
     /// The epoch the next snapshot must freeze.
@@ -62,13 +67,41 @@ fn view_layers(stack: &Stack) -> Result<Vec<PathBuf>, String> {
     Ok(layers)
 }
 
+/// Room for `/<16 hex digits>.sock` in a Unix socket path (`sun_path` is 108 bytes).
+const MAX_RUN_DIR_LEN: usize = 108 - 1 - 22;
+
+/// Fallback run dirs (when the scenario's own would make socket paths too long).
+static FALLBACK_RUN_DIRS: AtomicUsize = AtomicUsize::new(0);
+
+/// The scenario's `LAYERVOL_RUN_DIR`: `DIR/run`, or a short directory under the system
+/// temp dir when that path would not fit a Unix socket address (the second value says
+/// whether it is such a fallback, which [`Volume`] removes when dropped).
+fn run_dir(dir: &Path) -> (PathBuf, bool) {
+    let own = dir.join("run");
+    if own.as_os_str().len() <= MAX_RUN_DIR_LEN {
+        return (own, false);
+    }
+    let n = FALLBACK_RUN_DIRS.fetch_add(1, Ordering::Relaxed);
+    let short = std::env::temp_dir().join(format!("fs-tests-run.{}.{n}", std::process::id()));
+    (short, true)
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if self.own_run_dir {
+            let _ = harness::remove_tree(&self.run_dir);
+        }
+    }
+}
+
 impl Volume {
     /// Creates `stack.dir/vol` whose base layer is the merged view of the stack's lower
     /// layers (imported from a read-only kernel overlay of them).
     pub fn import(stack: &Stack) -> Result<Volume, String> {
-        let run_dir = stack.dir.join("run");
+        let (run_dir, own_run_dir) = run_dir(&stack.dir);
         std::fs::create_dir_all(&run_dir).map_err(|e| format!("mkdir run dir: {e}"))?;
         let vol = Volume {
+            own_run_dir,
             path: stack.dir.join("vol"),
             mnt: stack.mnt.clone(),
             run_dir,
@@ -110,14 +143,11 @@ impl Volume {
         }
     }
 
-    /// `layervol mount [-o ro] VOL MNT`.
-    pub fn mount(&self, read_only: bool) -> Result<Mount, String> {
+    /// `layervol mount VOL MNT`.
+    pub fn mount(&self) -> Result<Mount, String> {
         let mut cmd = Command::new(layervol_bin());
-        cmd.arg("mount");
-        if read_only {
-            cmd.args(["-o", "ro"]);
-        }
-        cmd.arg(&self.path)
+        cmd.arg("mount")
+            .arg(&self.path)
             .arg(&self.mnt)
             .env("LAYERVOL_RUN_DIR", &self.run_dir);
         Mount::spawn(Impl::Layervol, cmd, &self.mnt, self.log.clone())

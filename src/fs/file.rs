@@ -97,6 +97,7 @@ impl Overlay {
         let mode = node.start_io(writes, self.cfg.passthrough && regular && !partial);
         let fh = self.add_handle(Handle {
             partial: partial.into(),
+            chain: Mutex::new(None),
             generation: node.generation.load(Ordering::Acquire).into(),
             epoch: self.epoch().into(),
             node,
@@ -150,6 +151,7 @@ impl Overlay {
     }
 
     fn set_handle_fd(h: &Handle, (fd, partial): (OwnedFd, bool)) {
+        *h.chain.lock() = None;
         *h.file.write() = Arc::new(fd);
         h.partial.store(partial, Ordering::Release);
     }
@@ -189,7 +191,7 @@ impl Overlay {
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h)?;
         if h.partial.load(Ordering::Acquire) {
-            return self.read_partial(&h.node, fd.as_fd(), off, size);
+            return self.read_partial(&h.node, fd.as_fd(), &h.chain, off, size);
         }
         let mut buf = vec![0u8; size as usize];
         let n = sys::pread_full(fd.as_fd(), &mut buf, off)?;
@@ -431,6 +433,7 @@ impl Overlay {
             generation: 0.into(),
             epoch: self.epoch().into(),
             partial: false.into(),
+            chain: Mutex::new(None),
             flags: libc::O_RDONLY,
             io: Mutex::new(IoMode::Direct),
             entries: Mutex::new(None),

@@ -131,6 +131,8 @@ pub struct Handle {
     generation: AtomicU64,
     /// `file` is a partial file (volume mode): reads and writes go through its block map.
     partial: std::sync::atomic::AtomicBool,
+    /// For a frozen partial `file`: its map and the data below, resolved at the first read.
+    chain: parking_lot::Mutex<Option<Arc<partial::FrozenChain>>>,
     /// Snapshot epoch when `file` was opened.
     epoch: AtomicU64,
     pub flags: i32,

@@ -40,6 +40,13 @@ pub struct Level {
     map: Option<Arc<BlockMap>>,
 }
 
+/// A frozen partial file's map and the levels below it, resolved once per open handle.
+#[derive(Debug)]
+pub struct FrozenChain {
+    map: Arc<BlockMap>,
+    below: Vec<Level>,
+}
+
 /// Where volume mode keeps block maps.
 #[derive(Debug, Clone)]
 pub struct MapDirs {
@@ -240,6 +247,7 @@ impl Overlay {
         &self,
         node: &Node,
         fd: BorrowedFd,
+        cache: &parking_lot::Mutex<Option<Arc<FrozenChain>>>,
         off: u64,
         size: u32,
     ) -> Result<Vec<u8>> {
@@ -253,13 +261,26 @@ impl Overlay {
             Self::read_mapped(&ps.map, fd, &ps.below, off, &mut buf)?;
             return Ok(buf);
         }
-        // A frozen partial file (the node lives in a lower layer now).
-        let id = self.marker_of(fd)?.ok_or(Errno::EIO)?;
-        let map = self.find_map(id)?;
-        let below = self.chain_below(fd)?;
-        let n = (map.size().saturating_sub(off)).min(size as u64) as usize;
+        // A frozen partial file (the node lives in a lower layer now): immutable, so its
+        // chain is resolved once per handle.
+        let chain = {
+            let mut c = cache.lock();
+            match &*c {
+                Some(ch) => ch.clone(),
+                None => {
+                    let id = self.marker_of(fd)?.ok_or(Errno::EIO)?;
+                    let ch = Arc::new(FrozenChain {
+                        map: self.find_map(id)?,
+                        below: self.chain_below(fd)?,
+                    });
+                    *c = Some(ch.clone());
+                    ch
+                }
+            }
+        };
+        let n = (chain.map.size().saturating_sub(off)).min(size as u64) as usize;
         buf.truncate(n);
-        Self::read_mapped(&map, fd, &below, off, &mut buf)?;
+        Self::read_mapped(&chain.map, fd, &chain.below, off, &mut buf)?;
         Ok(buf)
     }
 

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Volume-mode benchmarks (issue: live snapshots, block-level copy-up). Run as root:
+
+    python3 tools/bench-volume.py [--quick] [--only delta,freeze,chain]
+
+delta   1000 random 4 KiB writes to distinct blocks of a 1 GiB lower file, then a snapshot:
+        size of the new layer (allocated bytes) against the 4 MiB written, and what kernel
+        overlayfs copies up for the same writes (its upper).
+freeze  snapshot duration with a writer running (random 4 KiB writes), on a volume holding
+        4 GiB versus one holding 64 MiB: total and in-daemon (write barrier) times, p50/p99.
+chain   sequential read of a 64 MiB file after 200 snapshots with writes between them
+        (partial files chained 200 deep) against the same data in a single-layer volume, and
+        stat of 1000 files through the same stacks.
+
+Prints a markdown table at the end. Env: LAYERVOL (binary), BENCH_WORKDIR (/var/tmp/...).
+"""
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LV = os.environ.get("LAYERVOL", os.path.join(HERE, "..", "target", "release", "layervol"))
+WORK = os.environ.get("BENCH_WORKDIR", "/var/tmp/layervol-bench-volume")
+QUICK = "--quick" in sys.argv
+ONLY = None
+if "--only" in sys.argv:
+    ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(","))
+ENV = dict(os.environ, LAYERVOL_RUN_DIR=os.path.join(WORK, "run"))
+rows = []
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, env=ENV, capture_output=True, text=True, **kw).stdout
+
+
+def lv(*args):
+    return sh(LV, *args)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def allocated(path):
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            total += os.lstat(os.path.join(d, f)).st_blocks * 512
+    return total
+
+
+def fresh(name):
+    p = os.path.join(WORK, name)
+    if os.path.ismount(os.path.join(p, "m")):
+        subprocess.run(["umount", "-l", os.path.join(p, "m")])
+    shutil.rmtree(p, ignore_errors=True)
+    os.makedirs(os.path.join(p, "src"))
+    os.makedirs(os.path.join(p, "m"))
+    return p
+
+
+def random_file(path, size):
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(chunk)
+
+
+def random_writes(path, blocks, count, rng):
+    fd = os.open(path, os.O_WRONLY)
+    chosen = rng.sample(range(blocks), count)
+    data = os.urandom(4096)
+    for b in chosen:
+        os.pwrite(fd, data, b * 4096)
+    os.close(fd)
+
+
+def delta():
+    size = (64 << 20) if QUICK else (1 << 30)
+    p = fresh("delta")
+    random_file(os.path.join(p, "src/big"), size)
+    lv("volume", "create", os.path.join(p, "vol"), "--from", os.path.join(p, "src"))
+    lv("mount", os.path.join(p, "vol"), os.path.join(p, "m"))
+    rng = random.Random(1)
+    random_writes(os.path.join(p, "m/big"), size // 4096, 1000, rng)
+    snap = json.loads(lv("snapshot", os.path.join(p, "m"), "--json"))
+    layer = os.path.join(p, "vol/layers", str(snap["frozen_epoch"]), "tree")
+    held = allocated(layer)
+    sh("umount", os.path.join(p, "m"))
+    # kernel overlayfs, same writes
+    k = os.path.join(p, "k")
+    for d in ("u", "w", "km"):
+        os.makedirs(os.path.join(k, d))
+    sh("mount", "-t", "overlay", "overlay", "-o",
+       f"lowerdir={p}/src,upperdir={k}/u,workdir={k}/w", f"{k}/km")
+    random_writes(f"{k}/km/big", size // 4096, 1000, random.Random(1))
+    sh("umount", f"{k}/km")
+    kheld = allocated(f"{k}/u")
+    written = 1000 * 4096
+    rows.append(("delta: new layer after 1000 x 4 KiB writes into a %d MiB file" % (size >> 20),
+                 f"{held / 2**20:.2f} MiB", f"{held / written:.2f} x written (target <= 1.2)",
+                 f"kernel overlayfs upper: {kheld / 2**20:.0f} MiB"))
+
+
+def freeze_run(name, size, n):
+    p = fresh(name)
+    src = os.path.join(p, "src/big")
+    with open(src, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["fallocate", "-l", str(size), src], check=True)
+    lv("volume", "create", os.path.join(p, "vol"), "--from", os.path.join(p, "src"))
+    mnt = os.path.join(p, "m")
+    lv("mount", os.path.join(p, "vol"), mnt)
+    stop = threading.Event()
+
+    def writer():
+        fd = os.open(os.path.join(mnt, "big"), os.O_WRONLY)
+        rng = random.Random(2)
+        data = os.urandom(4096)
+        while not stop.is_set():
+            os.pwrite(fd, data, rng.randrange(size // 4096) * 4096)
+        os.close(fd)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    total, barrier = [], []
+    for _ in range(n):
+        s = json.loads(lv("snapshot", mnt, "--json"))
+        total.append(s["total_micros"] / 1000)
+        barrier.append(s["barrier_micros"] / 1000)
+        time.sleep(0.02)
+    stop.set()
+    t.join()
+    sh("umount", mnt)
+    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]
+    return q(total, 50), q(total, 99), q(barrier, 50), q(barrier, 99)
+
+
+def freeze():
+    n = 20 if QUICK else 100
+    small = freeze_run("freeze-small", 64 << 20, n)
+    big = freeze_run("freeze-big", (256 << 20) if QUICK else (4 << 30), n)
+    rows.append(("freeze, 64 MiB volume, writer running (ms)",
+                 f"total p50 {small[0]:.1f} p99 {small[1]:.1f}",
+                 f"barrier p50 {small[2]:.2f} p99 {small[3]:.2f}", ""))
+    rows.append(("freeze, %s volume, writer running (ms)" % ("256 MiB" if QUICK else "4 GiB"),
+                 f"total p50 {big[0]:.1f} p99 {big[1]:.1f}",
+                 f"barrier p50 {big[2]:.2f} p99 {big[3]:.2f}",
+                 f"ratio big/small total p50 {big[0] / small[0]:.2f} (target <= 1.5)"))
+
+
+def timed_read(path):
+    drop_caches()
+    t0 = time.monotonic()
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    return time.monotonic() - t0
+
+
+def timed_stats(d, names):
+    drop_caches()
+    t0 = time.monotonic()
+    for n in names:
+        os.lstat(os.path.join(d, n))
+    return time.monotonic() - t0
+
+
+def chain():
+    snaps = 20 if QUICK else 200
+    size = 64 << 20
+    p = fresh("chain")
+    random_file(os.path.join(p, "src/big"), size)
+    os.makedirs(os.path.join(p, "src/files"))
+    names = [f"f{i}" for i in range(1000)]
+    for n in names:
+        with open(os.path.join(p, "src/files", n), "w") as f:
+            f.write(n)
+    lv("volume", "create", os.path.join(p, "vol"), "--from", os.path.join(p, "src"))
+    mnt = os.path.join(p, "m")
+    lv("mount", os.path.join(p, "vol"), mnt)
+    rng = random.Random(3)
+    for _ in range(snaps):
+        random_writes(os.path.join(mnt, "big"), size // 4096, 16, rng)
+        lv("snapshot", mnt)
+    sh("umount", mnt)
+    lv("mount", os.path.join(p, "vol"), mnt)
+    deep = timed_read(os.path.join(mnt, "big"))
+    deep_stat = timed_stats(os.path.join(mnt, "files"), names)
+    sh("umount", mnt)
+    # the same data in a single-layer volume
+    q = fresh("chain-flat")
+    shutil.copytree(os.path.join(p, "src/files"), os.path.join(q, "src/files"))
+    lv("mount", os.path.join(p, "vol"), mnt)
+    shutil.copyfile(os.path.join(mnt, "big"), os.path.join(q, "src/big"))
+    sh("umount", mnt)
+    lv("volume", "create", os.path.join(q, "vol"), "--from", os.path.join(q, "src"))
+    qm = os.path.join(q, "m")
+    lv("mount", os.path.join(q, "vol"), qm)
+    flat = timed_read(os.path.join(qm, "big"))
+    flat_stat = timed_stats(os.path.join(qm, "files"), names)
+    sh("umount", qm)
+    rows.append((f"sequential read of 64 MiB after {snaps} snapshots (s)",
+                 f"{deep:.3f} vs single layer {flat:.3f}",
+                 f"throughput ratio {flat / deep:.2f} (target >= 0.8)", "no squash yet"))
+    rows.append((f"lstat of 1000 files after {snaps} snapshots (s)",
+                 f"{deep_stat:.3f} vs single layer {flat_stat:.3f}",
+                 f"slowdown {deep_stat / flat_stat:.2f} (target <= 1.2)", ""))
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("bench-volume: must run as root")
+    if not os.access(LV, os.X_OK):
+        sys.exit(f"bench-volume: no layervol binary at {LV} (cargo build --release)")
+    os.makedirs(WORK, exist_ok=True)
+    for name, f in (("delta", delta), ("freeze", freeze), ("chain", chain)):
+        if ONLY is None or name in ONLY:
+            print(f"[bench-volume] {name} ...", flush=True)
+            f()
+    print("\n| measurement | result | against the target | note |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
