@@ -344,3 +344,19 @@ fn a_snapshot_holds_only_the_written_blocks() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+#[test]
+fn periodic_snapshots() {
+    let v = Vol::new();
+    v.ok(&["mount", "vol", "m", "-o", "snapshot_interval=0.2"]);
+    std::fs::write(v.p("m/f"), b"1").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let st = v.json(&["status", "m", "--json"]);
+    assert!(
+        st["active_epoch"].as_u64().unwrap() >= 4,
+        "no periodic snapshots: {st}"
+    );
+    assert_eq!(std::fs::read(v.p("m/f")).unwrap(), b"1");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
