@@ -451,7 +451,7 @@ impl Mount {
         }
         self.mounted = false;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.daemons.iter().any(|pid| process_alive(*pid)) {
+        while self.daemons.iter().any(|pid| !process_gone(*pid)) {
             if Instant::now() > deadline {
                 return Err(format!(
                     "daemon {:?} still running 10 s after umount\n{}",
@@ -576,6 +576,20 @@ fn find_daemons(mnt: &Path) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// Whether a process has released everything it held (files, locks): it no longer exists,
+/// or it is a zombie without other threads. A multithreaded daemon's main thread turns
+/// zombie while its other threads still run their exit, and the process keeps its open
+/// files (e.g. a volume's lock) until the last thread is gone.
+fn process_gone(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    let only_leader = tasks
+        .flatten()
+        .all(|t| t.file_name().to_str() == Some(pid.to_string().as_str()));
+    only_leader && !process_alive(pid)
 }
 
 /// Alive = exists and is not a zombie.

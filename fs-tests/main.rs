@@ -30,9 +30,23 @@
 //! trials ([`random`]). A remount keeps the work dir (the kernel keeps its hard-link index
 //! there); a rotation starts a fresh one, as a new upper needs.
 //!
+//! Volume mode ([`volume`]): `volume::GROUP::NAME` (every group but `mount`) and
+//! `volume::random::ops` run on a layervol *volume* whose base layer is imported from the
+//! merged view of the scenario's lowers, with a live snapshot (`layervol snapshot`, no
+//! unmount) wherever the rotation variant rotates, plus up to two live snapshots where
+//! files are open (the kernel does nothing there: a snapshot must be invisible). The oracle
+//! is kernel overlayfs with `index=off` (volume mode has no hard-link index) rotating at
+//! the same points. Compared: the result of every call, the merged views, inode identity
+//! and stability, `layervol verify` after every snapshot and at the end, and the view of the
+//! volume mounted again. The upper/layer directories are *not* compared in volume mode: a
+//! volume's layers hold partial files (block-level copy-up) and differ from the kernel's
+//! upper dirs by design.
+//!
 //! Environment:
 //! - `FS_TESTS_IMPL`: `layervol` (default), `kernel` (a second kernel overlay: validates
-//!   the suite, must pass 100 %), `fuse-overlayfs` (a reference FUSE overlay);
+//!   the suite, must pass 100 %; in volume mode it runs over a flattened copy of the
+//!   lowers, see [`volume`]), `fuse-overlayfs` (a reference FUSE overlay; the volume trials
+//!   are ignored);
 //! - `FS_TESTS_PROPTEST_CASES` (default 32) and `FS_TESTS_SEED` (default fixed) for the
 //!   randomized trials ([`random`]);
 //! - `FS_TESTS_TMPDIR` (default /tmp), `FS_TESTS_KEEP=1` keeps the directories of failed
@@ -61,8 +75,13 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use crate::harness::Impl;
 use crate::scenario::{Config, Mode, Scenario};
 
-/// Rotations inserted into each scenario's rotation variant (`rotated::...`).
+/// Rotations inserted into each scenario's rotation variant (`rotated::...`); the volume
+/// variant (`volume::...`) takes live snapshots at the same points.
 const ROTATIONS: usize = 3;
+
+/// Extra live snapshots of a volume variant at points where files are open (the kernel
+/// cannot rotate there and does nothing; see [`ops::Op::Snapshot`]).
+const OPEN_SNAPSHOTS: usize = 2;
 
 /// Fails loudly when the suite cannot run for real: it needs root (mounting, mknod,
 /// trusted.* xattrs, chown) and /dev/fuse.
@@ -91,12 +110,21 @@ fn preflight() -> Result<(), String> {
 /// Scenarios where layervol knowingly differs from the kernel, each with the reason. They
 /// still run: a known deviation that starts to match the kernel fails the trial, so this list
 /// can only shrink. Only layervol runs are affected (`FS_TESTS_IMPL=kernel` must pass all).
-const KNOWN_DEVIATIONS: &[(&str, &str)] = &[(
-    "rotated::hardlink::link_then_write_new_link",
-    "two names hard-linked inside a layer that was rotated down: writing one name keeps the \
-     link in layervol (one index copy), while the kernel, whose index was left behind in the \
-     old work dir, breaks it",
-)];
+const KNOWN_DEVIATIONS: &[(&str, &str)] = &[
+    (
+        "rotated::hardlink::link_then_write_new_link",
+        "two names hard-linked inside a layer that was rotated down: writing one name keeps the \
+         link in layervol (one index copy), while the kernel, whose index was left behind in the \
+         old work dir, breaks it",
+    ),
+    (
+        "volume::rename::same_name_and_hardlink_noop",
+        "rename(a, a2) of two names of one lower inode: the volume oracle (index=off) gives each \
+         name of a lower hard link its own overlay inode, so the VFS does not see a rename onto \
+         the same inode and the kernel removes a; layervol sees one inode and does nothing, as \
+         POSIX requires",
+    ),
+];
 
 fn main() {
     let args = Arguments::from_args();
@@ -161,7 +189,7 @@ fn main() {
                     r.name = format!("rotated::{}", s.name);
                     rotated.push(r);
                 }
-                let mut v = s.volume(ROTATIONS);
+                let mut v = s.volume(ROTATIONS, OPEN_SNAPSHOTS);
                 v.name = format!("volume::{}", s.name);
                 volume.push(v);
             }

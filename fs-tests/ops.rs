@@ -101,8 +101,14 @@ pub enum Op {
     /// Closes all slots, unmounts, remounts the same stack.
     Remount,
     /// Closes all slots, unmounts, turns the upper into the top lower layer, mounts with a
-    /// new empty upper and a fresh work dir.
+    /// new empty upper and a fresh work dir. On a volume: a live snapshot instead (slots
+    /// are closed too, so that both sides run the same calls).
     Rotate,
+    /// A live snapshot with the open slots kept open (volume variants only, where files
+    /// are open and the kernel cannot rotate). A live snapshot must be invisible, so every
+    /// other side does nothing but look at the merged view, like the volume does around
+    /// the snapshot.
+    Snapshot,
 }
 
 /// The observable result of one op.
@@ -245,7 +251,11 @@ impl fmt::Display for Op {
             Op::Fino(l, s) => write!(f, "ino[{l}] = fstat(fd{s}).st_ino"),
             Op::Checkpoint => write!(f, "checkpoint"),
             Op::Remount => write!(f, "remount"),
-            Op::Rotate => write!(f, "rotate (upper becomes a lower layer)"),
+            Op::Rotate => write!(
+                f,
+                "rotate (upper becomes a lower layer; volume: live snapshot)"
+            ),
+            Op::Snapshot => write!(f, "live snapshot with files open (volume only)"),
         }
     }
 }
@@ -468,7 +478,7 @@ impl Exec {
                 }
                 Err(e) => Outcome::Err(e),
             },
-            Op::Checkpoint | Op::Remount | Op::Rotate => {
+            Op::Checkpoint | Op::Remount | Op::Rotate | Op::Snapshot => {
                 unreachable!("control ops are run by the scenario runner")
             }
         }

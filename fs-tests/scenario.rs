@@ -13,6 +13,10 @@
 //!   gives of "upper on top of the lowers" (which compares what redirects mean rather than
 //!   how they are spelled, and checks the upper is one the kernel understands).
 //!
+//! In [`Mode::Volume`] the implementation side is a layervol volume (see [`crate::volume`]):
+//! rotations are live snapshots there, layer directories are not compared, and the final
+//! "view" is the volume mounted again.
+//!
 //! Inode stability across a remount or rotation is compared one way only: where the kernel
 //! keeps a path's inode, the implementation must keep it too (it may be more stable than
 //! the kernel, e.g. for copied-up files after a rotation).
@@ -93,7 +97,7 @@ impl Scenario {
             let last = i + 1 == self.ops.len();
             let next_is_control = matches!(
                 self.ops.get(i + 1),
-                Some(Op::Rotate | Op::Remount | Op::Checkpoint)
+                Some(Op::Rotate | Op::Remount | Op::Checkpoint | Op::Snapshot)
             );
             if open.is_empty() && !last && !next_is_control {
                 points.push(i);
@@ -124,12 +128,47 @@ impl Scenario {
 
     /// The volume variant: the ops of the rotation variant (or the plain ops when there is
     /// no point to rotate at), run in [`Mode::Volume`], where each rotation is a live
-    /// snapshot on the volume.
-    pub fn volume(&self, max: usize) -> Scenario {
-        let mut v = self.rotated(max).unwrap_or_else(|| self.clone());
-        v.mode = Mode::Volume;
-        v.via = MountVia::Direct;
-        v
+    /// snapshot on the volume; plus up to `open_max` [`Op::Snapshot`]s spread over the
+    /// points where files are open (there the kernel cannot rotate; it does nothing).
+    pub fn volume(&self, max: usize, open_max: usize) -> Scenario {
+        let base = self.rotated(max).unwrap_or_else(|| self.clone());
+        let mut open = std::collections::BTreeSet::new();
+        let mut points = Vec::new();
+        for (i, op) in base.ops.iter().enumerate() {
+            match op {
+                Op::Open(slot, ..) => {
+                    open.insert(*slot);
+                }
+                Op::Close(slot) => {
+                    open.remove(slot);
+                }
+                _ => {}
+            }
+            let next_is_control = matches!(
+                base.ops.get(i + 1),
+                None | Some(Op::Rotate | Op::Remount | Op::Checkpoint | Op::Snapshot)
+            );
+            if !open.is_empty() && !next_is_control {
+                points.push(i);
+            }
+        }
+        let n = points.len().min(open_max);
+        let chosen: Vec<usize> = (0..n)
+            .map(|k| points[(2 * k + 1) * points.len() / (2 * n)])
+            .collect();
+        let mut ops = Vec::new();
+        for (i, op) in base.ops.iter().enumerate() {
+            ops.push(op.clone());
+            if chosen.contains(&i) {
+                ops.push(Op::Snapshot);
+            }
+        }
+        Scenario {
+            ops,
+            mode: Mode::Volume,
+            via: MountVia::Direct,
+            ..base
+        }
     }
 
     /// Mount the implementation with `mount -t fuse.layervol` instead of running it directly.
@@ -166,8 +205,12 @@ struct SideRun {
     /// View of the final layers: a read-only kernel overlay of them, or for a volume, the
     /// volume mounted again.
     view: Option<Result<Tree, String>>,
-    /// `layervol verify VOL` after the final unmount (volumes only).
-    verify: Option<Result<(), String>>,
+    /// Paths whose st_ino changed across a live snapshot at a rotation point (volumes
+    /// only; at other snapshots the kernel comparison already requires stability).
+    unstable: Vec<String>,
+    /// Failures of `layervol verify VOL` after each live snapshot and after the final
+    /// unmount (volumes only).
+    verify: Vec<String>,
     /// An error that stopped the run (mount failure, daemon death, ...).
     fatal: Option<String>,
     /// Tail of the daemon log, for reports.
@@ -278,13 +321,30 @@ fn drive(s: &Scenario, side: &Side, dir: &Path, run: &mut SideRun) -> Result<(),
                     observe::snapshot(&stack.mnt),
                 ));
             }
+            Op::Snapshot => {
+                let before = observe::snapshot(&stack.mnt);
+                if let Some(vol) = &vol {
+                    vol.snapshot(&mount)?;
+                    vol.verify_after_snapshot(i, &mut run.verify);
+                }
+                let after = observe::snapshot(&stack.mnt);
+                run.stability
+                    .push((i, observe::ino_stability(&before, &after)));
+                run.snapshots
+                    .push((format!("merged view before op #{i} ({op})"), before));
+                run.snapshots
+                    .push((format!("merged view after op #{i} ({op})"), after));
+            }
             Op::Remount | Op::Rotate => {
                 exec.close_all();
                 let before = observe::snapshot(&stack.mnt);
                 run.log = mount.log_tail();
                 match (op, &vol) {
                     // A volume takes a live snapshot where the kernel rotates: no unmount.
-                    (Op::Rotate, Some(vol)) => vol.snapshot(&mount)?,
+                    (Op::Rotate, Some(vol)) => {
+                        vol.snapshot(&mount)?;
+                        vol.verify_after_snapshot(i, &mut run.verify);
+                    }
                     _ => {
                         mount.unmount()?;
                         // A remount keeps the work dir (the kernel's index of hard links
@@ -297,8 +357,18 @@ fn drive(s: &Scenario, side: &Side, dir: &Path, run: &mut SideRun) -> Result<(),
                 }
                 exec.epoch += 1;
                 let after = observe::snapshot(&stack.mnt);
-                run.stability
-                    .push((i, observe::ino_stability(&before, &after)));
+                let stability = observe::ino_stability(&before, &after);
+                if vol.is_some() && matches!(op, Op::Rotate) {
+                    // The kernel's rotation is a remount and may renumber; a live snapshot
+                    // must not (the design promises st_ino stable across snapshots).
+                    for (path, _) in stability.iter().filter(|(_, kept)| !**kept) {
+                        run.unstable.push(format!(
+                            "op #{i} {op}: {:?} changed its st_ino across the live snapshot",
+                            if path.is_empty() { "/" } else { path }
+                        ));
+                    }
+                }
+                run.stability.push((i, stability));
                 run.snapshots
                     .push((format!("merged view before op #{i} ({op})"), before));
                 run.snapshots
@@ -320,7 +390,9 @@ fn drive(s: &Scenario, side: &Side, dir: &Path, run: &mut SideRun) -> Result<(),
     run.log = mount.log_tail();
     mount.unmount()?;
     if let Some(vol) = &vol {
-        run.verify = Some(vol.verify());
+        if let Err(e) = vol.verify() {
+            run.verify.push(format!("after the final unmount: {e}"));
+        }
         run.view = Some(vol.mount().and_then(|m| {
             let tree = observe::snapshot(m.path());
             m.unmount().map(|()| tree)
@@ -402,6 +474,10 @@ fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<S
         }
     }
     out.extend(compare_labels(&a.labels, &b.labels, names, complete));
+    out.extend(b.unstable.iter().cloned());
+    for e in &b.verify {
+        out.push(format!("layervol verify reports damage {e}"));
+    }
     if complete {
         for ((name, x), (_, y)) in a.layers.iter().zip(&b.layers) {
             out.extend(observe::diff_trees(
@@ -411,12 +487,11 @@ fn compare(s: &Scenario, a: &SideRun, b: &SideRun, names: (&str, &str)) -> Vec<S
                 names,
             ));
         }
-        if let Some(Err(e)) = &b.verify {
-            out.push(format!("layervol verify of the volume failed: {e}"));
-        }
         let ctx = match s.mode {
             Mode::Overlay => "kernel read-only view of the final layers",
-            Mode::Volume => "view of the final layers (kernel: read-only overlay of them; volume: mounted again)",
+            Mode::Volume => {
+                "view of the final layers (kernel: read-only overlay of them; volume: mounted again)"
+            }
         };
         match (&a.view, &b.view) {
             (Some(Ok(x)), Some(Ok(y))) => {

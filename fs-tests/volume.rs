@@ -1,38 +1,49 @@
 //! Volume mode: the implementation side of the `volume::...` trials.
 //!
 //! A volume variant runs a scenario's ops on a layervol *volume* (`layervol volume create`,
-//! `layervol mount`) instead of an overlay mount, with live snapshots (`layervol snapshot
+//! `layervol mount`) instead of an overlay mount, takes live snapshots (`layervol snapshot
 //! MNT`, no unmount) where the rotation variant rotates, and compares it with kernel
-//! overlayfs (oracle, mounted with [`crate::harness::VOLUME_KERNEL_OPTIONS`]) that rotates
-//! its upper into its lowers at the same points.
+//! overlayfs (the oracle, mounted with [`crate::harness::VOLUME_KERNEL_OPTIONS`], i.e.
+//! `index=off`) rotating its upper into its lowers at the same points.
 //!
-//! - Same starting view: a volume has one base layer, a scenario has a stack of lower
-//!   layers (whiteouts, opaque dirs, redirects). The base is imported from the merged view
-//!   of those layers: a read-only kernel overlay of them is mounted and `layervol volume
-//!   create VOL --from VIEW` copies it ([`Volume::import`]). This is the only way to give a
-//!   volume exactly the oracle's starting view.
-//! - Snapshots: every [`Op::Rotate`](crate::ops::Op::Rotate) becomes `layervol snapshot
-//!   MNT --json` on the volume (the mount stays up; its JSON must report the next epochs);
-//!   [`Op::Remount`](crate::ops::Op::Remount) unmounts and mounts the volume again.
-//! - At the end: `layervol verify VOL` must exit 0 (manifests, block maps and CRCs of every
-//!   layer), and the volume mounted again must show what the kernel's read-only view of its
-//!   final layers shows (data persisted across unmount, partial files included). It is
-//!   mounted read-write: that is the mount a volume gets in use (`-o ro` is a different
-//!   feature with its own semantics).
+//! - Same starting view: a volume has one base layer, a scenario a stack of lower layers
+//!   (whiteouts, opaque dirs, redirects). The base is imported from the merged view of the
+//!   stack: a read-only kernel overlay of it is mounted and `layervol volume create VOL
+//!   --from VIEW` copies it ([`Volume::import`]).
+//! - Snapshots: every `Op::Rotate` is `layervol snapshot MNT --json` on the volume (its
+//!   JSON must report the next epochs) and a rotation on the kernel; both close the open
+//!   files first, and rotation points have none anyway. `Op::Snapshot` (inserted where
+//!   files *are* open, where the kernel cannot rotate) is a live snapshot with the files
+//!   kept open, and nothing on the kernel: a live snapshot must be invisible, so open
+//!   descriptors must keep working and every path must keep its `st_ino`. `Op::Remount`
+//!   unmounts the volume and mounts it again (see [`crate::ops::Op`]).
+//! - `layervol verify VOL` must succeed after every live snapshot (the volume still
+//!   mounted: it checks the frozen layers) and after the final unmount (all layers).
+//! - Persistence: after the final unmount the volume is mounted again; its view must equal
+//!   the kernel's read-only view of its final layers.
 //! - Not compared: the layer directories. A volume's layers hold partial files (sparse
-//!   files whose holes read from the layers below) and live in `VOL/layers/<epoch>/tree`,
-//!   so they differ from the kernel's upper dirs by design; only merged views are compared.
+//!   files with a `trusted.layervol.partial` block map, whose holes read from the layers
+//!   below) under `VOL/layers/<epoch>/tree`, so they differ from the kernel's upper dirs by
+//!   design; only merged views are compared, and `trusted.layervol.*` xattrs are ignored in
+//!   them.
+//! - Differences that come from the setup, not from the filesystem, are normalised:
+//!   - the base layer is *flattened*: a directory merged from several lowers on the kernel
+//!     is a plain directory in the volume, and overlayfs reports `nlink = 1` for merged
+//!     directories only ([`crate::observe::align_volume_meta`]);
+//!   - a volume's new active layer (at creation and at every snapshot) gets the root
+//!     attributes of the layer below, while a kernel rotation starts from a fresh upper
+//!     dir; the kernel side does the same with [`Stack::inherit_root_attrs`].
 //!
 //! With `FS_TESTS_IMPL=kernel` the candidate of a volume variant is a second kernel
-//! overlay over a *flattened* copy of the lowers ([`flatten`], the kernel analogue of the
-//! import), rotating at the snapshot points. This validates the volume-mode comparisons
-//! themselves (the flattening and its normalisations) without layervol.
+//! overlay over a flattened copy of the lowers ([`flatten`], the kernel analogue of the
+//! import) with the same options, rotating at the snapshot points. This validates the
+//! volume-mode comparisons and normalisations themselves without layervol.
 
 use std::cell::Cell;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::harness::{self, Impl, Mount, Stack};
 
@@ -183,7 +194,18 @@ impl Volume {
         Ok(())
     }
 
-    /// `layervol verify VOL` (the volume must not be mounted).
+    /// `layervol verify VOL` right after the live snapshot at op `i` (the frozen layer is
+    /// sealed before the snapshot returns, so it must verify while the volume stays
+    /// mounted). Damage stays, so only the first failure is recorded in `problems`.
+    pub fn verify_after_snapshot(&self, i: usize, problems: &mut Vec<String>) {
+        if problems.is_empty()
+            && let Err(e) = self.verify()
+        {
+            problems.push(format!("after the live snapshot at op #{i}: {e}"));
+        }
+    }
+
+    /// `layervol verify VOL`: checks the frozen layers (all of them when unmounted).
     pub fn verify(&self) -> Result<(), String> {
         self.command(&[OsStr::new("verify"), self.path.as_os_str()])
             .map(drop)
@@ -191,9 +213,8 @@ impl Volume {
 }
 
 /// The kernel analogue of [`Volume::import`] (`FS_TESTS_IMPL=kernel`): copies the merged
-/// view of the stack's lowers (`cp -a`, failing on xattrs it cannot copy, from a read-only
-/// kernel overlay) into one layer
-/// `base`, which replaces them.
+/// view of the stack's lowers (a read-only kernel overlay of them) into one layer `base`,
+/// which replaces them (`cp -a`, failing on xattrs it cannot copy).
 pub fn flatten(stack: &mut Stack) -> Result<(), String> {
     let view_dir = stack.dir.join("base-view");
     let base = stack.dir.join("base");

@@ -135,6 +135,8 @@ fn mount(
         layers: vol.path().join("layers"),
     });
     if plan.read_only {
+        // Read-only: the active layer is shown too, as the top lower layer.
+        plan.cfg.lowers.insert(0, vol.upper_dir());
         plan.cfg.upper = None;
         plan.cfg.work = None;
     }
@@ -192,9 +194,10 @@ fn snapshot(
         .context("snapshot failed; the volume is unchanged")?;
     let f = done.context("freeze did not run")?;
     // The manifest reads the whole frozen layer: write it outside the barrier.
-    if let Err(e) = v.seal(f.frozen_epoch) {
-        tracing::warn!("sealing epoch {}: {e:#}", f.frozen_epoch);
-    }
+    let seal_error = v.seal(f.frozen_epoch).err().map(|e| {
+        tracing::error!("sealing epoch {}: {e:#}", f.frozen_epoch);
+        format!("{e:#}")
+    });
     let total = t0.elapsed().as_micros() as u64;
     *last.lock() = Some(LastSnapshot {
         unix_secs: now_secs(),
@@ -210,6 +213,7 @@ fn snapshot(
         "total_micros": total,
         "dirty_bytes": stats.dirty_bytes,
         "dirty_files": stats.dirty_files,
+        "seal_error": seal_error,
     }))
 }
 

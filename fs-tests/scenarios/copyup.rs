@@ -142,6 +142,45 @@ pub fn scenarios() -> Vec<Scenario> {
                 listxattr("d/f"),
                 readdir("d"),
             ]),
+        // Data ops on a file that a metadata change or a write copied up just before (in
+        // volume mode: a partial file whose holes read from below). Long enough that the
+        // rotation/volume variants keep the first two ops in one epoch.
+        Scenario::new("metadata_copy_up_then_o_trunc")
+            .lower(Layer::new().file("f", "0123456789"))
+            .ops([
+                chmod("f", 0o600),
+                write("f", "x"),
+                read("f"),
+                stat("f"),
+                append("f", "y"),
+                read("f"),
+                stat("f"),
+                read("f"),
+            ]),
+        Scenario::new("write_copy_up_then_truncate_path")
+            .lower(Layer::new().file("f", "0123456789"))
+            .ops([
+                append("f", "+"),
+                truncate("f", 3),
+                read("f"),
+                truncate("f", 20),
+                read("f"),
+                stat("f"),
+                read("f"),
+                stat("f"),
+            ]),
+        Scenario::new("rename_then_truncate_to_empty")
+            .lower(Layer::new().file("f", "0123456789"))
+            .ops([
+                rename("f", "g"),
+                write("g", ""),
+                stat("g"),
+                read("g"),
+                append("g", "z"),
+                read("g"),
+                stat("g"),
+                read("g"),
+            ]),
         Scenario::new("copy_up_in_renamed_parent")
             .lower(Layer::new().file("d/f", "f").file("d/g", "g"))
             .ops([

@@ -92,6 +92,15 @@ impl Overlay {
         }
         let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
         let (fd, partial) = self.open_handle_fd(&node, oflags)?;
+        if partial
+            && flags & libc::O_TRUNC != 0
+            && let Some(mut g) = self.live_partial(&node, fd.as_fd())?
+            && let Some(ps) = g.as_mut()
+        {
+            // The data file was cut by the open; the map must agree (nothing reads from below).
+            ps.map.truncate_file(fd.as_fd(), 0)?;
+            ps.dirty = true;
+        }
         let fd = Arc::new(fd);
         let regular = node.fmt == libc::S_IFREG;
         let mode = node.start_io(writes, self.cfg.passthrough && regular && !partial);
@@ -173,6 +182,12 @@ impl Overlay {
     /// The fd to write through: never a file of a frozen layer.
     fn write_fd(&self, h: &Handle) -> Result<Arc<OwnedFd>> {
         let epoch = self.epoch();
+        if h.epoch.load(Ordering::Acquire) != epoch && h.node.path().is_none() {
+            // Open but unlinked: the file is in no layer, so writing it cannot change a
+            // frozen one. Keep writing where it is.
+            h.epoch.store(epoch, Ordering::Release);
+            return Ok(h.fd());
+        }
         if h.epoch.load(Ordering::Acquire) != epoch {
             self.refresh(&h.node);
             self.copy_up(&h.node, true)?;
@@ -344,7 +359,8 @@ impl Overlay {
                 .filter(|h| h.flags & libc::O_ACCMODE != libc::O_RDONLY)
             {
                 Some(h) => self.write_fd(h)?,
-                None => Arc::new(self.open_object(&node, libc::O_WRONLY)?),
+                // A partial file's map reads back the new last block: O_RDWR.
+                None => Arc::new(self.open_object(&node, libc::O_RDWR)?),
             };
             match self.live_partial(&node, fd.as_fd())? {
                 Some(mut g) if g.is_some() => {

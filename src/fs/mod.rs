@@ -150,6 +150,8 @@ impl Handle {
 /// The layer stack. Replaced as a whole when a live snapshot freezes the upper.
 #[derive(Debug)]
 pub struct Layers {
+    /// The snapshot epoch this stack belongs to.
+    pub epoch: u64,
     pub upper: Option<Arc<Layer>>,
     /// Lower layers by stable id (`LowerRef::layer`). The stack order is by id, highest on
     /// top, so a frozen upper (the next id) slides in on top without renumbering anything.
@@ -290,7 +292,11 @@ impl Overlay {
         Ok(Overlay {
             x: XattrNames::new(cfg.userxattr),
             cfg,
-            layers: parking_lot::RwLock::new(Arc::new(Layers { upper, lowers })),
+            layers: parking_lot::RwLock::new(Arc::new(Layers {
+                epoch: 0,
+                upper,
+                lowers,
+            })),
             work,
             index,
             epoch: AtomicU64::new(0),
@@ -362,7 +368,8 @@ impl Overlay {
     fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat, upper: bool) -> u64 {
         if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin)
             && let Some((ino, nlink)) = self.origin_ino(&fb)
-            && (upper || nlink <= 1)
+            // Directories have no hard links: their origin is always their identity.
+            && (upper || nlink <= 1 || sys::is_dir(st))
         {
             return ino;
         }
@@ -434,14 +441,20 @@ impl Overlay {
         Ok((Where::Lower(lr.layer), Arc::new(d), n))
     }
 
-    /// Upper directory fd of `node`, which must already be copied up.
+    /// Upper directory fd of `node`, which must already be copied up. The cache is tagged
+    /// with the epoch of the stack it was opened in: an fd of an upper that a snapshot froze
+    /// is never handed out as the current upper.
     fn upper_dir(&self, node: &Node) -> Result<DirFd> {
+        let layers = self.layers();
         let mut cached = node.upper_fd.lock();
-        if let Some(fd) = &*cached {
+        if let Some((epoch, fd)) = &*cached
+            && *epoch == layers.epoch
+        {
             return Ok(fd.clone());
         }
-        let fd = Arc::new(self.upper()?.dir(&node.path().ok_or(Errno::ENOENT)?)?);
-        *cached = Some(fd.clone());
+        let up = layers.upper.as_ref().ok_or(Errno::EROFS)?;
+        let fd = Arc::new(up.dir(&node.path().ok_or(Errno::ENOENT)?)?);
+        *cached = Some((layers.epoch, fd.clone()));
         Ok(fd)
     }
 

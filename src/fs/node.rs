@@ -70,7 +70,7 @@ pub struct Node {
     /// The live block map of this file's upper partial file (volume mode).
     pub partial: Mutex<Option<super::partial::PartialState>>,
     /// Cached O_PATH fd of this directory in the upper (see `Layout::lower_fds`).
-    pub upper_fd: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
+    pub upper_fd: Mutex<Option<(u64, Arc<std::os::fd::OwnedFd>)>>,
     /// Open handles by kernel I/O mode. The kernel refuses (EIO) to have one inode open in
     /// passthrough and page-cached mode at once, so every open picks a compatible mode.
     pub io: Mutex<IoCounts>,

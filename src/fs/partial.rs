@@ -115,7 +115,13 @@ impl Overlay {
             if levels.len() > 4096 {
                 return Err(Errno::ELOOP);
             }
-            let mount = self.upper()?;
+            // Any layer root serves as mount fd: a volume's layers share one filesystem.
+            let layers = self.layers();
+            let mount = layers
+                .upper
+                .as_ref()
+                .or(layers.lowers.first())
+                .ok_or(Errno::EIO)?;
             let lfd = layer::open_by_fb(&fb, mount.root_rd.as_fd(), libc::O_RDONLY)?;
             let map = match self.marker_of(lfd.as_fd())? {
                 Some(id) => {
@@ -166,6 +172,9 @@ impl Overlay {
         let made = (|| -> Result<PartialState> {
             let f = sys::openat(wdir, &tmp, libc::O_WRONLY, 0)?;
             sys::ftruncate(f.as_fd(), st.st_size as u64)?;
+            // The truncate stamped "now": a copy-up keeps the file's times.
+            let times = [super::copyup::st_atime(&st), super::copyup::st_mtime(&st)];
+            sys::utimensat(wdir, &tmp, &times)?;
             let below = layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd())?;
             sys::setxattr(wdir, &tmp, &below_key(self.cfg.userxattr), &below, 0)?;
             let id = MapId::random().map_err(|_| Errno::EIO)?;

@@ -63,6 +63,7 @@ impl Overlay {
             lowers.push(old);
             let id = lowers.len() - 1;
             *layers = Arc::new(Layers {
+                epoch: epoch + 1,
                 upper: Some(next_upper),
                 lowers,
             });
@@ -109,7 +110,6 @@ impl Overlay {
         }
         let is_root = parent.is_none() && !st.unlinked && node.ino == super::ROOT_INO;
         for (before, id) in freezes.iter().filter(|(b, _)| *b >= since) {
-            let _ = before;
             if !st.upper {
                 continue;
             }
@@ -137,7 +137,9 @@ impl Overlay {
                 dirs.extend(old.lower_dirs.iter().cloned());
                 let l = Layout::new(None, dirs);
                 // The cached upper fd is the frozen directory now.
-                if let Some(fd) = node.upper_fd.lock().take() {
+                if let Some((e, fd)) = node.upper_fd.lock().take()
+                    && e == *before
+                {
                     let _ = l.lower_fds[0].set(fd);
                 }
                 for (i, fd) in old.lower_fds.iter().enumerate() {

@@ -121,6 +121,9 @@ pub enum VolumeError {
         "volume {path} is inconsistent: {reason}; run `layervol verify` and restore from a replica if it reports damage"
     )]
     Inconsistent { path: PathBuf, reason: String },
+
+    #[error("cannot squash volume {path}: {reason}")]
+    SquashRefused { path: PathBuf, reason: String },
 }
 
 impl VolumeError {

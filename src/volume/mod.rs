@@ -9,6 +9,8 @@
 //! - `meta`: the checksummed JSON envelope and the atomic-replace write every metadata file uses
 //! - `scan`: walking a layer tree to build or check its manifest
 //! - `import`: the faithful copy of a directory into a base layer
+//! - `squash`: merging frozen layers into one (crash-safe, view-preserving), making the
+//!   stack kernel-mountable, and exporting the merged view as a plain tree
 //!
 //! What this subsystem must never do: write into a frozen layer (the only exceptions are
 //! `store`'s seal, which adds `manifest.json` next to the tree, and orphan-map collection);
@@ -25,6 +27,7 @@ mod import;
 pub mod manifest;
 pub mod meta;
 pub mod scan;
+pub mod squash;
 pub mod store;
 #[cfg(test)]
 mod store_tests;

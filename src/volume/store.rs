@@ -54,6 +54,10 @@ use crate::sys;
 pub const VOLUME_FILE: &str = "volume.json";
 pub const VOLUME_FORMAT: &str = "layervol.volume";
 pub const VOLUME_VERSION: Version = Version { major: 1, minor: 0 };
+/// Written instead of `VOLUME_VERSION` once a layer lives in a directory not named after its
+/// epoch (`LayerRecord::dir`, after a squash): a reader that ignored `dir` would stack the
+/// wrong directories, so older builds must refuse such a volume instead of misreading it.
+pub const VOLUME_VERSION_DIRS: Version = Version { major: 2, minor: 0 };
 pub const LOCK_FILE: &str = "lock";
 pub const LAYERS_DIR: &str = "layers";
 pub const WORK_DIR: &str = "work";
@@ -93,6 +97,27 @@ pub struct LayerRecord {
     pub created_unix_secs: u64,
     #[serde(default)]
     pub frozen_unix_secs: Option<u64>,
+    /// The layer's directory under `layers/` when it is not the epoch number: a layer that
+    /// squash rewrote lives in `<epoch>.<16 hex digits>`, so that the new directory can be
+    /// prepared next to the old one and `volume.json` switches between them atomically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+/// True if `name` may name the directory of layer `epoch`: the epoch itself, or the epoch, a
+/// dot and 16 lowercase hex digits (a layer rewritten by squash). Anything else (a path, `..`)
+/// is refused, so `volume.json` can never point outside `layers/`.
+pub fn is_layer_dir_name(epoch: u64, name: &str) -> bool {
+    let e = epoch.to_string();
+    match name.strip_prefix(e.as_str()) {
+        Some("") => true,
+        Some(rest) => rest.strip_prefix('.').is_some_and(|h| {
+            h.len() == 16
+                && h.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        }),
+        None => false,
+    }
 }
 
 /// The namespace of the volume's private xattrs (overlay format and partial-file markers).
@@ -334,6 +359,7 @@ impl Volume {
                 pinned: false,
                 created_unix_secs: now,
                 frozen_unix_secs: Some(now),
+                dir: None,
             };
             let manifest = Manifest::build(&vol.tree_dir(1), &vol.maps(1), vol.identity(&base))?;
             manifest.write(&vol.layer_dir(1))?;
@@ -358,6 +384,7 @@ impl Volume {
             pinned: false,
             created_unix_secs: now,
             frozen_unix_secs: None,
+            dir: None,
         });
         let root = File::open(path).map_err(io("open", path))?;
         sys::syncfs(root.as_fd()).map_err(errno_io("flush (syncfs) the filesystem of", path))?;
@@ -371,8 +398,9 @@ impl Volume {
 
     /// Opens a volume for changing it (mounting, freezing, pinning, sealing): takes its lock
     /// (`VolumeError::Locked` if another process holds it), validates `volume.json` and the
-    /// layout, and removes temporaries a crash left behind (`meta::remove_stale_temps`) next to
-    /// `volume.json`, manifests and block maps.
+    /// layout, removes temporaries a crash left behind (`meta::remove_stale_temps`) next to
+    /// `volume.json`, manifests and block maps, and finishes a squash that a crash interrupted
+    /// after its commit (`squash::finish_pending`).
     pub fn open(path: &Path) -> Result<Volume> {
         if !path.join(VOLUME_FILE).exists() {
             return Err(VolumeError::NotAVolume {
@@ -386,6 +414,10 @@ impl Volume {
             meta::remove_stale_temps(&vol.layer_dir(l.epoch))?;
             meta::remove_stale_temps(vol.maps(l.epoch).dir())?;
         }
+        // A squash that committed but crashed before it finished left work to do (repoint
+        // partial files of the active layer, remove the replaced layer directories); it must
+        // be done before anything writes to the volume again.
+        super::squash::finish_pending(&vol)?;
         Ok(vol)
     }
 
@@ -400,13 +432,23 @@ impl Volume {
         let bytes = meta::read_optional(&vf)?.ok_or_else(|| VolumeError::NotAVolume {
             path: path.to_path_buf(),
         })?;
-        let (meta, _): (VolumeMeta, _) = meta::decode_envelope(
-            &vf,
-            &bytes,
-            VOLUME_FORMAT,
-            "volume metadata",
-            VOLUME_VERSION.major,
-        )?;
+        let decode = |major| {
+            meta::decode_envelope::<VolumeMeta>(
+                &vf,
+                &bytes,
+                VOLUME_FORMAT,
+                "volume metadata",
+                major,
+            )
+        };
+        let (meta, _) = match decode(VOLUME_VERSION_DIRS.major) {
+            Err(VolumeError::UnsupportedVersion { found, .. })
+                if found.split('.').next() == Some(&VOLUME_VERSION.major.to_string()) =>
+            {
+                decode(VOLUME_VERSION.major)?
+            }
+            r => r?,
+        };
         let vol = Volume {
             root: path.to_path_buf(),
             meta,
@@ -457,6 +499,14 @@ impl Volume {
             if l.pinned && l.state != LayerState::Frozen {
                 return Err(bad(format!("layer {} is pinned but not frozen", l.epoch)));
             }
+            if let Some(d) = &l.dir
+                && !is_layer_dir_name(l.epoch, d)
+            {
+                return Err(bad(format!(
+                    "layer {} names the directory {d:?}, which is not `<epoch>` or `<epoch>.<16 hex digits>`",
+                    l.epoch
+                )));
+            }
             for d in [
                 self.tree_dir(l.epoch),
                 self.maps(l.epoch).dir().to_path_buf(),
@@ -480,7 +530,12 @@ impl Volume {
 
     /// Replaces `volume.json` with `new` (the commit point of every change).
     fn commit(&mut self, new: VolumeMeta) -> Result<()> {
-        let bytes = meta::encode_envelope(VOLUME_FORMAT, VOLUME_VERSION, &new, true);
+        let version = if new.layers.iter().any(|l| l.dir.is_some()) {
+            VOLUME_VERSION_DIRS
+        } else {
+            VOLUME_VERSION
+        };
+        let bytes = meta::encode_envelope(VOLUME_FORMAT, version, &new, true);
         meta::write_atomic(&self.root, VOLUME_FILE, &bytes, true)?;
         self.meta = new;
         Ok(())
@@ -541,7 +596,15 @@ impl Volume {
 
     /// `VOL/layers/<epoch>`: the tree, its maps and its manifest.
     pub fn layer_dir(&self, epoch: u64) -> PathBuf {
-        self.root.join(LAYERS_DIR).join(epoch.to_string())
+        self.root.join(LAYERS_DIR).join(self.layer_dir_name(epoch))
+    }
+
+    /// The name of layer `epoch`'s directory under `layers/`: `LayerRecord::dir` if set,
+    /// else the epoch number (also for an epoch the volume does not list).
+    pub fn layer_dir_name(&self, epoch: u64) -> String {
+        self.layer(epoch)
+            .and_then(|l| l.dir.clone())
+            .unwrap_or_else(|| epoch.to_string())
     }
 
     /// `VOL/layers/<epoch>/tree`: the layer in kernel overlay format.
@@ -678,12 +741,100 @@ impl Volume {
             pinned: false,
             created_unix_secs: now,
             frozen_unix_secs: None,
+            dir: None,
         });
         self.commit(new)?;
         Ok(Freeze {
             frozen_epoch: n,
             active_epoch: m,
         })
+    }
+
+    /// The metadata step of a squash: in one atomic `volume.json` replacement, frozen layers
+    /// `first..=last` become one layer with epoch `last` (parent: `first`'s parent; pin and
+    /// times: `last`'s) stored in `layers/<merged_dir>`, and each `(epoch, dir)` of `rewritten`
+    /// (a frozen layer outside the range that squash rebuilt) moves to `layers/<dir>`.
+    ///
+    /// The caller has prepared every new directory completely (tree, maps, manifest) and made
+    /// it durable; the old directories stay until the caller removes them after this returns.
+    /// A pinned layer may only be the top of the range (its view is kept, under its epoch).
+    pub(crate) fn commit_squash(
+        &mut self,
+        first: u64,
+        last: u64,
+        merged_dir: &str,
+        rewritten: &[(u64, String)],
+    ) -> Result<()> {
+        self.require_lock("squash layers")?;
+        let refuse = |reason: String| VolumeError::SquashRefused {
+            path: self.root.clone(),
+            reason,
+        };
+        let lo = self
+            .meta
+            .layers
+            .iter()
+            .position(|l| l.epoch == first)
+            .ok_or_else(|| refuse(format!("it has no layer {first}")))?;
+        let hi = self
+            .meta
+            .layers
+            .iter()
+            .position(|l| l.epoch == last)
+            .ok_or_else(|| refuse(format!("it has no layer {last}")))?;
+        if lo > hi {
+            return Err(refuse(format!("layer {first} is above layer {last}")));
+        }
+        for l in &self.meta.layers[lo..=hi] {
+            if l.state != LayerState::Frozen {
+                return Err(refuse(format!("layer {} is {}", l.epoch, l.state)));
+            }
+            if l.pinned && l.epoch != last {
+                return Err(refuse(format!(
+                    "layer {} is pinned and only the top of a squashed range may be; unpin it or squash up to it",
+                    l.epoch
+                )));
+            }
+        }
+        let mut dirs = vec![(last, merged_dir.to_string())];
+        for (e, d) in rewritten {
+            let rec = self.record(*e)?;
+            if rec.state != LayerState::Frozen || (first..=last).contains(e) {
+                return Err(refuse(format!(
+                    "layer {e} cannot be rewritten: it is {} or inside the squashed range",
+                    rec.state
+                )));
+            }
+            dirs.push((*e, d.clone()));
+        }
+        for (e, d) in &dirs {
+            if !is_layer_dir_name(*e, d) || self.layer_dir_name(*e) == *d {
+                return Err(refuse(format!(
+                    "{d:?} is not a fresh directory name for layer {e}"
+                )));
+            }
+            let base = self.root.join(LAYERS_DIR).join(d);
+            for sub in [TREE_DIR, MAPS_DIR] {
+                if !base.join(sub).is_dir() {
+                    return Err(refuse(format!("{} is missing", base.join(sub).display())));
+                }
+            }
+        }
+        let mut new = self.meta.clone();
+        let top = new.layers[hi].clone();
+        let merged = LayerRecord {
+            parent_epoch: new.layers[lo].parent_epoch,
+            dir: Some(merged_dir.to_string()),
+            ..top
+        };
+        new.layers.splice(lo..=hi, [merged]);
+        for (e, d) in rewritten {
+            if let Some(l) = new.layers.iter_mut().find(|l| l.epoch == *e) {
+                l.dir = Some(d.clone());
+            }
+        }
+        crash_point("squash:before-commit")?;
+        self.commit(new)
     }
 
     /// Removes work dirs of epochs other than the active one (left by freezes). Call when no
@@ -830,15 +981,28 @@ impl Volume {
         }
         // Work dirs of older, listed epochs are not strays: a running mount keeps using the
         // one it started with until `remove_stale_work_dirs` at the next mount.
-        let listed = |name: &str| {
+        let listed_work = |name: &str| {
             name.parse::<u64>()
                 .is_ok_and(|e| e.to_string() == name && self.layer(e).is_some())
+        };
+        let listed_layer = |name: &str| {
+            self.meta
+                .layers
+                .iter()
+                .any(|l| self.layer_dir_name(l.epoch) == name)
         };
         for sub in [LAYERS_DIR, WORK_DIR] {
             let d = self.root.join(sub);
             for e in fs::read_dir(&d).map_err(io("list", &d))? {
                 let e = e.map_err(io("list", &d))?;
-                if !listed(&e.file_name().to_string_lossy()) {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let listed = if sub == LAYERS_DIR {
+                    listed_layer(&name)
+                } else {
+                    listed_work(&name)
+                };
+                if !listed {
                     rep.strays.push(e.path());
                 }
             }

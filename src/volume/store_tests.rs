@@ -393,8 +393,8 @@ fn open_detects_damaged_or_inconsistent_metadata() {
     fs::write(vp.join(VOLUME_FILE), bad).unwrap();
     let e = Volume::open(&vp).unwrap_err();
     assert!(matches!(e, VolumeError::ChecksumMismatch { .. }), "{e}");
-    // A newer major version.
-    let newer = text.replacen("\"version\": \"1.0\"", "\"version\": \"2.0\"", 1);
+    // A newer major version (2 is the layout with squashed layer directories).
+    let newer = text.replacen("\"version\": \"1.0\"", "\"version\": \"3.0\"", 1);
     fs::write(vp.join(VOLUME_FILE), newer).unwrap();
     let e = Volume::open_read_only(&vp).unwrap_err();
     assert!(matches!(e, VolumeError::UnsupportedVersion { .. }), "{e}");

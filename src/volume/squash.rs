@@ -1,0 +1,2104 @@
+//! Squash and export: merging frozen layers into one, and writing the merged view out.
+//!
+//! Owns three operations on a volume that no mount uses (the caller holds the volume lock):
+//!
+//! - **Squash** (`squash_offline`, `squash`): frozen layers `first..=last` become one frozen
+//!   layer with epoch `last`, built next to them in `layers/<last>.<16 hex>` and switched in
+//!   by one atomic `volume.json` replacement (`Volume::commit_squash`). The merged view of
+//!   the volume is the same before and after.
+//! - **Export** (`export`, `export_frozen`): the merged view written as a plain directory
+//!   tree: no whiteouts, no overlay or layervol format xattrs, no partial files.
+//! - **Kernel-compatible squash** (`SquashOptions::kernel_compatible`): afterwards no layer
+//!   of the volume holds a partial file, so `mount -t overlay -o lowerdir=<frozen trees,
+//!   newest first>,upperdir=<active tree>,workdir=<empty dir>` shows the volume's view.
+//!
+//! # Semantics of the merge
+//!
+//! Lookups in the range follow kernel overlayfs (`ovl_lookup`): the topmost entry of a name
+//! wins; a whiteout (0/0 char device, or an `overlay.whiteout` file as the engine reads them)
+//! deletes it; a non-directory hides everything below; a directory merges with directories
+//! of the same name below until an opaque one (`overlay.opaque=y`), a non-directory or a
+//! whiteout stops it; a redirect (`overlay.redirect`) makes the lookup continue below at
+//! another name (relative: in the parent's lower directories) or path (absolute: from the
+//! layer roots, even out of an opaque parent). The merged layer then holds, per name, what
+//! the range shows, and tells the layers below the range exactly what the range told them:
+//!
+//! - a whiteout is kept where the lookup would otherwise continue below the range, dropped
+//!   when the range includes the bottom layer or its directory is opaque in the result;
+//! - a merged directory is opaque where the range stopped the lookup, and carries a
+//!   redirect where the range redirected it and the lookup continues below (relative if it
+//!   was a relative rename, absolute otherwise); at the bottom it carries neither;
+//! - a partial file (see `blockmap`) whose data chain ends inside the range, or any partial
+//!   file when the range includes the bottom layer (or `kernel_compatible`), becomes a whole
+//!   file; one whose chain continues below the range stays partial with the merged map:
+//!   present blocks = union of the present blocks of its levels in the range (their content
+//!   assembled through the chain), below limit = the smallest below limit among them,
+//!   `layervol.below` = the handle of the first level below the range. A partial file whose
+//!   chain leaves the range right below it is taken over unchanged.
+//!
+//! The data below a partial file is found through its `layervol.below` file handle, exactly
+//! as the engine reads it (`open_by_handle_at`, hence CAP_DAC_READ_SEARCH, i.e. root). A
+//! partial file without `below` reads zeros below its present blocks, as in the engine.
+//!
+//! Everything else is taken over by **hard link** into the merged layer: whole files,
+//! symlinks, devices, fifos, sockets keep their inode (no data is copied, and hard links of a
+//! layer stay hard links); owners, modes, times and xattrs come with the inode. Directories
+//! are new inodes with the attributes of the topmost directory; assembled files are new
+//! inodes with the attributes of their topmost level (minus layervol's markers). A link that
+//! the filesystem refuses (EMLINK, EPERM) falls back to a copy.
+//!
+//! # Handles from above, and crash safety
+//!
+//! Partial files above the range name their data by file handle. A handle to an object that
+//! keeps its inode (hard-linked) stays valid; one to an object the squash re-created (an
+//! assembled or merged partial file) must be repointed to its successor. Frozen layers above
+//! the range are never written: one holding such a partial file is rebuilt like a one-layer
+//! squash (`layers/<epoch>.<16 hex>`, everything hard-linked but the repointed partial
+//! files) and switched in by the same commit. The active layer is writable and is repointed
+//! in place after the commit.
+//!
+//! Order: (1) build every new layer directory completely, with its manifest, and a journal
+//! (`squash-pending.json` in the merged layer's directory: old directories to remove, handles
+//! to repoint); (2) `syncfs`; (3) commit `volume.json` (the single commit point); (4) repoint
+//! the active layer's partial files, `syncfs`; (5) remove the old directories; (6) remove the
+//! journal. A crash before (3) leaves the old volume and unlisted new directories, which the
+//! next squash removes. A crash after (3) leaves the new volume, whose journal is live (its
+//! directory is listed): `Volume::open` finishes (4)-(6) before anything else touches the
+//! volume (`finish_pending`). Until then the old directories still exist, so every handle
+//! still resolves and the view is right at every instant.
+//!
+//! What this module never does: write into a listed frozen layer's directory (new layers are
+//! built beside the old ones), delete a directory `volume.json` lists, follow a symlink in a
+//! layer, or leave the view of the volume different from what it was.
+//!
+//! Not implemented: kernel `metacopy` files (`overlay.metacopy`; the engine writes partial
+//! files instead) are taken over like whole files; `index=on` state in work dirs is ignored
+//! (the engine runs volumes with `index=off`). `st_ino` of directories and of assembled
+//! files changes across a squash (new inodes); files taken over by link keep theirs.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::blockmap::{self, BlockMap, MapStore, Source};
+use super::error::{Result, VolumeError, errno_io, io};
+use super::extents::ExtentSet;
+use super::import::open_dir;
+use super::manifest::{Entry, EntryKind, LayerPath, Manifest};
+use super::meta::{self, Version, crash_point};
+use super::scan;
+use super::store::{LAYERS_DIR, LayerState, MAPS_DIR, TREE_DIR, Volume, is_layer_dir_name};
+use super::{MapId, now_unix_secs};
+use crate::layer::{self, EntryKind as LKind, RelPath, XattrNames};
+use crate::sys::{self, Errno, Stat};
+
+/// The xattr naming (as a kernel `struct ovl_fb`) the file a partial file was copied from.
+pub const BELOW_TRUSTED: &CStr = c"trusted.layervol.below";
+pub const BELOW_USER: &CStr = c"user.layervol.below";
+
+/// The `layervol.below` xattr name for a volume's namespace.
+pub fn below_xattr(userxattr: bool) -> &'static CStr {
+    if userxattr { BELOW_USER } else { BELOW_TRUSTED }
+}
+
+/// The journal of a committed squash, in the merged layer's directory.
+pub const JOURNAL_FILE: &str = "squash-pending.json";
+const JOURNAL_FORMAT: &str = "layervol.squash-journal";
+const JOURNAL_VERSION: Version = Version { major: 1, minor: 0 };
+
+/// Data is assembled and copied in pieces of this size.
+const CHUNK: u64 = 1 << 20;
+/// Longest chain of partial files followed (the engine's limit too).
+const MAX_CHAIN: usize = 4096;
+
+/// What to squash.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SquashOptions {
+    /// The lowest layer of the range; `None`: the bottom layer of the volume.
+    pub from: Option<u64>,
+    /// The highest layer of the range (it gives the merged layer its epoch); `None`: the
+    /// newest frozen layer, or the first pinned layer at or above `from` if there is one.
+    pub through: Option<u64>,
+    /// Leave no partial file anywhere in the volume: assemble them in the merged layer, in
+    /// every other frozen layer (rebuilt) and in the active layer (in place, view-neutral),
+    /// so that kernel overlayfs can mount the layer trees.
+    pub kernel_compatible: bool,
+}
+
+/// What a squash did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SquashStats {
+    /// Epoch of the merged layer (0 if there was nothing to do).
+    pub epoch: u64,
+    /// The layers merged, oldest first.
+    pub merged_epochs: Vec<u64>,
+    /// Frozen layers outside the range that were rebuilt (repointed or, kernel-compatible,
+    /// assembled).
+    pub rewritten_epochs: Vec<u64>,
+    /// Objects in the new layer trees (roots included).
+    pub entries: u64,
+    /// Objects taken over by hard link (no data copied).
+    pub linked_objects: u64,
+    /// Whole files copied because the filesystem refused a link.
+    pub copied_files: u64,
+    /// Partial files that became whole files.
+    pub assembled_files: u64,
+    /// Partial files that stay partial with a merged or repointed map.
+    pub merged_partials: u64,
+    pub whiteouts_kept: u64,
+    pub whiteouts_dropped: u64,
+    /// Data bytes written into the new layers (assembled and copied files).
+    pub written_bytes: u64,
+    /// Partial files of the active layer assembled in place (kernel-compatible).
+    pub active_assembled_files: u64,
+    /// Partial files of the active layer repointed to a new inode below.
+    pub relinked_partials: u64,
+    /// Old layer directories removed.
+    pub removed_dirs: u64,
+    pub elapsed_micros: u64,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Objects written (the root included; each hard link counts).
+    pub entries: u64,
+    /// Extra names of files that were hard links in the view.
+    pub hard_links: u64,
+    /// Partial files assembled.
+    pub assembled_files: u64,
+    /// Data bytes written.
+    pub written_bytes: u64,
+    pub elapsed_micros: u64,
+}
+
+/// What `finish_pending` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FinishStats {
+    pub relinked_partials: u64,
+    pub removed_dirs: u64,
+}
+
+/// Squashes the frozen layers from the bottom up to `through` (default: every frozen layer,
+/// stopping at the first pinned one) into one frozen layer. See the module doc.
+pub fn squash_offline(vol: &mut Volume, through: Option<u64>) -> Result<SquashStats> {
+    squash(
+        vol,
+        &SquashOptions {
+            through,
+            ..SquashOptions::default()
+        },
+    )
+}
+
+/// Squashes the frozen layers `opts.from..=opts.through` into one (see `SquashOptions` and
+/// the module doc). Needs the volume lock (`Volume::open`), so the volume is not mounted.
+/// Returns without change if the range is a single layer and nothing else is asked.
+pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
+    let t0 = Instant::now();
+    if vol.is_read_only() {
+        return Err(VolumeError::ReadOnly {
+            path: vol.path().to_path_buf(),
+            action: "squash it",
+        });
+    }
+    finish_pending(vol)?;
+    remove_staging_strays(vol)?;
+    let (lo, hi) = plan_range(vol, opts)?;
+    let layers = vol.layers().to_vec();
+    let mut stats = SquashStats::default();
+    if lo == hi && !opts.kernel_compatible {
+        stats.elapsed_micros = t0.elapsed().as_micros() as u64;
+        return Ok(stats);
+    }
+    let kc = opts.kernel_compatible;
+    if kc {
+        stats.active_assembled_files = assemble_active(vol)?;
+    }
+    let first = layers[lo].epoch;
+    let last = layers[hi].epoch;
+    let mut staged: Vec<PathBuf> = Vec::new();
+    let built = (|| -> Result<(String, Vec<(u64, String)>)> {
+        // The merged layer.
+        let name = fresh_dir_name(vol, last)?;
+        staged.push(vol.path().join(LAYERS_DIR).join(&name));
+        let srcs: Vec<u64> = layers[lo..=hi].iter().rev().map(|l| l.epoch).collect();
+        let mut relink: HashMap<FhKey, Vec<u8>> = HashMap::new();
+        let out = build_layer(
+            vol,
+            &srcs,
+            lo == 0,
+            kc,
+            &relink,
+            &name,
+            last,
+            layers[lo].parent_epoch,
+            &mut stats,
+        )?;
+        relink.extend(out);
+        // Frozen layers outside the range, bottom up.
+        let mut rewritten = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            if l.state != LayerState::Frozen || (lo..=hi).contains(&i) {
+                continue;
+            }
+            let maps_in_use = !vol.maps(l.epoch).list()?.is_empty();
+            let need = maps_in_use
+                && if kc {
+                    true
+                } else {
+                    i > hi
+                        && !relink.is_empty()
+                        && points_into(vol, &vol.tree_dir(l.epoch), &relink)?
+                };
+            if !need {
+                continue;
+            }
+            let name = fresh_dir_name(vol, l.epoch)?;
+            staged.push(vol.path().join(LAYERS_DIR).join(&name));
+            let out = build_layer(
+                vol,
+                &[l.epoch],
+                i == 0,
+                kc,
+                &relink,
+                &name,
+                l.epoch,
+                l.parent_epoch,
+                &mut stats,
+            )?;
+            relink.extend(out);
+            rewritten.push((l.epoch, name));
+            stats.rewritten_epochs.push(l.epoch);
+        }
+        // The journal: what to do once the commit made the new directories the volume's.
+        let mut remove: Vec<String> = layers[lo..=hi]
+            .iter()
+            .map(|l| vol.layer_dir_name(l.epoch))
+            .collect();
+        remove.extend(rewritten.iter().map(|(e, _)| vol.layer_dir_name(*e)));
+        // Kernel-compatible: the active layer has no partial file left to repoint.
+        let journal = Journal {
+            remove,
+            relink: relink
+                .iter()
+                .filter(|_| !kc)
+                .map(|(k, v)| RelinkEntry {
+                    old: hex(&k.0),
+                    new_fb: hex(v),
+                })
+                .collect(),
+        };
+        let jdir = vol.path().join(LAYERS_DIR).join(&name);
+        meta::write_atomic(
+            &jdir,
+            JOURNAL_FILE,
+            &meta::encode_envelope(JOURNAL_FORMAT, JOURNAL_VERSION, &journal, false),
+            true,
+        )?;
+        crash_point("squash:journal-written")?;
+        let root = open_dir(vol.path())?;
+        sys::syncfs(root.as_fd())
+            .map_err(errno_io("flush (syncfs) the filesystem of", vol.path()))?;
+        crash_point("squash:synced")?;
+        Ok((name, rewritten))
+    })();
+    let (name, rewritten) = match built {
+        Ok(x) => x,
+        Err(e) => {
+            if !meta::is_simulated_crash(&e) {
+                for d in &staged {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+            return Err(e);
+        }
+    };
+    vol.commit_squash(first, last, &name, &rewritten)?;
+    crash_point("squash:committed")?;
+    if let Some(f) = finish_pending(vol)? {
+        stats.relinked_partials = f.relinked_partials;
+        stats.removed_dirs = f.removed_dirs;
+    }
+    stats.epoch = last;
+    stats.merged_epochs = layers[lo..=hi].iter().map(|l| l.epoch).collect();
+    stats.elapsed_micros = t0.elapsed().as_micros() as u64;
+    tracing::info!(
+        epoch = last,
+        merged = ?stats.merged_epochs,
+        rewritten = ?stats.rewritten_epochs,
+        micros = stats.elapsed_micros,
+        "squashed"
+    );
+    Ok(stats)
+}
+
+/// Writes the merged view of the whole volume (frozen layers and the active one) into `dir`
+/// as a plain tree: data (holes kept), types, hard links, owners, modes, times and xattrs;
+/// no whiteouts, no overlay or layervol format xattrs, no partial files. `dir` must not
+/// exist or be empty.
+///
+/// Needs the volume lock (`Volume::open`): the active layer must not change under the copy,
+/// so the volume must not be mounted. To export a mounted volume, take a live snapshot and
+/// use `export_frozen` on a read-only handle.
+///
+/// `kernel_compatible`: xattrs of the view in the overlay namespace (`trusted.overlay.X`, set
+/// by users) are written escaped (`trusted.overlay.overlay.X`), as a layer stores them, so
+/// that the tree used as an overlayfs layer shows them unchanged. Without it they are written
+/// as the view shows them, like `cp -a` from the mount would.
+pub fn export(vol: &Volume, dir: &Path, kernel_compatible: bool) -> Result<ExportStats> {
+    if vol.is_read_only() {
+        return Err(VolumeError::ReadOnly {
+            path: vol.path().to_path_buf(),
+            action: "export the active layer (or use export_frozen)",
+        });
+    }
+    let epochs: Vec<u64> = vol.layers().iter().rev().map(|l| l.epoch).collect();
+    export_layers(vol, &epochs, dir, kernel_compatible)
+}
+
+/// Like `export`, but of the frozen layers up to epoch `through` only: the view as of that
+/// snapshot. Works on a read-only handle while the volume is mounted (frozen layers never
+/// change; a squash cannot run while the mount holds the lock).
+pub fn export_frozen(
+    vol: &Volume,
+    through: u64,
+    dir: &Path,
+    kernel_compatible: bool,
+) -> Result<ExportStats> {
+    let rec = vol.layer(through).ok_or_else(|| VolumeError::NoSuchEpoch {
+        path: vol.path().to_path_buf(),
+        epoch: through,
+    })?;
+    if rec.state != LayerState::Frozen {
+        return Err(VolumeError::NotFrozen {
+            path: vol.path().to_path_buf(),
+            epoch: through,
+            state: rec.state,
+            action: "exported alone",
+        });
+    }
+    let epochs: Vec<u64> = vol
+        .layers()
+        .iter()
+        .rev()
+        .filter(|l| l.state == LayerState::Frozen && l.epoch <= through)
+        .map(|l| l.epoch)
+        .collect();
+    export_layers(vol, &epochs, dir, kernel_compatible)
+}
+
+fn export_layers(vol: &Volume, epochs: &[u64], dir: &Path, escaped: bool) -> Result<ExportStats> {
+    let t0 = Instant::now();
+    match std::fs::symlink_metadata(dir) {
+        Ok(md) if md.is_dir() => {
+            if std::fs::read_dir(dir)
+                .map_err(io("list", dir))?
+                .next()
+                .is_some()
+            {
+                return Err(VolumeError::TargetNotEmpty {
+                    path: dir.to_path_buf(),
+                });
+            }
+        }
+        Ok(_) => {
+            return Err(VolumeError::TargetNotEmpty {
+                path: dir.to_path_buf(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(dir).map_err(io("create directory", dir))?;
+        }
+        Err(e) => return Err(io("stat", dir)(e)),
+    }
+    let mut b = Builder::new(vol, epochs, true, Output::Plain { escaped }, dir, None)?;
+    b.run()?;
+    let root = open_dir(dir)?;
+    sys::syncfs(root.as_fd()).map_err(errno_io("flush (syncfs) the filesystem of", dir))?;
+    Ok(ExportStats {
+        entries: b.stats.entries,
+        hard_links: b.stats.hard_links,
+        assembled_files: b.stats.assembled_files,
+        written_bytes: b.stats.written_bytes,
+        elapsed_micros: t0.elapsed().as_micros() as u64,
+    })
+}
+
+/// Finishes a squash that committed but did not complete (see the module doc): repoints the
+/// active layer's partial files, removes the replaced layer directories, removes the journal.
+/// Idempotent; `None` if there was nothing to finish. `Volume::open` calls it.
+pub fn finish_pending(vol: &Volume) -> Result<Option<FinishStats>> {
+    if vol.is_read_only() {
+        return Ok(None);
+    }
+    let mut done: Option<FinishStats> = None;
+    for l in vol.layers() {
+        let dir = vol.layer_dir(l.epoch);
+        let Some(bytes) = meta::read_optional(&dir.join(JOURNAL_FILE))? else {
+            continue;
+        };
+        let (journal, _): (Journal, _) = meta::decode_envelope(
+            &dir.join(JOURNAL_FILE),
+            &bytes,
+            JOURNAL_FORMAT,
+            "squash journal",
+            JOURNAL_VERSION.major,
+        )?;
+        let f = done.get_or_insert_with(FinishStats::default);
+        let mut relink = HashMap::new();
+        for r in &journal.relink {
+            match (unhex(&r.old), unhex(&r.new_fb)) {
+                (Some(k), Some(v)) => relink.insert(FhKey(k), v),
+                _ => {
+                    return Err(VolumeError::Malformed {
+                        path: dir.join(JOURNAL_FILE),
+                        kind: "squash journal",
+                        reason: "a handle is not hex".into(),
+                    });
+                }
+            };
+        }
+        if !relink.is_empty() {
+            f.relinked_partials += relink_tree(vol, &vol.upper_dir(), &relink)?;
+            let root = open_dir(vol.path())?;
+            sys::syncfs(root.as_fd())
+                .map_err(errno_io("flush (syncfs) the filesystem of", vol.path()))?;
+        }
+        crash_point("squash:relinked")?;
+        let layers_dir = vol.path().join(LAYERS_DIR);
+        for name in &journal.remove {
+            let listed = vol
+                .layers()
+                .iter()
+                .any(|l| vol.layer_dir_name(l.epoch) == *name);
+            let plausible = name
+                .split('.')
+                .next()
+                .and_then(|e| e.parse::<u64>().ok())
+                .is_some_and(|e| is_layer_dir_name(e, name));
+            if listed || !plausible {
+                return Err(VolumeError::Inconsistent {
+                    path: vol.path().to_path_buf(),
+                    reason: format!(
+                        "the squash journal in {} names {name:?} for removal, which is {}",
+                        dir.display(),
+                        if listed {
+                            "a listed layer"
+                        } else {
+                            "not a layer directory name"
+                        }
+                    ),
+                });
+            }
+            let p = layers_dir.join(name);
+            match std::fs::remove_dir_all(&p) {
+                Ok(()) => f.removed_dirs += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove replaced layer directory", &p)(e)),
+            }
+            crash_point("squash:removed-old-dir")?;
+        }
+        meta::sync_dir(&layers_dir)?;
+        std::fs::remove_file(dir.join(JOURNAL_FILE))
+            .map_err(io("remove squash journal", dir.join(JOURNAL_FILE)))?;
+        meta::sync_dir(&dir)?;
+    }
+    Ok(done)
+}
+
+/// Makes every partial file of the active layer whole, in place: fills the blocks it does
+/// not hold with the data below (or zeros past its below limit), keeps its times, then drops
+/// the marker (the switch, one atomic xattr removal) and the `below` xattr. Every step leaves
+/// the view unchanged, so a crash anywhere is harmless. Returns the number of files.
+pub fn assemble_active(vol: &Volume) -> Result<u64> {
+    if vol.is_read_only() {
+        return Err(VolumeError::ReadOnly {
+            path: vol.path().to_path_buf(),
+            action: "assemble the active layer's partial files",
+        });
+    }
+    let tree = vol.upper_dir();
+    let maps = vol.maps(vol.active_epoch());
+    let mut r = ChainReader::new(vol)?;
+    let mut seen = HashSet::new();
+    let mut done_maps = Vec::new();
+    let mut n = 0;
+    let userxattr = vol.userxattr();
+    for (dir, name, path, st) in walk_files(&tree)? {
+        if !seen.insert((st.st_dev, st.st_ino)) {
+            continue;
+        }
+        let p = || tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+        let Some(id) = blockmap::read_marker(dir.as_fd(), &name, userxattr)
+            .map_err(errno_io("read the partial-file marker of", p()))?
+        else {
+            // A crash between dropping the marker and `below` leaves a stray `below`.
+            match sys::removexattr(dir.as_fd(), &name, below_xattr(userxattr)) {
+                Ok(()) | Err(Errno::ENODATA) => {}
+                Err(e) => return Err(errno_io("remove layervol.below of", p())(e)),
+            }
+            continue;
+        };
+        let fd = sys::openat(dir.as_fd(), &name, libc::O_RDWR, 0).map_err(errno_io("open", p()))?;
+        let mut map = maps.load(id)?;
+        // What the engine would do at the next mount: trust the data file over a map a
+        // crash left behind.
+        map.recover(fd.as_fd())
+            .map_err(errno_io("reconcile the block map of", p()))?;
+        let below = r.chain_below(fd.as_fd(), &p())?;
+        let bs = u64::from(map.block_size());
+        let size = map.size();
+        for gap in map.present().gaps(0..map.block_count()) {
+            let start = gap.start * bs;
+            let end = (gap.end * bs).min(size);
+            let split = map.below_limit().clamp(start, end);
+            let mut off = start;
+            let mut buf = Vec::new();
+            while off < split {
+                let len = (split - off).min(CHUNK);
+                buf.resize(len as usize, 0);
+                read_levels(&below, off, &mut buf).map_err(errno_io("read below", p()))?;
+                write_or_punch(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
+                off += len;
+            }
+            if split < end {
+                zero_range(fd.as_fd(), split, end - split).map_err(errno_io("zero", p()))?;
+            }
+        }
+        sys::fsync(fd.as_fd(), false).map_err(errno_io("fsync", p()))?;
+        let times = [
+            libc::timespec {
+                tv_sec: st.st_atime,
+                tv_nsec: st.st_atime_nsec,
+            },
+            libc::timespec {
+                tv_sec: st.st_mtime,
+                tv_nsec: st.st_mtime_nsec,
+            },
+        ];
+        // SAFETY: futimens on a valid fd with two timespecs.
+        if unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) } < 0 {
+            return Err(errno_io("set times of", p())(Errno::last()));
+        }
+        crash_point("assemble-active:before-unmark")?;
+        sys::removexattr(dir.as_fd(), &name, blockmap::marker_xattr(userxattr))
+            .map_err(errno_io("remove the partial-file marker of", p()))?;
+        match sys::removexattr(dir.as_fd(), &name, below_xattr(userxattr)) {
+            Ok(()) | Err(Errno::ENODATA) => {}
+            Err(e) => return Err(errno_io("remove layervol.below of", p())(e)),
+        }
+        done_maps.push(id);
+        n += 1;
+    }
+    for id in done_maps {
+        maps.remove(id)?;
+    }
+    maps.sync()?;
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------------------
+// Planning
+
+/// The range as indices into `vol.layers()`.
+fn plan_range(vol: &Volume, opts: &SquashOptions) -> Result<(usize, usize)> {
+    let layers = vol.layers();
+    let refuse = |reason: String| VolumeError::SquashRefused {
+        path: vol.path().to_path_buf(),
+        reason,
+    };
+    let frozen = layers
+        .iter()
+        .take_while(|l| l.state == LayerState::Frozen)
+        .count();
+    if frozen == 0 {
+        return Err(refuse(
+            "it has no frozen layer; take a snapshot first".into(),
+        ));
+    }
+    let index_of =
+        |e: u64, what: &str| -> Result<usize> {
+            let i = layers.iter().position(|l| l.epoch == e).ok_or_else(|| {
+                VolumeError::NoSuchEpoch {
+                    path: vol.path().to_path_buf(),
+                    epoch: e,
+                }
+            })?;
+            if i >= frozen {
+                return Err(refuse(format!(
+                    "{what} layer {e} is the active layer; only frozen layers are squashed"
+                )));
+            }
+            Ok(i)
+        };
+    let lo = match opts.from {
+        None => 0,
+        Some(e) => index_of(e, "the first")?,
+    };
+    let hi = match opts.through {
+        Some(e) => index_of(e, "the last")?,
+        None => (lo..frozen)
+            .find(|&i| layers[i].pinned)
+            .unwrap_or(frozen - 1),
+    };
+    if hi < lo {
+        return Err(refuse(format!(
+            "layer {} is below layer {}",
+            layers[hi].epoch, layers[lo].epoch
+        )));
+    }
+    if let Some(p) = layers[lo..hi].iter().find(|l| l.pinned) {
+        return Err(refuse(format!(
+            "layer {} is pinned and only the top of a squashed range may be; squash up to it, or unpin it",
+            p.epoch
+        )));
+    }
+    Ok((lo, hi))
+}
+
+/// `<epoch>.<16 hex>`, not in use.
+fn fresh_dir_name(vol: &Volume, epoch: u64) -> Result<String> {
+    loop {
+        let r = MapId::random().map_err(io("get random bytes for", vol.path()))?;
+        let name = format!("{epoch}.{}", &r.to_hex()[..16]);
+        if !vol.path().join(LAYERS_DIR).join(&name).exists() {
+            return Ok(name);
+        }
+    }
+}
+
+/// Removes unlisted `<epoch>.<16 hex>` directories: layers a squash built but never
+/// committed. Only after `finish_pending`, so none of them is still referenced.
+fn remove_staging_strays(vol: &Volume) -> Result<()> {
+    let d = vol.path().join(LAYERS_DIR);
+    for e in std::fs::read_dir(&d).map_err(io("list", &d))? {
+        let e = e.map_err(io("list", &d))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((ep, _)) = name.split_once('.') else {
+            continue;
+        };
+        let staging = ep
+            .parse::<u64>()
+            .is_ok_and(|ep| is_layer_dir_name(ep, name));
+        let listed = vol
+            .layers()
+            .iter()
+            .any(|l| vol.layer_dir_name(l.epoch) == name);
+        if staging && !listed {
+            std::fs::remove_dir_all(e.path()).map_err(io("remove unfinished squash", e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// True if some partial file in `tree` names a file in `relink` as its data below.
+fn points_into(vol: &Volume, tree: &Path, relink: &HashMap<FhKey, Vec<u8>>) -> Result<bool> {
+    let userxattr = vol.userxattr();
+    for (dir, name, path, _) in walk_files(tree)? {
+        let p = || tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+        if blockmap::read_marker(dir.as_fd(), &name, userxattr)
+            .map_err(errno_io("read the partial-file marker of", p()))?
+            .is_none()
+        {
+            continue;
+        }
+        if let Some(fb) = sys::getxattr(dir.as_fd(), &name, below_xattr(userxattr))
+            .map_err(errno_io("read layervol.below of", p()))?
+            && fh_key(&fb).is_some_and(|k| relink.contains_key(&k))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Repoints every partial file of `tree` whose `below` is a key of `relink`. Returns how many.
+fn relink_tree(vol: &Volume, tree: &Path, relink: &HashMap<FhKey, Vec<u8>>) -> Result<u64> {
+    let userxattr = vol.userxattr();
+    let mut n = 0;
+    let mut seen = HashSet::new();
+    for (dir, name, path, st) in walk_files(tree)? {
+        if !seen.insert((st.st_dev, st.st_ino)) {
+            continue;
+        }
+        let p = || tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+        let key = below_xattr(userxattr);
+        let Some(fb) = sys::getxattr(dir.as_fd(), &name, key)
+            .map_err(errno_io("read layervol.below of", p()))?
+        else {
+            continue;
+        };
+        if let Some(new) = fh_key(&fb).and_then(|k| relink.get(&k)) {
+            sys::setxattr(dir.as_fd(), &name, key, new, 0)
+                .map_err(errno_io("repoint layervol.below of", p()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Every regular file of a tree: (its directory, name, layer path, stat). Directories are
+/// opened without following symlinks.
+/// A regular file found by `walk_files`: its directory, name, layer path and stat.
+type FoundFile = (Rc<OwnedFd>, CString, RelPath, Stat);
+
+fn walk_files(tree: &Path) -> Result<Vec<FoundFile>> {
+    let root = open_dir(tree)?;
+    let mut out = Vec::new();
+    let mut stack = vec![(Rc::new(root), RelPath::root())];
+    while let Some((dir, rel)) = stack.pop() {
+        let p = || tree.join(std::ffi::OsStr::from_bytes(rel.as_bytes()));
+        for (name, _, _) in sys::read_dir(dir.as_fd()).map_err(errno_io("list", p()))? {
+            let st = sys::fstatat(dir.as_fd(), &name).map_err(errno_io("stat in", p()))?;
+            let path = rel.join(&name);
+            if sys::is_dir(&st) {
+                let sub = sys::openat(dir.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY, 0)
+                    .map_err(errno_io("open directory in", p()))?;
+                stack.push((Rc::new(sub), path));
+            } else if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                out.push((dir.clone(), name, path, st));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Builds layer `name` from `srcs` (epochs, topmost first), writes its manifest, and returns
+/// the handles of files it re-created (old -> new).
+#[allow(clippy::too_many_arguments)]
+fn build_layer(
+    vol: &Volume,
+    srcs: &[u64],
+    bottom: bool,
+    force_whole: bool,
+    relink_in: &HashMap<FhKey, Vec<u8>>,
+    name: &str,
+    epoch: u64,
+    parent_epoch: Option<u64>,
+    stats: &mut SquashStats,
+) -> Result<HashMap<FhKey, Vec<u8>>> {
+    let dir = vol.path().join(LAYERS_DIR).join(name);
+    for d in [dir.clone(), dir.join(TREE_DIR), dir.join(MAPS_DIR)] {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&d)
+            .map_err(io("create directory", &d))?;
+    }
+    crash_point("squash:layer-dir-made")?;
+    let mut b = Builder::new(
+        vol,
+        srcs,
+        bottom,
+        Output::Layer { force_whole },
+        &dir.join(TREE_DIR),
+        Some(MapStore::new(dir.join(MAPS_DIR))),
+    )?;
+    b.relink_in = relink_in.clone();
+    b.run()?;
+    crash_point("squash:tree-built")?;
+    let mut entries = std::mem::take(&mut b.entries);
+    entries.sort_by(|a, c| a.path.cmp(&c.path));
+    let m = Manifest {
+        volume_id: vol.id(),
+        epoch,
+        parent_epoch,
+        created_unix_secs: now_unix_secs(),
+        block_size: vol.block_size(),
+        entry_count: entries.len() as u64,
+        data_bytes: b.data_bytes,
+        block_count: b.block_count,
+        partial_files: b.maps_used.len() as u64,
+        entries,
+    };
+    m.write(&dir)?;
+    let s = &b.stats;
+    stats.entries += s.entries;
+    stats.linked_objects += s.linked;
+    stats.copied_files += s.copied;
+    stats.assembled_files += s.assembled_files;
+    stats.merged_partials += s.merged_partials;
+    stats.whiteouts_kept += s.whiteouts_kept;
+    stats.whiteouts_dropped += s.whiteouts_dropped;
+    stats.written_bytes += s.written_bytes;
+    Ok(b.relink_out.drain().collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// File handles
+
+/// The filesystem-local identity in a `struct ovl_fb`: handle type and handle bytes (the
+/// header's uuid and flags are left out, so two encodings of one inode always match).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FhKey(Vec<u8>);
+
+fn fh_key(fb: &[u8]) -> Option<FhKey> {
+    const HDR: usize = 21;
+    if fb.len() <= HDR || fb[1] != 0xfb || fb[2] as usize != fb.len() {
+        return None;
+    }
+    let mut k = vec![fb[4]];
+    k.extend_from_slice(&fb[HDR..]);
+    Some(FhKey(k))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    /// Directories under `layers/` that the commit replaced.
+    remove: Vec<String>,
+    /// Partial files of the active layer whose `below` is `old` must name `new_fb`.
+    relink: Vec<RelinkEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RelinkEntry {
+    old: String,
+    new_fb: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading through partial files
+
+/// One level of a file's data: a readable fd and, for a partial file, its map.
+struct Level {
+    fd: OwnedFd,
+    map: Option<Arc<BlockMap>>,
+    key: (u64, u64),
+    /// This level's `layervol.below` (the handle of the next level).
+    below_fb: Option<Vec<u8>>,
+}
+
+/// Follows `layervol.below` handles, finding maps in any layer of the volume.
+struct ChainReader {
+    mount: OwnedFd,
+    userxattr: bool,
+    stores: Vec<MapStore>,
+    maps: HashMap<MapId, Arc<BlockMap>>,
+}
+
+impl ChainReader {
+    fn new(vol: &Volume) -> Result<Self> {
+        Ok(ChainReader {
+            mount: open_dir(vol.path())?,
+            userxattr: vol.userxattr(),
+            stores: vol.layers().iter().map(|l| vol.maps(l.epoch)).collect(),
+            maps: HashMap::new(),
+        })
+    }
+
+    fn find_map(&mut self, id: MapId, what: &Path) -> Result<Arc<BlockMap>> {
+        if let Some(m) = self.maps.get(&id) {
+            return Ok(m.clone());
+        }
+        for s in &self.stores {
+            if s.path_of(id).exists() {
+                let m = Arc::new(s.load(id)?);
+                self.maps.insert(id, m.clone());
+                return Ok(m);
+            }
+        }
+        Err(VolumeError::Inconsistent {
+            path: what.to_path_buf(),
+            reason: format!("block map {id} of a file below it is in no layer of the volume"),
+        })
+    }
+
+    /// The levels below the partial file open at `fd` (not including it), topmost first.
+    fn chain_below(&mut self, fd: BorrowedFd, what: &Path) -> Result<Vec<Level>> {
+        let key = below_xattr(self.userxattr);
+        let mut cur = sys::fgetxattr(fd, key).map_err(errno_io("read layervol.below of", what))?;
+        let mut levels = Vec::new();
+        while let Some(fb) = cur.take() {
+            if levels.len() >= MAX_CHAIN {
+                return Err(VolumeError::Inconsistent {
+                    path: what.to_path_buf(),
+                    reason: format!("its chain of partial files is longer than {MAX_CHAIN}"),
+                });
+            }
+            let lfd = layer::open_by_fb(&fb, self.mount.as_fd(), libc::O_RDONLY).map_err(|e| {
+                match e {
+                    Errno::ESTALE | Errno::ENOENT => VolumeError::Inconsistent {
+                        path: what.to_path_buf(),
+                        reason: "the file its data lies on (layervol.below) no longer exists".into(),
+                    },
+                    Errno::EPERM => VolumeError::Io {
+                        op: "open by handle (needs CAP_DAC_READ_SEARCH: run as root) the file below",
+                        path: what.to_path_buf(),
+                        source: std::io::Error::from_raw_os_error(e as i32),
+                    },
+                    e => errno_io("open by handle the file below", what)(e),
+                }
+            })?;
+            let st = sys::fstat(lfd.as_fd()).map_err(errno_io("stat the file below", what))?;
+            let marker = sys::fgetxattr(lfd.as_fd(), blockmap::marker_xattr(self.userxattr))
+                .map_err(errno_io("read the marker of the file below", what))?;
+            let map = match marker {
+                None => None,
+                Some(v) => {
+                    let id =
+                        blockmap::decode_marker(&v).map_err(|source| VolumeError::BadBlockMap {
+                            path: what.to_path_buf(),
+                            source,
+                        })?;
+                    cur = sys::fgetxattr(lfd.as_fd(), key)
+                        .map_err(errno_io("read layervol.below below", what))?;
+                    Some(self.find_map(id, what)?)
+                }
+            };
+            let below_fb = if map.is_some() { cur.clone() } else { None };
+            levels.push(Level {
+                fd: lfd,
+                map,
+                key: (st.st_dev, st.st_ino),
+                below_fb,
+            });
+        }
+        Ok(levels)
+    }
+}
+
+/// Reads `buf.len()` bytes at `off` through `levels` (zeros past every level's data), like
+/// the engine's reads of a partial file.
+fn read_levels(levels: &[Level], off: u64, buf: &mut [u8]) -> sys::Result<()> {
+    let Some((top, rest)) = levels.split_first() else {
+        buf.fill(0);
+        return Ok(());
+    };
+    match &top.map {
+        None => {
+            let n = sys::pread_full(top.fd.as_fd(), buf, off)?;
+            buf[n..].fill(0);
+        }
+        Some(map) => {
+            buf.fill(0);
+            let end = off + buf.len() as u64;
+            for span in map.read_plan(off, buf.len() as u64) {
+                let r = span.range;
+                let piece = &mut buf[(r.start - off) as usize..(r.end.min(end) - off) as usize];
+                match span.source {
+                    Source::Here => {
+                        let n = sys::pread_full(top.fd.as_fd(), piece, r.start)?;
+                        piece[n..].fill(0);
+                    }
+                    Source::Below => read_levels(rest, r.start, piece)?,
+                    Source::Zero => piece.fill(0),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_all(fd: BorrowedFd, mut data: &[u8], mut off: u64) -> sys::Result<()> {
+    while !data.is_empty() {
+        match sys::pwrite(fd, data, off) {
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => {
+                data = &data[n..];
+                off += n as u64;
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `buf` at `off`, or makes the range a hole if `buf` is all zeros.
+fn write_or_punch(fd: BorrowedFd, buf: &[u8], off: u64) -> sys::Result<()> {
+    if buf.iter().all(|b| *b == 0) {
+        zero_range(fd, off, buf.len() as u64)
+    } else {
+        write_all(fd, buf, off)
+    }
+}
+
+/// Makes `[off, off + len)` read as zeros: a hole if the filesystem can punch one.
+fn zero_range(fd: BorrowedFd, off: u64, len: u64) -> sys::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match sys::fallocate(
+        fd,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    ) {
+        Ok(()) => Ok(()),
+        Err(Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL) => {
+            let zeros = vec![0u8; len.min(CHUNK) as usize];
+            let mut pos = off;
+            while pos < off + len {
+                let n = (off + len - pos).min(CHUNK) as usize;
+                write_all(fd, &zeros[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The builder: one walk of the merged view of `srcs`, writing a layer or a plain tree
+
+#[derive(Debug, Clone, Copy)]
+enum Output {
+    /// A layer of the volume: objects taken over by hard link, overlay format kept.
+    Layer { force_whole: bool },
+    /// A plain tree: everything copied, format xattrs dropped; `escaped` keeps user xattrs
+    /// of the overlay namespace escaped.
+    Plain { escaped: bool },
+}
+
+struct Src {
+    tree: PathBuf,
+    /// O_PATH fd of the tree root.
+    root: Rc<OwnedFd>,
+    maps: MapStore,
+    manifest: Option<Manifest>,
+    /// The active layer: its maps may lag behind a crash (`BlockMap::recover`).
+    active: bool,
+}
+
+#[derive(Debug, Default)]
+struct BuildStats {
+    entries: u64,
+    linked: u64,
+    copied: u64,
+    hard_links: u64,
+    assembled_files: u64,
+    merged_partials: u64,
+    whiteouts_kept: u64,
+    whiteouts_dropped: u64,
+    written_bytes: u64,
+}
+
+/// Where the first name of a source inode went.
+struct Placed {
+    out: RelPath,
+    kind: EntryKind,
+}
+
+/// The name being looked up, kernel style: one component in the parent's lower directories,
+/// or an absolute path from each layer root (after an absolute redirect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LName {
+    Single(CString),
+    Abs(Vec<CString>),
+}
+
+struct Lookup {
+    name: LName,
+    is_dir: bool,
+    stop: bool,
+}
+
+struct Hit {
+    src: usize,
+    dir: Rc<OwnedFd>,
+    name: CString,
+    path: RelPath,
+    st: Stat,
+}
+
+enum Step {
+    Found(Hit),
+    Whiteout,
+    Nothing,
+}
+
+struct StackDir {
+    src: usize,
+    path: RelPath,
+    fd: Rc<OwnedFd>,
+}
+
+struct DirJob {
+    out: RelPath,
+    /// The directory's lower stack: where it was found in each source, topmost first.
+    stack: Vec<(usize, RelPath)>,
+    /// The lookup of its children continues below the sources (in the parent's lowers).
+    continues: bool,
+}
+
+struct Builder {
+    srcs: Vec<Src>,
+    /// Nothing lies below the sources.
+    bottom: bool,
+    out: Output,
+    x: XattrNames,
+    userxattr: bool,
+    block_size: u32,
+    out_path: PathBuf,
+    out_root: OwnedFd,
+    out_maps: Option<MapStore>,
+    chains: ChainReader,
+    /// Regular files of the sources (for chains leaving them), built on first need.
+    src_inodes: Option<HashSet<(u64, u64)>>,
+    /// Handles to repoint in `below` of partial files taken over (old -> new).
+    relink_in: HashMap<FhKey, Vec<u8>>,
+    /// Files re-created here (old -> new handle).
+    relink_out: HashMap<FhKey, Vec<u8>>,
+    placed: HashMap<(u64, u64), Placed>,
+    entries: Vec<Entry>,
+    counted: HashSet<(u64, u64)>,
+    data_bytes: u64,
+    block_count: u64,
+    maps_used: BTreeSet<MapId>,
+    dir_times: Vec<(RelPath, [libc::timespec; 2])>,
+    stats: BuildStats,
+}
+
+fn times_of(st: &Stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
+fn parse_redirect(v: &[u8]) -> Option<LName> {
+    if v.starts_with(b"/") {
+        let r = RelPath::from_redirect(v)?;
+        let comps = if r.is_root() {
+            Vec::new()
+        } else {
+            r.as_bytes()
+                .split(|c| *c == b'/')
+                .map(|c| CString::new(c).expect("no NUL"))
+                .collect()
+        };
+        return Some(LName::Abs(comps));
+    }
+    if v.is_empty() || v.contains(&b'/') || v == b"." || v == b".." || v.contains(&0) {
+        return None;
+    }
+    Some(LName::Single(CString::new(v).expect("checked")))
+}
+
+impl Builder {
+    fn new(
+        vol: &Volume,
+        epochs: &[u64],
+        bottom: bool,
+        out: Output,
+        out_path: &Path,
+        out_maps: Option<MapStore>,
+    ) -> Result<Builder> {
+        let active = vol.active_epoch();
+        let mut srcs = Vec::new();
+        for &e in epochs {
+            let tree = vol.tree_dir(e);
+            let root = sys::openat(
+                open_dir(&tree)?.as_fd(),
+                sys::dot(),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )
+            .map_err(errno_io("open", &tree))?;
+            let manifest = match out {
+                Output::Layer { .. } => Manifest::load_optional(&vol.layer_dir(e))?,
+                Output::Plain { .. } => None,
+            };
+            srcs.push(Src {
+                tree,
+                root: Rc::new(root),
+                maps: vol.maps(e),
+                manifest,
+                active: e == active,
+            });
+        }
+        let out_dir = open_dir(out_path)?;
+        let out_root = sys::openat(
+            out_dir.as_fd(),
+            sys::dot(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(errno_io("open", out_path))?;
+        Ok(Builder {
+            srcs,
+            bottom,
+            out,
+            x: XattrNames::new(vol.userxattr()),
+            userxattr: vol.userxattr(),
+            block_size: vol.block_size(),
+            out_path: out_path.to_path_buf(),
+            out_root,
+            out_maps,
+            chains: ChainReader::new(vol)?,
+            src_inodes: None,
+            relink_in: HashMap::new(),
+            relink_out: HashMap::new(),
+            placed: HashMap::new(),
+            entries: Vec::new(),
+            counted: HashSet::new(),
+            data_bytes: 0,
+            block_count: 0,
+            maps_used: BTreeSet::new(),
+            dir_times: Vec::new(),
+            stats: BuildStats::default(),
+        })
+    }
+
+    fn is_layer(&self) -> bool {
+        matches!(self.out, Output::Layer { .. })
+    }
+
+    fn src_path(&self, h: &Hit) -> PathBuf {
+        let s = &self.srcs[h.src];
+        if h.path.is_root() {
+            s.tree.clone()
+        } else {
+            s.tree.join(std::ffi::OsStr::from_bytes(h.path.as_bytes()))
+        }
+    }
+
+    fn out_file(&self, rel: &RelPath) -> PathBuf {
+        if rel.is_root() {
+            self.out_path.clone()
+        } else {
+            self.out_path
+                .join(std::ffi::OsStr::from_bytes(rel.as_bytes()))
+        }
+    }
+
+    fn run(&mut self) -> Result<()> {
+        // The root: attributes of the topmost root; every source takes part.
+        let top_root = Hit {
+            src: 0,
+            dir: self.srcs[0].root.clone(),
+            name: sys::dot().to_owned(),
+            path: RelPath::root(),
+            st: sys::fstat(self.srcs[0].root.as_fd())
+                .map_err(errno_io("stat", &self.srcs[0].tree))?,
+        };
+        let out_root = sys::openat(
+            self.out_root.as_fd(),
+            sys::dot(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(errno_io("open", &self.out_path))?;
+        self.copy_attrs(&top_root, out_root.as_fd(), sys::dot(), &RelPath::root())?;
+        self.dir_times
+            .push((RelPath::root(), times_of(&top_root.st)));
+        self.record(
+            out_root.as_fd(),
+            sys::dot(),
+            &RelPath::root(),
+            EntryKind::Dir,
+        )?;
+        let mut queue = vec![DirJob {
+            out: RelPath::root(),
+            stack: (0..self.srcs.len()).map(|i| (i, RelPath::root())).collect(),
+            continues: !self.bottom,
+        }];
+        while let Some(job) = queue.pop() {
+            self.process_dir(job, &mut queue)?;
+        }
+        // Directory times last: creating entries changed them.
+        for (rel, times) in std::mem::take(&mut self.dir_times) {
+            let d = sys::open_dir_in_root(self.out_root.as_fd(), rel.as_cstr())
+                .map_err(errno_io("open", self.out_file(&rel)))?;
+            sys::utimensat(d.as_fd(), sys::dot(), &times)
+                .map_err(errno_io("set times of", self.out_file(&rel)))?;
+        }
+        Ok(())
+    }
+
+    fn process_dir(&mut self, job: DirJob, queue: &mut Vec<DirJob>) -> Result<()> {
+        let out_dir = sys::open_dir_in_root(self.out_root.as_fd(), job.out.as_cstr())
+            .map_err(errno_io("open", self.out_file(&job.out)))?;
+        let mut stack = Vec::new();
+        let mut names = BTreeSet::new();
+        for (src, path) in &job.stack {
+            let s = &self.srcs[*src];
+            let where_ = || s.tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+            let fd = sys::open_dir_in_root(s.root.as_fd(), path.as_cstr())
+                .map_err(errno_io("open directory", where_()))?;
+            for (n, _, _) in sys::read_dir(fd.as_fd()).map_err(errno_io("list", where_()))? {
+                names.insert(n);
+            }
+            stack.push(StackDir {
+                src: *src,
+                path: path.clone(),
+                fd: Rc::new(fd),
+            });
+        }
+        for name in names {
+            let (hits, d) = self.lookup(&stack, &name)?;
+            let out_rel = job.out.join(&name);
+            let Some(top) = hits.first() else {
+                if d.stop {
+                    // Deleted in the sources.
+                    if self.is_layer() && job.continues {
+                        sys::mknodat(out_dir.as_fd(), &name, libc::S_IFCHR, 0)
+                            .map_err(errno_io("create whiteout", self.out_file(&out_rel)))?;
+                        self.record(out_dir.as_fd(), &name, &out_rel, EntryKind::Whiteout)?;
+                        self.stats.whiteouts_kept += 1;
+                    } else {
+                        self.stats.whiteouts_dropped += 1;
+                    }
+                }
+                continue;
+            };
+            if sys::is_dir(&top.st) {
+                let continues = !d.stop
+                    && match d.name {
+                        LName::Abs(_) => !self.bottom,
+                        LName::Single(_) => job.continues,
+                    };
+                let opaque = self.is_layer() && !continues && job.continues;
+                let redirect = match (&d.name, continues && self.is_layer()) {
+                    (_, false) => None,
+                    (LName::Abs(c), true) => {
+                        let mut v = Vec::new();
+                        for comp in c {
+                            v.push(b'/');
+                            v.extend_from_slice(comp.to_bytes());
+                        }
+                        Some(v)
+                    }
+                    (LName::Single(n), true) if n.as_c_str() != name.as_c_str() => {
+                        Some(n.to_bytes().to_vec())
+                    }
+                    _ => None,
+                };
+                self.make_dir(top, out_dir.as_fd(), &name, &out_rel, opaque, redirect)?;
+                queue.push(DirJob {
+                    out: out_rel,
+                    stack: hits.iter().map(|h| (h.src, h.path.clone())).collect(),
+                    continues,
+                });
+            } else {
+                self.place(top, out_dir.as_fd(), &name, &out_rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    // --- lookup (kernel `ovl_lookup` over the sources) ---
+
+    fn lookup(&mut self, stack: &[StackDir], name: &CStr) -> Result<(Vec<Hit>, Lookup)> {
+        let mut d = Lookup {
+            name: LName::Single(name.to_owned()),
+            is_dir: false,
+            stop: false,
+        };
+        let mut hits = Vec::new();
+        let mut next_in_stack = 0;
+        // Once the name is absolute, the lookup goes on in every source below, from the root.
+        let mut next_src: Option<usize> = None;
+        loop {
+            let (src, step) = match next_src {
+                None => {
+                    let Some(sd) = stack.get(next_in_stack) else {
+                        break;
+                    };
+                    next_in_stack += 1;
+                    (sd.src, self.lookup_layer(sd.src, Some(sd), &mut d)?)
+                }
+                Some(j) => {
+                    if j >= self.srcs.len() {
+                        break;
+                    }
+                    next_src = Some(j + 1);
+                    (j, self.lookup_layer(j, None, &mut d)?)
+                }
+            };
+            if let Step::Found(h) = step {
+                hits.push(h);
+            }
+            if d.stop {
+                break;
+            }
+            if next_src.is_none() && matches!(d.name, LName::Abs(_)) {
+                next_src = Some(src + 1);
+            }
+        }
+        Ok((hits, d))
+    }
+
+    fn lookup_layer(&mut self, src: usize, sd: Option<&StackDir>, d: &mut Lookup) -> Result<Step> {
+        match d.name.clone() {
+            LName::Single(n) => {
+                let sd = sd.expect("a single-name lookup walks the parent's stack");
+                self.lookup_one(src, &sd.fd, &sd.path, &n, true, 0, 1, d)
+            }
+            LName::Abs(comps) => {
+                if comps.is_empty() {
+                    // A redirect to the root names nothing a directory can merge with.
+                    d.stop = true;
+                    return Ok(Step::Nothing);
+                }
+                let mut cur = (self.srcs[src].root.clone(), RelPath::root());
+                for (k, c) in comps.iter().enumerate() {
+                    let last = k + 1 == comps.len();
+                    match self.lookup_one(src, &cur.0, &cur.1, c, last, k, comps.len(), d)? {
+                        Step::Found(h) if last => return Ok(Step::Found(h)),
+                        Step::Found(h) => {
+                            let fd = sys::openat(
+                                h.dir.as_fd(),
+                                &h.name,
+                                libc::O_PATH | libc::O_DIRECTORY,
+                                0,
+                            )
+                            .map_err(errno_io("open directory", self.src_path(&h)))?;
+                            cur = (Rc::new(fd), h.path);
+                        }
+                        Step::Whiteout if last => return Ok(Step::Whiteout),
+                        _ => return Ok(Step::Nothing),
+                    }
+                }
+                Ok(Step::Nothing)
+            }
+        }
+    }
+
+    /// One component: `ovl_lookup_single`. `k` of `n` is its position in an absolute walk.
+    #[allow(clippy::too_many_arguments)]
+    fn lookup_one(
+        &mut self,
+        src: usize,
+        dir: &Rc<OwnedFd>,
+        dir_path: &RelPath,
+        name: &CStr,
+        last: bool,
+        k: usize,
+        n: usize,
+        d: &mut Lookup,
+    ) -> Result<Step> {
+        let path = dir_path.join(name);
+        let where_ = || {
+            self.srcs[src]
+                .tree
+                .join(std::ffi::OsStr::from_bytes(path.as_bytes()))
+        };
+        let st = match sys::fstatat(dir.as_fd(), name) {
+            Ok(st) => st,
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ENAMETOOLONG) => return Ok(Step::Nothing),
+            Err(e) => return Err(errno_io("stat", where_())(e)),
+        };
+        let kind = layer::classify_lower(dir.as_fd(), name, &st, &self.x)
+            .map_err(errno_io("read overlay xattrs of", where_()))?;
+        let hit = Hit {
+            src,
+            dir: dir.clone(),
+            name: name.to_owned(),
+            path: path.clone(),
+            st,
+        };
+        match kind {
+            LKind::Whiteout => {
+                d.stop = true;
+                Ok(if last { Step::Whiteout } else { Step::Nothing })
+            }
+            LKind::Other => {
+                d.stop = true;
+                if d.is_dir || !last {
+                    return Ok(Step::Nothing);
+                }
+                Ok(Step::Found(hit))
+            }
+            LKind::Dir => {
+                if last {
+                    d.is_dir = true;
+                }
+                if layer::is_opaque(dir.as_fd(), name, &self.x)
+                    .map_err(errno_io("read overlay xattrs of", where_()))?
+                {
+                    d.stop = true;
+                    return Ok(Step::Found(hit));
+                }
+                let v = sys::getxattr(dir.as_fd(), name, &self.x.redirect)
+                    .map_err(errno_io("read overlay xattrs of", where_()))?;
+                match v.as_deref().and_then(parse_redirect) {
+                    None => {}
+                    Some(LName::Abs(mut r)) => {
+                        // The rest of the path being walked follows the redirect.
+                        if let LName::Abs(cur) = &d.name {
+                            let tail = cur.len() - (n - k - 1);
+                            r.extend_from_slice(&cur[tail..]);
+                        }
+                        d.name = LName::Abs(r);
+                        // An absolute redirect below an opaque ancestor still continues.
+                        d.stop = false;
+                    }
+                    Some(LName::Single(r)) => match &mut d.name {
+                        LName::Single(s) => *s = r,
+                        LName::Abs(cur) => {
+                            let at = cur.len() - (n - k);
+                            cur[at] = r;
+                        }
+                    },
+                }
+                Ok(Step::Found(hit))
+            }
+        }
+    }
+
+    // --- output ---
+
+    /// Records the manifest entry of `out_dir/name` (layer output only).
+    fn record(
+        &mut self,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+        kind: EntryKind,
+    ) -> Result<()> {
+        self.stats.entries += 1;
+        if !self.is_layer() {
+            return Ok(());
+        }
+        let st = sys::fstatat(out_dir, name).map_err(errno_io("stat", self.out_file(rel)))?;
+        let xattrs_crc32c = scan::xattrs_crc(out_dir, name)
+            .map_err(errno_io("read xattrs of", self.out_file(rel)))?;
+        // Data is counted once per inode; partial files' by `count_partial`.
+        if let EntryKind::File { size, .. } = &kind
+            && self.counted.insert((st.st_dev, st.st_ino))
+        {
+            self.data_bytes += size;
+            self.block_count += size.div_ceil(u64::from(self.block_size));
+        }
+        self.entries.push(Entry {
+            path: LayerPath(rel.as_bytes().to_vec()),
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            xattrs_crc32c,
+            kind,
+        });
+        Ok(())
+    }
+
+    /// Adds a partial file's present data to the totals (once per map).
+    fn count_partial(&mut self, map: &BlockMap) {
+        if self.maps_used.insert(map.id()) {
+            self.data_bytes += map.present_bytes();
+            self.block_count += map.present().count_blocks();
+        }
+    }
+
+    fn make_dir(
+        &mut self,
+        top: &Hit,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+        opaque: bool,
+        redirect: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let p = || self.out_file(rel);
+        sys::mkdirat(out_dir, name, 0o700).map_err(errno_io("create directory", p()))?;
+        self.copy_attrs(top, out_dir, name, rel)?;
+        if opaque {
+            sys::setxattr(out_dir, name, &self.x.opaque, b"y", 0)
+                .map_err(errno_io("mark opaque", p()))?;
+        }
+        if let Some(r) = redirect {
+            sys::setxattr(out_dir, name, &self.x.redirect, &r, 0)
+                .map_err(errno_io("set the redirect of", p()))?;
+        }
+        self.dir_times.push((rel.clone(), times_of(&top.st)));
+        self.record(out_dir, name, rel, EntryKind::Dir)
+    }
+
+    /// Places the non-directory `h` at `out_dir/name`.
+    fn place(&mut self, h: &Hit, out_dir: BorrowedFd, name: &CStr, rel: &RelPath) -> Result<()> {
+        let key = (h.st.st_dev, h.st.st_ino);
+        if let Some(p) = self.placed.get(&key) {
+            // Another name of an inode already placed: a hard link in the result too.
+            let (first, kind) = (p.out.clone(), p.kind.clone());
+            let (pd, pn) = match first.split_last() {
+                Some((parent, n)) => (
+                    sys::open_dir_in_root(self.out_root.as_fd(), parent.as_cstr())
+                        .map_err(errno_io("open", self.out_file(&parent)))?,
+                    n,
+                ),
+                None => unreachable!("the root is a directory"),
+            };
+            sys::linkat(pd.as_fd(), &pn, out_dir, name)
+                .map_err(errno_io("hard-link", self.out_file(rel)))?;
+            self.stats.hard_links += 1;
+            return self.record(out_dir, name, rel, kind);
+        }
+        let fmt = h.st.st_mode & libc::S_IFMT;
+        let kind = if fmt == libc::S_IFREG {
+            let marker = blockmap::read_marker(h.dir.as_fd(), &h.name, self.userxattr).map_err(
+                errno_io("read the partial-file marker of", self.src_path(h)),
+            )?;
+            match marker {
+                None => self.place_whole(h, out_dir, name, rel)?,
+                Some(id) => self.place_partial(h, id, out_dir, name, rel)?,
+            }
+        } else {
+            self.place_special(h, out_dir, name, rel)?
+        };
+        self.placed.insert(
+            key,
+            Placed {
+                out: rel.clone(),
+                kind: kind.clone(),
+            },
+        );
+        self.record(out_dir, name, rel, kind)
+    }
+
+    /// Tries to take `h` over by hard link (layer output only). `false` if the filesystem
+    /// refuses (the caller copies).
+    fn try_link(
+        &mut self,
+        h: &Hit,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<bool> {
+        if !self.is_layer() {
+            return Ok(false);
+        }
+        match sys::linkat(h.dir.as_fd(), &h.name, out_dir, name) {
+            Ok(()) => {
+                self.stats.linked += 1;
+                Ok(true)
+            }
+            Err(Errno::EMLINK | Errno::EPERM | Errno::EXDEV) => Ok(false),
+            Err(e) => Err(errno_io("hard-link", self.out_file(rel))(e)),
+        }
+    }
+
+    /// Notes that the file `h` was re-created at `out_dir/name` (a new inode): partial files
+    /// above that read through `h` must be repointed.
+    fn note_recreated(
+        &mut self,
+        h: &Hit,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<()> {
+        if !self.is_layer() {
+            return Ok(());
+        }
+        let old = layer::encode_origin(h.dir.as_fd(), &h.name, self.chains.mount.as_fd())
+            .map_err(errno_io("get the file handle of", self.src_path(h)))?;
+        let new = layer::encode_origin(out_dir, name, self.chains.mount.as_fd())
+            .map_err(errno_io("get the file handle of", self.out_file(rel)))?;
+        if let Some(k) = fh_key(&old) {
+            self.relink_out.insert(k, new);
+        }
+        Ok(())
+    }
+
+    fn place_whole(
+        &mut self,
+        h: &Hit,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<EntryKind> {
+        let size = h.st.st_size as u64;
+        if self.try_link(h, out_dir, name, rel)? {
+            let crc32c = self.whole_crc(h)?;
+            return Ok(EntryKind::File { size, crc32c });
+        }
+        let src = sys::openat(h.dir.as_fd(), &h.name, libc::O_RDONLY, 0)
+            .map_err(errno_io("open", self.src_path(h)))?;
+        let levels = [Level {
+            fd: src,
+            map: None,
+            key: (h.st.st_dev, h.st.st_ino),
+            below_fb: None,
+        }];
+        let crc32c = self.write_whole(&levels, size, out_dir, name, rel)?;
+        self.copy_attrs(h, out_dir, name, rel)?;
+        self.set_times(h, out_dir, name, rel)?;
+        if self.is_layer() {
+            self.stats.copied += 1;
+            self.note_recreated(h, out_dir, name, rel)?;
+        }
+        Ok(EntryKind::File { size, crc32c })
+    }
+
+    /// The CRC32C of a whole file taken over by link: from its layer's manifest when that
+    /// still describes it (so damage since the seal stays detectable), else read.
+    fn whole_crc(&self, h: &Hit) -> Result<u32> {
+        if let Some(m) = &self.srcs[h.src].manifest
+            && let Ok(i) = m
+                .entries
+                .binary_search_by(|e| e.path.as_bytes().cmp(h.path.as_bytes()))
+        {
+            let e = &m.entries[i];
+            if let EntryKind::File { size, crc32c } = e.kind
+                && size == h.st.st_size as u64
+                && (e.mode, e.uid, e.gid) == (h.st.st_mode, h.st.st_uid, h.st.st_gid)
+            {
+                return Ok(crc32c);
+            }
+        }
+        let fd = sys::openat(h.dir.as_fd(), &h.name, libc::O_RDONLY, 0)
+            .map_err(errno_io("open", self.src_path(h)))?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut crc = 0u32;
+        let mut off = 0u64;
+        loop {
+            let n = sys::pread_full(fd.as_fd(), &mut buf, off)
+                .map_err(errno_io("read", self.src_path(h)))?;
+            if n == 0 {
+                return Ok(crc);
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            off += n as u64;
+        }
+    }
+
+    /// Creates `out_dir/name` with `size` bytes read through `levels` (holes for zero
+    /// pieces). Returns the CRC32C of the content.
+    fn write_whole(
+        &mut self,
+        levels: &[Level],
+        size: u64,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<u32> {
+        let out_p = self.out_file(rel);
+        let p = || out_p.clone();
+        let fd = sys::openat(
+            out_dir,
+            name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(errno_io("create", p()))?;
+        let mut crc = 0u32;
+        let mut buf = Vec::new();
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(CHUNK);
+            buf.resize(n as usize, 0);
+            read_levels(levels, off, &mut buf).map_err(errno_io("read the data of", p()))?;
+            crc = crc32c::crc32c_append(crc, &buf);
+            if buf.iter().any(|b| *b != 0) {
+                write_all(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
+                self.stats.written_bytes += n;
+            }
+            off += n;
+        }
+        sys::ftruncate(fd.as_fd(), size).map_err(errno_io("set the size of", p()))?;
+        Ok(crc)
+    }
+
+    fn src_inodes(&mut self) -> Result<&HashSet<(u64, u64)>> {
+        if self.src_inodes.is_none() {
+            let mut set = HashSet::new();
+            for s in &self.srcs {
+                for (_, _, _, st) in walk_files(&s.tree)? {
+                    set.insert((st.st_dev, st.st_ino));
+                }
+            }
+            self.src_inodes = Some(set);
+        }
+        Ok(self.src_inodes.as_ref().expect("just built"))
+    }
+
+    fn place_partial(
+        &mut self,
+        h: &Hit,
+        id: MapId,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<EntryKind> {
+        let sp = self.src_path(h);
+        let fd = sys::openat(h.dir.as_fd(), &h.name, libc::O_RDONLY, 0)
+            .map_err(errno_io("open", &sp))?;
+        let mut map = self.srcs[h.src].maps.load(id)?;
+        if self.srcs[h.src].active {
+            map.recover(fd.as_fd())
+                .map_err(errno_io("reconcile the block map of", &sp))?;
+        }
+        let below_fb = sys::fgetxattr(fd.as_fd(), below_xattr(self.userxattr))
+            .map_err(errno_io("read layervol.below of", &sp))?;
+        let below = self.chains.chain_below(fd.as_fd(), &sp)?;
+        let map = Arc::new(map);
+        let mut levels = vec![Level {
+            fd,
+            map: Some(map.clone()),
+            key: (h.st.st_dev, h.st.st_ino),
+            below_fb,
+        }];
+        levels.extend(below);
+        // How many levels lie in the sources: a prefix of the chain.
+        let inside = if self.bottom {
+            levels.len()
+        } else {
+            let set = self.src_inodes()?;
+            1 + levels[1..]
+                .iter()
+                .take_while(|l| set.contains(&l.key))
+                .count()
+        };
+        let force_whole = match self.out {
+            Output::Layer { force_whole } => force_whole,
+            Output::Plain { .. } => true,
+        };
+        let bs = u64::from(self.block_size);
+        let size = map.size();
+        if !force_whole && inside < levels.len() {
+            // The chain continues below the sources: stay partial over that level.
+            let mut present = ExtentSet::new();
+            let mut below_limit = size;
+            for l in &levels[..inside] {
+                let m = l
+                    .map
+                    .as_ref()
+                    .expect("every level above another is partial");
+                present.union_with(m.present());
+                below_limit = below_limit.min(m.below_limit());
+            }
+            present.truncate(size.div_ceil(bs));
+            let old_below = levels[inside - 1].below_fb.clone().unwrap_or_default();
+            let (new_below, repointed) =
+                match fh_key(&old_below).and_then(|k| self.relink_in.get(&k)) {
+                    Some(n) => (n.clone(), true),
+                    None => (old_below, false),
+                };
+            if !present.contains_range(0..below_limit.div_ceil(bs)) {
+                if inside == 1 && !repointed && self.try_link(h, out_dir, name, rel)? {
+                    // Taken over unchanged: same inode, same map.
+                    let maps = self.out_maps.as_ref().expect("layer output has maps");
+                    let map_crc32c = maps.store(&map)?;
+                    self.count_partial(&map);
+                    return Ok(EntryKind::Partial {
+                        size,
+                        map: map.id(),
+                        map_crc32c,
+                        present_blocks: map.present().count_blocks(),
+                    });
+                }
+                return self.write_partial(
+                    h,
+                    &levels,
+                    present,
+                    below_limit,
+                    &new_below,
+                    out_dir,
+                    name,
+                    rel,
+                );
+            }
+        }
+        let crc32c = self.write_whole(&levels, size, out_dir, name, rel)?;
+        self.copy_attrs(h, out_dir, name, rel)?;
+        self.set_times(h, out_dir, name, rel)?;
+        self.stats.assembled_files += 1;
+        self.note_recreated(h, out_dir, name, rel)?;
+        Ok(EntryKind::File { size, crc32c })
+    }
+
+    /// Writes a partial file with the merged map (see the module doc).
+    #[allow(clippy::too_many_arguments)]
+    fn write_partial(
+        &mut self,
+        h: &Hit,
+        levels: &[Level],
+        present: ExtentSet,
+        below_limit: u64,
+        below_fb: &[u8],
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<EntryKind> {
+        let out_p = self.out_file(rel);
+        let p = || out_p.clone();
+        let size = levels[0].map.as_ref().expect("partial").size();
+        let bs = u64::from(self.block_size);
+        let id = MapId::random().map_err(io("get random bytes for", p()))?;
+        let mut map = BlockMap::new(id, self.block_size, below_limit)?;
+        let _ = map.truncate(size); // grows: nothing is cut
+        let fd = sys::openat(
+            out_dir,
+            name,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )
+        .map_err(errno_io("create", p()))?;
+        sys::ftruncate(fd.as_fd(), size).map_err(errno_io("set the size of", p()))?;
+        let per = (CHUNK / bs).max(1);
+        let mut buf = Vec::new();
+        for ext in present.iter() {
+            let mut b = ext.start;
+            while b < ext.end {
+                let n = per.min(ext.end - b);
+                let start = b * bs;
+                let end = ((b + n) * bs).min(size);
+                buf.resize((end - start) as usize, 0);
+                read_levels(levels, start, &mut buf).map_err(errno_io("read the data of", p()))?;
+                write_all(fd.as_fd(), &buf, start).map_err(errno_io("write", p()))?;
+                self.stats.written_bytes += end - start;
+                map.record_blocks(b, &buf);
+                b += n;
+            }
+        }
+        drop(fd);
+        self.copy_attrs(h, out_dir, name, rel)?;
+        let maps = self.out_maps.as_ref().expect("layer output has maps");
+        let map_crc32c = maps.store(&map)?;
+        blockmap::write_marker(out_dir, name, id, self.userxattr)
+            .map_err(errno_io("mark as partial", p()))?;
+        if !below_fb.is_empty() {
+            sys::setxattr(out_dir, name, below_xattr(self.userxattr), below_fb, 0)
+                .map_err(errno_io("set layervol.below of", p()))?;
+        }
+        self.set_times(h, out_dir, name, rel)?;
+        self.count_partial(&map);
+        self.stats.merged_partials += 1;
+        self.note_recreated(h, out_dir, name, rel)?;
+        Ok(EntryKind::Partial {
+            size,
+            map: id,
+            map_crc32c,
+            present_blocks: map.present().count_blocks(),
+        })
+    }
+
+    fn place_special(
+        &mut self,
+        h: &Hit,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<EntryKind> {
+        let fmt = h.st.st_mode & libc::S_IFMT;
+        let out_p = self.out_file(rel);
+        let p = || out_p.clone();
+        let target = if fmt == libc::S_IFLNK {
+            Some(
+                sys::readlinkat(h.dir.as_fd(), &h.name)
+                    .map_err(errno_io("read link", self.src_path(h)))?,
+            )
+        } else {
+            None
+        };
+        let kind = match fmt {
+            libc::S_IFLNK => EntryKind::Symlink {
+                target: LayerPath(target.clone().unwrap_or_default()),
+            },
+            libc::S_IFCHR | libc::S_IFBLK => EntryKind::Device { rdev: h.st.st_rdev },
+            libc::S_IFIFO => EntryKind::Fifo,
+            libc::S_IFSOCK => EntryKind::Socket,
+            _ => {
+                return Err(VolumeError::Unrepresentable {
+                    path: self.src_path(h),
+                    reason: format!("unknown file type {:o}", h.st.st_mode),
+                });
+            }
+        };
+        if self.try_link(h, out_dir, name, rel)? {
+            return Ok(kind);
+        }
+        match &target {
+            Some(t) => {
+                let t = CString::new(t.clone())
+                    .map_err(|_| errno_io("read link", self.src_path(h))(Errno::EINVAL))?;
+                sys::symlinkat(&t, out_dir, name).map_err(errno_io("create", p()))?;
+            }
+            None => sys::mknodat(out_dir, name, fmt | 0o600, h.st.st_rdev)
+                .map_err(errno_io("create", p()))?,
+        }
+        self.copy_attrs(h, out_dir, name, rel)?;
+        self.set_times(h, out_dir, name, rel)?;
+        Ok(kind)
+    }
+
+    fn set_times(&self, h: &Hit, out_dir: BorrowedFd, name: &CStr, rel: &RelPath) -> Result<()> {
+        sys::utimensat(out_dir, name, &times_of(&h.st))
+            .map_err(errno_io("set times of", self.out_file(rel)))
+    }
+
+    /// Owner, xattrs (filtered for the output), mode; times are the caller's (directories
+    /// get theirs at the very end). chown first: it clears set-id bits and capabilities.
+    fn copy_attrs(&self, h: &Hit, out_dir: BorrowedFd, name: &CStr, rel: &RelPath) -> Result<()> {
+        let p = || self.out_file(rel);
+        let now = sys::fstatat(out_dir, name).map_err(errno_io("stat", p()))?;
+        if (now.st_uid, now.st_gid) != (h.st.st_uid, h.st.st_gid) {
+            sys::fchownat(out_dir, name, h.st.st_uid, h.st.st_gid)
+                .map_err(errno_io("give its owner to", p()))?;
+        }
+        let is_dir = sys::is_dir(&h.st);
+        let prefix = self.x.prefix.as_bytes();
+        let keys = sys::listxattr(h.dir.as_fd(), &h.name)
+            .map_err(errno_io("list xattrs of", self.src_path(h)))?;
+        for key in keys {
+            let k = key.to_bytes();
+            if blockmap::PRIVATE_XATTR_PREFIXES
+                .iter()
+                .any(|pre| k.starts_with(pre.as_bytes()))
+            {
+                continue;
+            }
+            let stored: CString = match k.strip_prefix(prefix) {
+                None => key.clone(),
+                Some(rest) => match (rest.strip_prefix(b"overlay."), self.out) {
+                    // A user's xattr of the overlay namespace, escaped in layers.
+                    (Some(_), Output::Layer { .. })
+                    | (Some(_), Output::Plain { escaped: true }) => key.clone(),
+                    (Some(inner), Output::Plain { escaped: false }) => {
+                        let mut v = prefix.to_vec();
+                        v.extend_from_slice(inner);
+                        CString::new(v).expect("from a CStr")
+                    }
+                    // Format xattrs: recomputed (opaque, redirect) or kept (origin, impure,
+                    // nlink...) in a layer; never in a plain tree.
+                    (None, Output::Layer { .. }) => {
+                        if is_dir && (rest == b"opaque" || rest == b"redirect") {
+                            continue;
+                        }
+                        key.clone()
+                    }
+                    (None, Output::Plain { .. }) => continue,
+                },
+            };
+            let Some(v) = sys::getxattr(h.dir.as_fd(), &h.name, &key)
+                .map_err(errno_io("read xattrs of", self.src_path(h)))?
+            else {
+                continue;
+            };
+            sys::setxattr(out_dir, name, &stored, &v, 0).map_err(errno_io("set xattrs of", p()))?;
+        }
+        if h.st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            sys::fchmodat(out_dir, name, h.st.st_mode & 0o7777).map_err(errno_io("chmod", p()))?;
+        }
+        Ok(())
+    }
+}
