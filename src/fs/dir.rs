@@ -408,10 +408,10 @@ impl Overlay {
             };
             sys::renameat2(pdir.as_fd(), name, qdir.as_fd(), newname, rflags)?;
         }
-        s.set_location(q.clone(), newname);
+        s.rename_name(&p, name, q.clone(), newname);
         if let Some(t) = t {
             if exchange {
-                t.set_location(p.clone(), name);
+                t.rename_name(&q, newname, p.clone(), name);
             } else {
                 t.unlink_name(&q, newname);
                 self.nlink_changed(&t, -1)?;

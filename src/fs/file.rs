@@ -346,9 +346,13 @@ impl Overlay {
             gid: a.gid.map(|g| self.cfg.gid_map.to_layer(g)),
             ..a
         };
+        let handle = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()));
+        if node.path().is_none() && handle.is_some() {
+            // Open but unlinked: in no layer any more; change the open file itself.
+            return self.setattr_unlinked(&node, handle, a);
+        }
         let truncating_to_zero = a.size == Some(0);
         self.copy_up(&node, !truncating_to_zero)?;
-        let handle = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()));
         if let Some(size) = a.size {
             if node.is_dir() {
                 return Err(Errno::EISDIR);
@@ -413,9 +417,10 @@ impl Overlay {
             Some(h) => h.fd(),
             None => self.any_handle_fd(node).ok_or(Errno::ENOENT)?,
         };
-        let empty = c"";
-        let _ = empty;
         let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
+        if let Some(size) = a.size {
+            sys::ftruncate(fd.as_fd(), size)?;
+        }
         if a.uid.is_some() || a.gid.is_some() {
             let r =
                 unsafe { libc::fchown(raw, a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX)) };

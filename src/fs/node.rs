@@ -36,6 +36,9 @@ pub struct NodeState {
     pub upper: bool,
     /// All names of the node are gone (it may still be open).
     pub unlinked: bool,
+    /// Other names of a hard-linked file that the kernel knows (it may use any of them
+    /// without a new lookup); one takes over when the current name is removed.
+    pub others: Vec<(Arc<Node>, CString)>,
     /// Hard-linked lower file: a copy exists in the index (`workdir/index`).
     pub indexed: bool,
     /// Hard-linked lower file: its link count in the merged view.
@@ -147,6 +150,7 @@ impl Node {
                 name: name.to_owned(),
                 upper,
                 unlinked: false,
+                others: Vec::new(),
                 indexed,
                 merged_nlink,
             }),
@@ -219,22 +223,53 @@ impl Node {
         Some(p)
     }
 
+    /// The kernel reached this node through `parent/name`: that becomes its current name;
+    /// a hard-linked file remembers the previous one too.
     pub fn set_location(&self, parent: Arc<Node>, name: &CStr) {
         let mut s = self.state.lock();
+        let same = |p: &Arc<Node>, n: &CStr| Arc::ptr_eq(p, &parent) && n == name;
+        if let Some(old) = s.parent.clone()
+            && !s.unlinked
+            && self.fmt != libc::S_IFDIR
+            && !same(&old, &s.name)
+        {
+            let old_name = s.name.clone();
+            s.others.push((old, old_name));
+        }
+        s.others.retain(|(p, n)| !same(p, n));
         s.parent = Some(parent);
         s.name = name.to_owned();
         s.unlinked = false;
     }
 
-    /// The name `parent/name` of this node was removed. If it was the name the node is known
-    /// by, the node has no usable name until the kernel looks up another one (hard links).
+    /// `from_parent/from` was renamed to `parent/name`.
+    pub fn rename_name(&self, from_parent: &Arc<Node>, from: &CStr, parent: Arc<Node>, name: &CStr) {
+        let mut s = self.state.lock();
+        let is_from = |p: &Arc<Node>, n: &CStr| Arc::ptr_eq(p, from_parent) && n == from;
+        s.others.retain(|(p, n)| !is_from(p, n));
+        s.parent = Some(parent);
+        s.name = name.to_owned();
+        s.unlinked = false;
+    }
+
+    /// The name `parent/name` of this node was removed. Another known name takes over; with
+    /// none left the node is unlinked (it may still be open).
     pub fn unlink_name(&self, parent: &Arc<Node>, name: &CStr) {
         let mut s = self.state.lock();
-        let matches =
-            s.parent.as_ref().is_some_and(|p| Arc::ptr_eq(p, parent)) && s.name.as_c_str() == name;
-        if matches || self.fmt == libc::S_IFDIR {
-            s.unlinked = true;
-            s.parent = None;
+        let is = |p: &Arc<Node>, n: &CStr| Arc::ptr_eq(p, parent) && n == name;
+        s.others.retain(|(p, n)| !is(p, n));
+        let current = s.parent.as_ref().is_some_and(|p| is(p, &s.name));
+        if current || self.fmt == libc::S_IFDIR {
+            match s.others.pop() {
+                Some((p, n)) if self.fmt != libc::S_IFDIR => {
+                    s.parent = Some(p);
+                    s.name = n;
+                }
+                _ => {
+                    s.unlinked = true;
+                    s.parent = None;
+                }
+            }
         }
     }
 
