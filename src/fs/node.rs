@@ -243,7 +243,13 @@ impl Node {
     }
 
     /// `from_parent/from` was renamed to `parent/name`.
-    pub fn rename_name(&self, from_parent: &Arc<Node>, from: &CStr, parent: Arc<Node>, name: &CStr) {
+    pub fn rename_name(
+        &self,
+        from_parent: &Arc<Node>,
+        from: &CStr,
+        parent: Arc<Node>,
+        name: &CStr,
+    ) {
         let mut s = self.state.lock();
         let is_from = |p: &Arc<Node>, n: &CStr| Arc::ptr_eq(p, from_parent) && n == from;
         s.others.retain(|(p, n)| !is_from(p, n));

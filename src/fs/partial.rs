@@ -261,8 +261,13 @@ impl Overlay {
         size: u32,
     ) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
-        if node.has_upper()
-            && let Some(g) = self.live_partial(node, fd)?
+        // A live map (the active layer's file, or an open unlinked one) is the truth.
+        let live = if node.partial.lock().is_some() || node.has_upper() {
+            self.live_partial(node, fd)?
+        } else {
+            None
+        };
+        if let Some(g) = live
             && let Some(ps) = g.as_ref()
         {
             let n = (ps.map.size().saturating_sub(off)).min(size as u64) as usize;
@@ -319,6 +324,10 @@ impl Overlay {
 
     /// Writes the node's map if it changed.
     pub(super) fn store_partial(&self, node: &Node) -> Result<()> {
+        if node.path().is_none() {
+            // Open but unlinked: the file is in no layer, its map describes nothing to keep.
+            return Ok(());
+        }
         let mut g = node.partial.lock();
         if let Some(ps) = g.as_mut()
             && ps.dirty
@@ -334,12 +343,18 @@ impl Overlay {
     pub(super) fn store_all_partials(&self) -> Result<()> {
         let inos: Vec<u64> = self.live_partials.iter().map(|e| *e.key()).collect();
         for ino in inos {
-            if let Some(n) = self.nodes.get(&ino).map(|n| n.clone()) {
-                self.store_partial(&n)?;
-                *n.partial.lock() = None;
+            let Some(n) = self.nodes.get(&ino).map(|n| n.clone()) else {
+                self.live_partials.remove(&ino);
+                continue;
+            };
+            if n.path().is_none() {
+                // Open but unlinked: it stays live, outside every layer.
+                continue;
             }
+            self.store_partial(&n)?;
+            *n.partial.lock() = None;
+            self.live_partials.remove(&ino);
         }
-        self.live_partials.clear();
         Ok(())
     }
 }
