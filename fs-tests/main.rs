@@ -147,11 +147,6 @@ const KNOWN_BUGS: &[(&str, &str)] = &[
     ),
     ("volume::random::ops", HARDLINK_VOLUME),
     (
-        "volume::io::fallocate_modes",
-        "fallocate on a partial file: only plain allocation inside the file is implemented \
-         (KEEP_SIZE growth, PUNCH_HOLE and ZERO_RANGE return EOPNOTSUPP)",
-    ),
-    (
         "volume::metadata::utimens_lower_file",
         "reads served from below a partial file do not update its atime (relatime)",
     ),

@@ -307,12 +307,38 @@ impl Overlay {
         let _w = self.writing();
         let h = self.handle(fh)?;
         let fd = self.write_fd(&h)?;
-        if h.partial.load(Ordering::Acquire) {
-            // Only plain allocation inside the file keeps a partial file's content as it is.
-            let size = sys::fstat(fd.as_fd())?.st_size as u64;
-            if mode != 0 || off.saturating_add(len) > size {
-                return Err(Errno::EOPNOTSUPP);
+        if h.partial.load(Ordering::Acquire)
+            && let Some(mut g) = self.live_partial(&h.node, fd.as_fd())?
+            && let Some(ps) = g.as_mut()
+        {
+            // In a partial file, bytes that become zeros must be recorded as written zeros
+            // (a hole would show the layer below).
+            let size = ps.map.size();
+            let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+            let end = off.saturating_add(len);
+            let zero = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+                0 if keep || end <= size => None,
+                0 => Some(size..end),
+                libc::FALLOC_FL_PUNCH_HOLE if keep => Some(off..end.min(size)),
+                libc::FALLOC_FL_ZERO_RANGE if keep => Some(off..end.min(size)),
+                libc::FALLOC_FL_ZERO_RANGE => Some(off..end),
+                _ => return Err(Errno::EOPNOTSUPP),
+            };
+            if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+                sys::fallocate(fd.as_fd(), mode, off, len)?;
             }
+            if let Some(r) = zero {
+                let chunk = vec![0u8; 1 << 20];
+                let mut at = r.start;
+                while at < r.end {
+                    let n = (r.end - at).min(chunk.len() as u64) as usize;
+                    self.write_partial(ps, fd.as_fd(), at, false, &chunk[..n])?;
+                    at += n as u64;
+                }
+            }
+            drop(g);
+            self.mark_dirty(h.node.ino, off, len);
+            return Ok(());
         }
         sys::fallocate(fd.as_fd(), mode, off, len)?;
         self.mark_dirty(h.node.ino, off, len);
