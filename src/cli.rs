@@ -126,6 +126,29 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "SIZE", default_value = "4K")]
         block_size: String,
     },
+    /// Merge frozen layers into one (offline: the volume must not be mounted). Whiteouts,
+    /// opaque dirs and redirects are applied, partial files merged or made whole.
+    Squash {
+        vol: PathBuf,
+        /// Lowest layer of the range (default: the bottom layer).
+        #[arg(long, value_name = "EPOCH")]
+        from: Option<u64>,
+        /// Highest layer of the range (default: the newest frozen layer, or the first pinned).
+        #[arg(long, value_name = "EPOCH")]
+        through: Option<u64>,
+        /// Leave no partial file anywhere, so that `mount -t overlay` can mount the layers.
+        #[arg(long)]
+        kernel_compatible: bool,
+    },
+    /// Write the merged view of a volume as a plain directory tree.
+    Export {
+        vol: PathBuf,
+        /// Destination directory (created; must not exist or be empty).
+        dir: PathBuf,
+        /// Export the view as of this frozen epoch (works while the volume is mounted).
+        #[arg(long, value_name = "EPOCH")]
+        epoch: Option<u64>,
+    },
 }
 
 impl Cli {

@@ -45,6 +45,62 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Volume(VolumeCmd::Squash {
+            vol,
+            from,
+            through,
+            kernel_compatible,
+        }) => {
+            let mut v = Volume::open(&vol).with_context(|| {
+                format!("cannot open volume `{}` (is it mounted?)", vol.display())
+            })?;
+            let opts = crate::volume::squash::SquashOptions {
+                from,
+                through,
+                kernel_compatible,
+            };
+            let t0 = Instant::now();
+            let st = crate::volume::squash::squash(&mut v, &opts).with_context(|| {
+                format!(
+                    "squash of `{}` failed; the volume is unchanged",
+                    vol.display()
+                )
+            })?;
+            println!(
+                "squashed epochs {:?} into epoch {} ({} entries, {} linked, {} copied) in {:.2} s",
+                st.merged_epochs,
+                st.epoch,
+                st.entries,
+                st.linked_objects,
+                st.copied_files,
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Cmd::Volume(VolumeCmd::Export { vol, dir, epoch }) => {
+            let st = match epoch {
+                Some(e) => {
+                    let v = Volume::open_read_only(&vol)?;
+                    crate::volume::squash::export_frozen(&v, e, &dir, false)?
+                }
+                None => {
+                    let v = Volume::open(&vol).with_context(|| {
+                        format!(
+                            "cannot open volume `{}` (mounted? export a frozen epoch with --epoch)",
+                            vol.display()
+                        )
+                    })?;
+                    crate::volume::squash::export(&v, &dir, false)?
+                }
+            };
+            println!(
+                "exported {} entries ({} bytes) to {}",
+                st.entries,
+                st.written_bytes,
+                dir.display()
+            );
+            Ok(())
+        }
         Cmd::Mount {
             vol,
             mountpoint,

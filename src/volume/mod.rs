@@ -28,6 +28,8 @@ pub mod manifest;
 pub mod meta;
 pub mod scan;
 pub mod squash;
+#[cfg(test)]
+mod squash_tests;
 pub mod store;
 #[cfg(test)]
 mod store_tests;

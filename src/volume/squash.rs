@@ -47,6 +47,11 @@
 //! inodes with the attributes of their topmost level (minus layervol's markers). A link that
 //! the filesystem refuses (EMLINK, EPERM) falls back to a copy.
 //!
+//! Each new layer is sealed as it is built: its manifest is made during the walk, the data
+//! CRC of a file taken over by link coming from its old layer's manifest (the data is not
+//! read again, and damage since that seal stays detectable), the others' from the bytes
+//! written. It is exactly what `Manifest::build` would compute (tests check it).
+//!
 //! # Handles from above, and crash safety
 //!
 //! Partial files above the range name their data by file handle. A handle to an object that
@@ -62,7 +67,7 @@
 //! to repoint); (2) `syncfs`; (3) commit `volume.json` (the single commit point); (4) repoint
 //! the active layer's partial files, `syncfs`; (5) remove the old directories; (6) remove the
 //! journal. A crash before (3) leaves the old volume and unlisted new directories, which the
-//! next squash removes. A crash after (3) leaves the new volume, whose journal is live (its
+//! next `Volume::open` removes. A crash after (3) leaves the new volume, whose journal is live (its
 //! directory is listed): `Volume::open` finishes (4)-(6) before anything else touches the
 //! volume (`finish_pending`). Until then the old directories still exist, so every handle
 //! still resolves and the view is right at every instant.
@@ -211,7 +216,6 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
         });
     }
     finish_pending(vol)?;
-    remove_staging_strays(vol)?;
     let (lo, hi) = plan_range(vol, opts)?;
     let layers = vol.layers().to_vec();
     let mut stats = SquashStats::default();
@@ -434,12 +438,21 @@ fn export_layers(vol: &Volume, epochs: &[u64], dir: &Path, escaped: bool) -> Res
 }
 
 /// Finishes a squash that committed but did not complete (see the module doc): repoints the
-/// active layer's partial files, removes the replaced layer directories, removes the journal.
-/// Idempotent; `None` if there was nothing to finish. `Volume::open` calls it.
+/// active layer's partial files, removes the replaced layer directories, removes the journal;
+/// and removes the directories of a squash that never committed. Idempotent; `None` if no
+/// journal was found. `Volume::open` calls it; a read-only handle does nothing.
 pub fn finish_pending(vol: &Volume) -> Result<Option<FinishStats>> {
     if vol.is_read_only() {
         return Ok(None);
     }
+    let done = finish_journals(vol)?;
+    // Only now: a committed squash's directories are listed, an uncommitted one's are not
+    // referenced by anything.
+    remove_staging_strays(vol)?;
+    Ok(done)
+}
+
+fn finish_journals(vol: &Volume) -> Result<Option<FinishStats>> {
     let mut done: Option<FinishStats> = None;
     for l in vol.layers() {
         let dir = vol.layer_dir(l.epoch);
@@ -508,6 +521,9 @@ pub fn finish_pending(vol: &Volume) -> Result<Option<FinishStats>> {
             crash_point("squash:removed-old-dir")?;
         }
         meta::sync_dir(&layers_dir)?;
+        // Work dirs of the merged-away epochs (and of older freezes) are unused: the lock
+        // is held, so no mount runs.
+        vol.remove_stale_work_dirs()?;
         std::fs::remove_file(dir.join(JOURNAL_FILE))
             .map_err(io("remove squash journal", dir.join(JOURNAL_FILE)))?;
         meta::sync_dir(&dir)?;
@@ -533,22 +549,21 @@ pub fn assemble_active(vol: &Volume) -> Result<u64> {
     let mut done_maps = Vec::new();
     let mut n = 0;
     let userxattr = vol.userxattr();
-    for (dir, name, path, st) in walk_files(&tree)? {
+    for_each_file(&tree, &mut |dir, name, path, st| {
         if !seen.insert((st.st_dev, st.st_ino)) {
-            continue;
+            return Ok(());
         }
         let p = || tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
-        let Some(id) = blockmap::read_marker(dir.as_fd(), &name, userxattr)
+        let Some(id) = blockmap::read_marker(dir, name, userxattr)
             .map_err(errno_io("read the partial-file marker of", p()))?
         else {
             // A crash between dropping the marker and `below` leaves a stray `below`.
-            match sys::removexattr(dir.as_fd(), &name, below_xattr(userxattr)) {
-                Ok(()) | Err(Errno::ENODATA) => {}
-                Err(e) => return Err(errno_io("remove layervol.below of", p())(e)),
-            }
-            continue;
+            return match sys::removexattr(dir, name, below_xattr(userxattr)) {
+                Ok(()) | Err(Errno::ENODATA) => Ok(()),
+                Err(e) => Err(errno_io("remove layervol.below of", p())(e)),
+            };
         };
-        let fd = sys::openat(dir.as_fd(), &name, libc::O_RDWR, 0).map_err(errno_io("open", p()))?;
+        let fd = sys::openat(dir, name, libc::O_RDWR, 0).map_err(errno_io("open", p()))?;
         let mut map = maps.load(id)?;
         // What the engine would do at the next mount: trust the data file over a map a
         // crash left behind.
@@ -575,35 +590,50 @@ pub fn assemble_active(vol: &Volume) -> Result<u64> {
             }
         }
         sys::fsync(fd.as_fd(), false).map_err(errno_io("fsync", p()))?;
-        let times = [
-            libc::timespec {
-                tv_sec: st.st_atime,
-                tv_nsec: st.st_atime_nsec,
-            },
-            libc::timespec {
-                tv_sec: st.st_mtime,
-                tv_nsec: st.st_mtime_nsec,
-            },
-        ];
+        let times = times_of(st);
         // SAFETY: futimens on a valid fd with two timespecs.
         if unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) } < 0 {
             return Err(errno_io("set times of", p())(Errno::last()));
         }
         crash_point("assemble-active:before-unmark")?;
-        sys::removexattr(dir.as_fd(), &name, blockmap::marker_xattr(userxattr))
+        sys::removexattr(dir, name, blockmap::marker_xattr(userxattr))
             .map_err(errno_io("remove the partial-file marker of", p()))?;
-        match sys::removexattr(dir.as_fd(), &name, below_xattr(userxattr)) {
+        match sys::removexattr(dir, name, below_xattr(userxattr)) {
             Ok(()) | Err(Errno::ENODATA) => {}
             Err(e) => return Err(errno_io("remove layervol.below of", p())(e)),
         }
         done_maps.push(id);
         n += 1;
-    }
+        Ok(())
+    })?;
     for id in done_maps {
         maps.remove(id)?;
     }
     maps.sync()?;
     Ok(n)
+}
+
+// Test hook: make every hard link fail as if the filesystem refused it (EMLINK), so the
+// copy fallback and the repointing of handles to copied files are exercised.
+#[cfg(test)]
+thread_local! {
+    static REFUSE_LINKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+pub(crate) fn refuse_links(on: bool) {
+    REFUSE_LINKS.with(|c| c.set(on));
+}
+
+#[cfg(test)]
+fn links_refused() -> bool {
+    REFUSE_LINKS.with(|c| c.get())
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn links_refused() -> bool {
+    false
 }
 
 // ---------------------------------------------------------------------------------------
@@ -704,73 +734,73 @@ fn remove_staging_strays(vol: &Volume) -> Result<()> {
 /// True if some partial file in `tree` names a file in `relink` as its data below.
 fn points_into(vol: &Volume, tree: &Path, relink: &HashMap<FhKey, Vec<u8>>) -> Result<bool> {
     let userxattr = vol.userxattr();
-    for (dir, name, path, _) in walk_files(tree)? {
+    let mut found = false;
+    for_each_file(tree, &mut |dir, name, path, _| {
         let p = || tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
-        if blockmap::read_marker(dir.as_fd(), &name, userxattr)
-            .map_err(errno_io("read the partial-file marker of", p()))?
-            .is_none()
+        if found
+            || blockmap::read_marker(dir, name, userxattr)
+                .map_err(errno_io("read the partial-file marker of", p()))?
+                .is_none()
         {
-            continue;
+            return Ok(());
         }
-        if let Some(fb) = sys::getxattr(dir.as_fd(), &name, below_xattr(userxattr))
+        if let Some(fb) = sys::getxattr(dir, name, below_xattr(userxattr))
             .map_err(errno_io("read layervol.below of", p()))?
-            && fh_key(&fb).is_some_and(|k| relink.contains_key(&k))
         {
-            return Ok(true);
+            found = fh_key(&fb).is_some_and(|k| relink.contains_key(&k));
         }
-    }
-    Ok(false)
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 /// Repoints every partial file of `tree` whose `below` is a key of `relink`. Returns how many.
 fn relink_tree(vol: &Volume, tree: &Path, relink: &HashMap<FhKey, Vec<u8>>) -> Result<u64> {
     let userxattr = vol.userxattr();
+    let key = below_xattr(userxattr);
     let mut n = 0;
-    let mut seen = HashSet::new();
-    for (dir, name, path, st) in walk_files(tree)? {
-        if !seen.insert((st.st_dev, st.st_ino)) {
-            continue;
-        }
+    for_each_file(tree, &mut |dir, name, path, _| {
         let p = || tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
-        let key = below_xattr(userxattr);
-        let Some(fb) = sys::getxattr(dir.as_fd(), &name, key)
-            .map_err(errno_io("read layervol.below of", p()))?
+        // Names of one inode share the xattr: the second finds it repointed already.
+        let Some(fb) =
+            sys::getxattr(dir, name, key).map_err(errno_io("read layervol.below of", p()))?
         else {
-            continue;
+            return Ok(());
         };
         if let Some(new) = fh_key(&fb).and_then(|k| relink.get(&k)) {
-            sys::setxattr(dir.as_fd(), &name, key, new, 0)
+            sys::setxattr(dir, name, key, new, 0)
                 .map_err(errno_io("repoint layervol.below of", p()))?;
             n += 1;
         }
-    }
+        Ok(())
+    })?;
     Ok(n)
 }
 
-/// Every regular file of a tree: (its directory, name, layer path, stat). Directories are
-/// opened without following symlinks.
-/// A regular file found by `walk_files`: its directory, name, layer path and stat.
-type FoundFile = (Rc<OwnedFd>, CString, RelPath, Stat);
-
-fn walk_files(tree: &Path) -> Result<Vec<FoundFile>> {
+/// Calls `f(dir, name, layer path, stat)` for every regular file of a tree. Directories are
+/// reached from the root without following symlinks, one open at a time (a tree of any
+/// shape costs a few file descriptors).
+fn for_each_file(
+    tree: &Path,
+    f: &mut dyn FnMut(BorrowedFd, &CStr, &RelPath, &Stat) -> Result<()>,
+) -> Result<()> {
     let root = open_dir(tree)?;
-    let mut out = Vec::new();
-    let mut stack = vec![(Rc::new(root), RelPath::root())];
-    while let Some((dir, rel)) = stack.pop() {
+    let mut stack = vec![RelPath::root()];
+    while let Some(rel) = stack.pop() {
         let p = || tree.join(std::ffi::OsStr::from_bytes(rel.as_bytes()));
+        let dir = sys::open_dir_in_root(root.as_fd(), rel.as_cstr())
+            .map_err(errno_io("open directory", p()))?;
         for (name, _, _) in sys::read_dir(dir.as_fd()).map_err(errno_io("list", p()))? {
             let st = sys::fstatat(dir.as_fd(), &name).map_err(errno_io("stat in", p()))?;
             let path = rel.join(&name);
             if sys::is_dir(&st) {
-                let sub = sys::openat(dir.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY, 0)
-                    .map_err(errno_io("open directory in", p()))?;
-                stack.push((Rc::new(sub), path));
+                stack.push(path);
             } else if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                out.push((dir.clone(), name, path, st));
+                f(dir.as_fd(), &name, &path, &st)?;
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Builds layer `name` from `srcs` (epochs, topmost first), writes its manifest, and returns
@@ -1684,7 +1714,7 @@ impl Builder {
         name: &CStr,
         rel: &RelPath,
     ) -> Result<bool> {
-        if !self.is_layer() {
+        if !self.is_layer() || links_refused() {
             return Ok(false);
         }
         match sys::linkat(h.dir.as_fd(), &h.name, out_dir, name) {
@@ -1822,9 +1852,10 @@ impl Builder {
         if self.src_inodes.is_none() {
             let mut set = HashSet::new();
             for s in &self.srcs {
-                for (_, _, _, st) in walk_files(&s.tree)? {
+                for_each_file(&s.tree, &mut |_, _, _, st| {
                     set.insert((st.st_dev, st.st_ino));
-                }
+                    Ok(())
+                })?;
             }
             self.src_inodes = Some(set);
         }

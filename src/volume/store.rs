@@ -9,6 +9,11 @@
 //! VOL/work/<epoch>/            overlay work dir of the active layer
 //! ```
 //!
+//! A layer that squash rewrote lives in `layers/<epoch>.<16 hex digits>/` instead, recorded in
+//! its `LayerRecord::dir`: the new directory is built next to the old one and `volume.json`
+//! switches between them in one atomic write (`commit_squash`). Such a `volume.json` is
+//! written as format 2.0 so that builds which do not know `dir` refuse it.
+//!
 //! Why this shape:
 //! - Everything about one layer lives under `layers/<epoch>/`, so a layer moves as one
 //!   directory: a replica receives it into a staging dir and commits it with one rename, and
