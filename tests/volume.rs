@@ -360,3 +360,30 @@ fn periodic_snapshots() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+/// A directory reached through an absolute redirect whose path crosses another redirected
+/// directory in a middle layer: the lookup below that layer must follow the inner redirect
+/// too (kernel `ovl_lookup` does), or files of the bottom layer vanish after a remount.
+#[test]
+fn redirect_through_a_renamed_parent_in_a_middle_layer() {
+    let v = Vol::new();
+    std::fs::remove_dir_all(v.p("vol")).unwrap();
+    std::fs::create_dir_all(v.p("src/p/q/r")).unwrap();
+    std::fs::write(v.p("src/p/q/r/file"), b"deep").unwrap();
+    v.ok(&["volume", "create", "vol", "--from", "src"]);
+    v.mount();
+    std::fs::rename(v.p("m/p/q"), v.p("m/s")).unwrap();
+    std::fs::write(v.p("m/s/r/new"), b"n").unwrap();
+    v.json(&["snapshot", "m", "--json"]);
+    std::fs::rename(v.p("m/s/r"), v.p("m/t")).unwrap();
+    assert_eq!(std::fs::read(v.p("m/t/file")).unwrap(), b"deep");
+    v.umount();
+    v.mount();
+    assert_eq!(
+        std::fs::read(v.p("m/t/file")).unwrap(),
+        b"deep",
+        "after remount"
+    );
+    assert_eq!(std::fs::read(v.p("m/t/new")).unwrap(), b"n");
+    v.umount();
+}

@@ -501,13 +501,22 @@ impl Overlay {
                 Some(k) => (self.lower_dir(&play, k)?, name.to_owned()),
                 None => match l.parent_of(&path) {
                     Ok((d, n)) => (Arc::new(d), n),
-                    Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                    Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => {
+                        // Not in this layer, but a directory on the way may be redirected.
+                        redirect = Some(self.translate_redirect(l, &path)?);
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 },
             };
             let st = match sys::fstatat(d.as_fd(), &n) {
                 Ok(st) => st,
-                Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
+                Err(Errno::ENOENT | Errno::ENOTDIR) => {
+                    if redirect.is_some() {
+                        redirect = Some(self.translate_redirect(l, &path)?);
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             match layer::classify_lower(d.as_fd(), &n, &st, &self.x)? {
@@ -524,8 +533,9 @@ impl Overlay {
                     if let Some(r) = layer::redirect(d.as_fd(), &n, &ppath, &self.x)? {
                         redirect = Some(r);
                     } else if redirect.is_some() {
-                        // Below an absolute redirect, keep following the same path.
-                        redirect = Some(path.clone());
+                        // Below an absolute redirect the same path is followed, except where
+                        // a directory on it was itself redirected in this layer.
+                        redirect = Some(self.translate_redirect(l, &path)?);
                     }
                     dirs.push(LowerRef { layer: j, path });
                     if opaque {
@@ -542,6 +552,31 @@ impl Overlay {
             }
         }
         Ok(LowerFound { nondir, dirs, top })
+    }
+
+    /// The path that `path` (absolute, in layer `l`) continues as in the layers below `l`:
+    /// each directory on it that carries a redirect in `l` substitutes its target, as
+    /// kernel overlayfs does when it walks an absolute redirect component by component.
+    fn translate_redirect(&self, l: &Layer, path: &RelPath) -> Result<RelPath> {
+        let mut out = RelPath::root();
+        let mut walked = RelPath::root();
+        for comp in path
+            .as_bytes()
+            .split(|c| *c == b'/')
+            .filter(|c| !c.is_empty())
+        {
+            let name = CString::new(comp).map_err(|_| Errno::EINVAL)?;
+            walked = walked.join(&name);
+            out = out.join(&name);
+            let Ok((d, n)) = l.parent_of(&walked) else {
+                continue;
+            };
+            let parent = out.split_last().map(|(p, _)| p).unwrap_or_default();
+            if let Ok(Some(r)) = layer::redirect(d.as_fd(), &n, &parent, &self.x) {
+                out = r;
+            }
+        }
+        Ok(out)
     }
 
     /// Resolves `name` in directory `parent` in the merged view.
