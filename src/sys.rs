@@ -217,6 +217,22 @@ pub fn pread_full(fd: BorrowedFd, buf: &mut [u8], off: u64) -> Result<usize> {
     Ok(done)
 }
 
+/// Writes all of `data` at `off` (retrying short writes and EINTR).
+pub fn pwrite_all(fd: BorrowedFd, mut data: &[u8], mut off: u64) -> Result<()> {
+    while !data.is_empty() {
+        match pwrite(fd, data, off) {
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => {
+                data = &data[n..];
+                off += n as u64;
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub fn ftruncate(fd: BorrowedFd, len: u64) -> Result<()> {
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
 }
@@ -314,27 +330,31 @@ fn proc_path(dir: BorrowedFd, name: &CStr) -> CString {
 /// Value of xattr `key` on `dir/name`, or `None` if it is not set.
 pub fn getxattr(dir: BorrowedFd, name: &CStr, key: &CStr) -> Result<Option<Vec<u8>>> {
     let path = proc_path(dir, name);
+    xattr_value(|buf| unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            key.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })
+}
+
+/// Runs a `*getxattr` call with a buffer that grows until the value fits; `None` if the
+/// attribute is not set.
+fn xattr_value(mut get: impl FnMut(&mut [u8]) -> libc::ssize_t) -> Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; 256];
     loop {
-        let n = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                key.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = get(&mut buf);
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(Some(buf));
         }
         match Errno::last() {
             Errno::ENODATA => return Ok(None),
-            Errno::ERANGE => {
-                let need = unsafe {
-                    libc::lgetxattr(path.as_ptr(), key.as_ptr(), std::ptr::null_mut(), 0)
-                };
-                buf.resize(check_size(need)?.max(buf.len() * 2), 0);
+            Errno::ERANGE if buf.len() < (64 << 10) * 16 => {
+                let len = buf.len() * 4;
+                buf.resize(len, 0);
             }
             e => return Err(e),
         }
@@ -430,24 +450,12 @@ pub fn is_dir(st: &Stat) -> bool {
 
 /// Value of xattr `key` of an open (non-O_PATH) file, or `None` if it is not set.
 pub fn fgetxattr(fd: BorrowedFd, key: &CStr) -> Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; 256];
-    loop {
-        let n = unsafe {
-            libc::fgetxattr(
-                fd.as_raw_fd(),
-                key.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(Some(buf));
-        }
-        match Errno::last() {
-            Errno::ENODATA => return Ok(None),
-            Errno::ERANGE => buf.resize(buf.len() * 4, 0),
-            e => return Err(e),
-        }
-    }
+    xattr_value(|buf| unsafe {
+        libc::fgetxattr(
+            fd.as_raw_fd(),
+            key.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })
 }

@@ -314,9 +314,9 @@ impl Overlay {
             if span.source == Source::Below {
                 Self::read_levels(&ps.below, r.start, &mut fill)?;
             }
-            write_all(fd, &fill, r.start)?;
+            sys::pwrite_all(fd, &fill, r.start)?;
         }
-        write_all(fd, data, at)?;
+        sys::pwrite_all(fd, data, at)?;
         ps.map.record_write(fd, at, data)?;
         ps.dirty = true;
         Ok(at)
@@ -357,19 +357,4 @@ impl Overlay {
         }
         Ok(())
     }
-}
-
-fn write_all(fd: BorrowedFd, mut data: &[u8], mut off: u64) -> Result<()> {
-    while !data.is_empty() {
-        match sys::pwrite(fd, data, off) {
-            Ok(0) => return Err(Errno::EIO),
-            Ok(n) => {
-                data = &data[n..];
-                off += n as u64;
-            }
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -1042,27 +1042,12 @@ fn read_levels(levels: &[Level], off: u64, buf: &mut [u8]) -> sys::Result<()> {
     Ok(())
 }
 
-fn write_all(fd: BorrowedFd, mut data: &[u8], mut off: u64) -> sys::Result<()> {
-    while !data.is_empty() {
-        match sys::pwrite(fd, data, off) {
-            Ok(0) => return Err(Errno::EIO),
-            Ok(n) => {
-                data = &data[n..];
-                off += n as u64;
-            }
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Writes `buf` at `off`, or makes the range a hole if `buf` is all zeros.
 fn write_or_punch(fd: BorrowedFd, buf: &[u8], off: u64) -> sys::Result<()> {
     if buf.iter().all(|b| *b == 0) {
         zero_range(fd, off, buf.len() as u64)
     } else {
-        write_all(fd, buf, off)
+        sys::pwrite_all(fd, buf, off)
     }
 }
 
@@ -1083,7 +1068,7 @@ fn zero_range(fd: BorrowedFd, off: u64, len: u64) -> sys::Result<()> {
             let mut pos = off;
             while pos < off + len {
                 let n = (off + len - pos).min(CHUNK) as usize;
-                write_all(fd, &zeros[..n], pos)?;
+                sys::pwrite_all(fd, &zeros[..n], pos)?;
                 pos += n as u64;
             }
             Ok(())
@@ -1839,7 +1824,7 @@ impl Builder {
             read_levels(levels, off, &mut buf).map_err(errno_io("read the data of", p()))?;
             crc = crc32c::crc32c_append(crc, &buf);
             if buf.iter().any(|b| *b != 0) {
-                write_all(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
+                sys::pwrite_all(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
                 self.stats.written_bytes += n;
             }
             off += n;
@@ -1995,7 +1980,7 @@ impl Builder {
                 let end = ((b + n) * bs).min(size);
                 buf.resize((end - start) as usize, 0);
                 read_levels(levels, start, &mut buf).map_err(errno_io("read the data of", p()))?;
-                write_all(fd.as_fd(), &buf, start).map_err(errno_io("write", p()))?;
+                sys::pwrite_all(fd.as_fd(), &buf, start).map_err(errno_io("write", p()))?;
                 self.stats.written_bytes += end - start;
                 map.record_blocks(b, &buf);
                 b += n;
