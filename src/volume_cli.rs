@@ -51,7 +51,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             through,
             kernel_compatible,
         }) => {
-            let mut v = Volume::open(&vol).with_context(|| {
+            let mut v = open_waiting(&vol).with_context(|| {
                 format!("cannot open volume `{}` (is it mounted?)", vol.display())
             })?;
             let opts = crate::volume::squash::SquashOptions {
@@ -84,7 +84,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
                     crate::volume::squash::export_frozen(&v, e, &dir, false)?
                 }
                 None => {
-                    let v = Volume::open(&vol).with_context(|| {
+                    let v = open_waiting(&vol).with_context(|| {
                         format!(
                             "cannot open volume `{}` (mounted? export a frozen epoch with --epoch)",
                             vol.display()
@@ -166,7 +166,7 @@ fn mount(
     debug: bool,
 ) -> anyhow::Result<()> {
     let cwd = std::env::current_dir()?;
-    let vol = Volume::open(&cwd.join(vol_path))
+    let vol = open_waiting(&cwd.join(vol_path))
         .with_context(|| format!("cannot open volume `{}`", vol_path.display()))?;
     vol.remove_stale_work_dirs()?;
     let recovered = recover_active(&vol)?;
@@ -231,6 +231,20 @@ fn mount(
         Ok(())
     });
     daemon::mount(plan, &mnt, foreground, debug, Some(after))
+}
+
+/// Opens a volume for writing. `umount` returns before the daemon has exited and released
+/// the volume lock, so a mount right after an unmount waits a little for it.
+fn open_waiting(path: &Path) -> crate::volume::Result<Volume> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Volume::open(path) {
+            Err(crate::volume::VolumeError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn snapshot(
