@@ -140,6 +140,10 @@ pub enum VolumeCmd {
         #[arg(long)]
         kernel_compatible: bool,
     },
+    /// Pin a frozen layer: squash keeps it as a layer (offline: the volume not mounted).
+    Pin { vol: PathBuf, epoch: u64 },
+    /// Unpin a frozen layer.
+    Unpin { vol: PathBuf, epoch: u64 },
     /// Write the merged view of a volume as a plain directory tree.
     Export {
         vol: PathBuf,

@@ -77,6 +77,22 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Volume(VolumeCmd::Pin { vol, epoch }) => {
+            let mut v = open_waiting(&vol).with_context(|| {
+                format!("cannot open volume `{}` (is it mounted?)", vol.display())
+            })?;
+            v.pin(epoch)?;
+            println!("layer {epoch} of {} pinned", vol.display());
+            Ok(())
+        }
+        Cmd::Volume(VolumeCmd::Unpin { vol, epoch }) => {
+            let mut v = open_waiting(&vol).with_context(|| {
+                format!("cannot open volume `{}` (is it mounted?)", vol.display())
+            })?;
+            v.unpin(epoch)?;
+            println!("layer {epoch} of {} unpinned", vol.display());
+            Ok(())
+        }
         Cmd::Volume(VolumeCmd::Export { vol, dir, epoch }) => {
             let st = match epoch {
                 Some(e) => {

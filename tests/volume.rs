@@ -387,3 +387,38 @@ fn redirect_through_a_renamed_parent_in_a_middle_layer() {
     assert_eq!(std::fs::read(v.p("m/t/new")).unwrap(), b"n");
     v.umount();
 }
+
+#[test]
+fn squash_keeps_a_pinned_layer_and_the_view() {
+    let v = Vol::new();
+    v.mount();
+    for i in 0..3 {
+        std::fs::write(v.p(&format!("m/f{i}")), format!("{i}")).unwrap();
+        v.json(&["snapshot", "m", "--json"]);
+    }
+    v.umount();
+    // layers 1 (base) .. 4 frozen, 5 active; pin 3
+    v.ok(&["volume", "pin", "vol", "3"]);
+    let out = v.run(&["volume", "pin", "vol", "5"]);
+    assert!(!out.status.success(), "the active layer cannot be pinned");
+    v.ok(&["volume", "squash", "vol"]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v.p("vol/volume.json")).unwrap()).unwrap();
+    let epochs: Vec<u64> = meta["body"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![3, 4, 5], "squash stops at the pinned layer");
+    v.mount();
+    for i in 0..3 {
+        assert_eq!(
+            std::fs::read_to_string(v.p(&format!("m/f{i}"))).unwrap(),
+            format!("{i}")
+        );
+    }
+    assert_eq!(std::fs::read(v.p("m/a")).unwrap(), b"base a\n");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
