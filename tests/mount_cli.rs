@@ -242,3 +242,46 @@ fn full_upper_fails_cleanly_and_loses_nothing() {
         "no partial copy-up in the upper"
     );
 }
+
+/// An upper written by kernel overlayfs: directories renamed within their parent carry
+/// relative redirects, and the parent itself was renamed. layervol must show the same view.
+#[test]
+fn kernel_written_relative_redirects() {
+    let s = Stack::new();
+    std::fs::create_dir_all(s.p("l2/p/x")).unwrap();
+    std::fs::write(s.p("l2/p/x/file"), b"deep").unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={}:{},upperdir={},workdir={},redirect_dir=on",
+            s.p("l1").display(),
+            s.p("l2").display(),
+            s.p("u").display(),
+            s.p("w").display()
+        ))
+        .arg(s.p("m"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "kernel overlay mount");
+    std::fs::rename(s.p("m/p"), s.p("m/q")).unwrap();
+    std::fs::rename(s.p("m/q/x"), s.p("m/q/y")).unwrap();
+    umount(&s);
+    // the kernel wrote a relative redirect on q/y
+    let out = Command::new("getfattr")
+        .args(["-n", "trusted.overlay.redirect", "--only-values"])
+        .arg(s.p("u/q/y"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"x", "kernel redirect format changed?");
+    std::fs::remove_dir_all(s.p("w")).unwrap();
+    std::fs::create_dir(s.p("w")).unwrap();
+    let out = s.mount("lowerdir=l1:l2,upperdir=u,workdir=w");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(s.p("m/q/y/file")).unwrap(), b"deep");
+    assert!(!s.p("m/p").exists());
+    umount(&s);
+}

@@ -588,8 +588,10 @@ impl Overlay {
         let mut redirect = None;
         let mut stop_lower = false;
         let mut upper_ino = 0;
+        // A relative redirect (kernel: a directory renamed within its parent) renames the
+        // entry in the parent's lower directories, whatever path the parent has.
+        let mut lower_name = name.to_owned();
         if parent.has_upper() {
-            let ppath = parent.path().ok_or(Errno::ENOENT)?;
             let d = self.upper_dir(parent)?;
             match sys::fstatat(d.as_fd(), name) {
                 Ok(st) => match layer::classify(&st) {
@@ -598,9 +600,18 @@ impl Overlay {
                         if layer::is_opaque(d.as_fd(), name, &self.x)? {
                             stop_lower = true;
                         }
-                        redirect = layer::redirect(d.as_fd(), name, &ppath, &self.x)?;
-                        if redirect.as_ref().is_some_and(|r| r.is_root()) {
-                            stop_lower = true;
+                        match sys::getxattr(d.as_fd(), name, &self.x.redirect)? {
+                            Some(v) if v.starts_with(b"/") => {
+                                redirect = RelPath::from_redirect(&v);
+                                if redirect.as_ref().is_none_or(|r| r.is_root()) {
+                                    stop_lower = true;
+                                }
+                            }
+                            Some(v) => match layer::relative_redirect_name(&v) {
+                                Some(n) => lower_name = n,
+                                None => stop_lower = true,
+                            },
+                            None => {}
                         }
                         upper_ino = self.ino_of(d.as_fd(), name, &st, true);
                         upper_st = Some(st);
@@ -626,7 +637,12 @@ impl Overlay {
                 top: None,
             }
         } else {
-            self.lookup_lower(parent, name, redirect, upper_st.map(|s| sys::is_dir(&s)))?
+            self.lookup_lower(
+                parent,
+                &lower_name,
+                redirect,
+                upper_st.map(|s| sys::is_dir(&s)),
+            )?
         };
         match upper_st {
             Some(st) => {

@@ -256,10 +256,15 @@ pub fn redirect(
     if v.starts_with(b"/") {
         return Ok(RelPath::from_redirect(&v));
     }
+    Ok(relative_redirect_name(&v).map(|n| parent.join(&n)))
+}
+
+/// The new name a relative redirect (a plain name) gives; `None` if the value is not one.
+pub fn relative_redirect_name(v: &[u8]) -> Option<CString> {
     if v.is_empty() || v.contains(&b'/') || v == b"." || v == b".." || v.contains(&0) {
-        return Ok(None);
+        return None;
     }
-    Ok(Some(parent.join(&CString::new(v).expect("checked"))))
+    CString::new(v).ok()
 }
 
 /// Kernel `struct ovl_fb` header: version, magic, len, flags, type, uuid[16], then the handle.
