@@ -270,6 +270,9 @@ fn snapshot(
 ) -> anyhow::Result<serde_json::Value> {
     let t0 = Instant::now();
     let mut v = vol.lock();
+    // The next layer's directories (and their fsyncs) are made before writers are blocked.
+    v.prepare_freeze()
+        .context("cannot prepare the next layer")?;
     let mut done = None;
     let stats = fs
         .freeze(|| {

@@ -710,6 +710,45 @@ impl Volume {
         fs::remove_dir_all(&dir).map_err(io("remove leftover", &dir))
     }
 
+    /// Makes the empty directories of the next layer ahead of `freeze_active`, so that a live
+    /// snapshot does this (and its fsyncs) before it blocks writers. Idempotent; what it
+    /// makes is an unlisted empty skeleton until the freeze commits.
+    pub fn prepare_freeze(&self) -> Result<()> {
+        self.require_lock("prepare a freeze")?;
+        let m = self.active_epoch() + 1;
+        if self.freeze_prepared(m)? {
+            return Ok(());
+        }
+        self.clear_unlisted_layer(m)?;
+        self.make_layer_dirs(m)?;
+        let work = self.work_dir_of(m);
+        if work.exists() {
+            fs::remove_dir_all(&work).map_err(io("remove leftover", &work))?;
+        }
+        mkdir(&work, 0o700)?;
+        meta::sync_dir(&self.root.join(WORK_DIR))
+    }
+
+    /// True if `layers/<m>` is an empty skeleton and `work/<m>` an empty dir, as
+    /// `prepare_freeze` leaves them.
+    fn freeze_prepared(&self, m: u64) -> Result<bool> {
+        let dir = self.layer_dir(m);
+        let work = self.work_dir_of(m);
+        if !dir.is_dir() || !work.is_dir() || !is_empty_dir(&work).unwrap_or(false) {
+            return Ok(false);
+        }
+        let mut names = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let e = e.map_err(io("list", &dir))?;
+            if !is_empty_dir(&e.path()).unwrap_or(false) {
+                return Ok(false);
+            }
+            names.push(e.file_name());
+        }
+        names.sort();
+        Ok(names == [MAPS_DIR, TREE_DIR].map(std::ffi::OsString::from))
+    }
+
     /// Freezes the active layer and starts an empty one: the metadata step of a live
     /// snapshot. Prepares `layers/<N+1>` (its root with the attributes of the current upper
     /// root) and `work/<N+1>`, then commits `volume.json` with N frozen and N+1 active.
@@ -721,16 +760,18 @@ impl Volume {
         self.require_lock("freeze the active layer")?;
         let n = self.active_epoch();
         let m = n + 1;
-        self.clear_unlisted_layer(m)?;
-        self.make_layer_dirs(m)?;
-        import::copy_root_attrs(&self.tree_dir(n), &self.tree_dir(m), self.userxattr())?;
-        let work = self.work_dir_of(m);
-        if work.exists() {
-            // Unlisted, so from a crashed freeze: nothing in it is referenced.
-            fs::remove_dir_all(&work).map_err(io("remove leftover", &work))?;
+        if !self.freeze_prepared(m)? {
+            self.clear_unlisted_layer(m)?;
+            self.make_layer_dirs(m)?;
+            let work = self.work_dir_of(m);
+            if work.exists() {
+                // Unlisted, so from a crashed freeze: nothing in it is referenced.
+                fs::remove_dir_all(&work).map_err(io("remove leftover", &work))?;
+            }
+            mkdir(&work, 0o700)?;
+            meta::sync_dir(&self.root.join(WORK_DIR))?;
         }
-        mkdir(&work, 0o700)?;
-        meta::sync_dir(&self.root.join(WORK_DIR))?;
+        import::copy_root_attrs(&self.tree_dir(n), &self.tree_dir(m), self.userxattr())?;
         meta::sync_dir(&self.tree_dir(m))?;
         crash_point("freeze:before-commit")?;
         let now = now_unix_secs();
