@@ -208,7 +208,7 @@ impl Overlay {
                 NewKind::Node { mode, rdev } => sys::mknodat(dir, &tmp, *mode, *rdev)?,
                 NewKind::Symlink { target } => sys::symlinkat(target, dir, &tmp)?,
                 NewKind::Link { target } => {
-                    let (_, tdir, tname) = self.locate(target)?;
+                    let (tdir, tname) = self.locate(target)?;
                     return sys::linkat(tdir.as_fd(), &tname, dir, &tmp);
                 }
             }

@@ -133,7 +133,7 @@ impl Overlay {
     }
 
     fn open_object(&self, node: &Node, oflags: i32) -> Result<OwnedFd> {
-        let (_, d, n) = self.locate(node)?;
+        let (d, n) = self.locate(node)?;
         sys::openat(d.as_fd(), &n, oflags, 0)
     }
 
@@ -406,7 +406,7 @@ impl Overlay {
             || a.mode.is_some()
             || !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit))
         {
-            let (_, d, n) = match self.locate(&node) {
+            let (d, n) = match self.locate(&node) {
                 Ok(x) => x,
                 Err(Errno::ENOENT) => return self.setattr_unlinked(&node, handle, a),
                 Err(e) => return Err(e),
@@ -514,13 +514,13 @@ impl Overlay {
             return Err(Errno::ENODATA);
         }
         let node = self.node(ino)?;
-        let (_, d, n) = self.locate(&node)?;
+        let (d, n) = self.locate(&node)?;
         sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key))?.ok_or(Errno::ENODATA)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
-        let (_, d, n) = self.locate(&node)?;
+        let (d, n) = self.locate(&node)?;
         let mut out = Vec::new();
         for k in sys::listxattr(d.as_fd(), &n)? {
             if let Some(k) = self.x.to_view(&k) {
@@ -541,7 +541,7 @@ impl Overlay {
             return Err(Errno::EROFS);
         }
         self.copy_up(&node, true)?;
-        let (_, d, n) = self.locate(&node)?;
+        let (d, n) = self.locate(&node)?;
         sys::setxattr(d.as_fd(), &n, key, value, flags)
     }
 
@@ -556,12 +556,12 @@ impl Overlay {
             return Err(Errno::EROFS);
         }
         // Removing an xattr that is not there must not copy the file up.
-        let (_, d, n) = self.locate(&node)?;
+        let (d, n) = self.locate(&node)?;
         if sys::getxattr(d.as_fd(), &n, key)?.is_none() {
             return Err(Errno::ENODATA);
         }
         self.copy_up(&node, true)?;
-        let (_, d, n) = self.locate(&node)?;
+        let (d, n) = self.locate(&node)?;
         sys::removexattr(d.as_fd(), &n, key)
     }
 }

@@ -105,11 +105,7 @@ macro_rules! tri {
     };
 }
 
-impl From<ErrWrap> for fuser::Errno {
-    fn from(e: ErrWrap) -> Self {
-        e.0
-    }
-}
+/// Either error type of a request, so one closure can `?` engine and fuser errors alike.
 struct ErrWrap(fuser::Errno);
 impl From<Errno> for ErrWrap {
     fn from(e: Errno) -> Self {
@@ -545,7 +541,7 @@ impl Filesystem for FuseAdapter {
                 Err(_) => continue,
             };
             if reply.add(
-                n.ino.into_ino(),
+                INodeNo(n.ino),
                 off + 1,
                 OsStr::from_bytes(e.name.to_bytes()),
                 &self.ttl_for(&st),
@@ -716,15 +712,6 @@ impl Filesystem for FuseAdapter {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(err(e)),
         }
-    }
-}
-
-trait IntoIno {
-    fn into_ino(self) -> INodeNo;
-}
-impl IntoIno for u64 {
-    fn into_ino(self) -> INodeNo {
-        INodeNo(self)
     }
 }
 

@@ -191,14 +191,6 @@ pub struct Overlay {
     invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
-/// Which layer an object was found in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Where {
-    Upper,
-    Lower(usize),
-    Index,
-}
-
 /// Result of resolving one name in a directory.
 struct Found {
     st: Stat,
@@ -395,20 +387,18 @@ impl Overlay {
         ino | (fsid << 56)
     }
 
-    /// Where the node's current object lives: (which layer, dir fd, name). A directory is
-    /// given as its own fd and `.`.
-    fn locate(&self, node: &Node) -> Result<(Where, DirFd, CString)> {
+    /// Where the node's current object lives: (dir fd, name). A directory is given as its
+    /// own fd and `.`.
+    fn locate(&self, node: &Node) -> Result<(DirFd, CString)> {
         if node.is_dir() {
             if node.has_upper() {
-                return Ok((Where::Upper, self.upper_dir(node)?, sys::dot().to_owned()));
+                return Ok((self.upper_dir(node)?, sys::dot().to_owned()));
             }
             let lay = node.layout();
-            let lr = lay.lower_dirs.first().ok_or(Errno::ENOENT)?;
-            return Ok((
-                Where::Lower(lr.layer),
-                self.lower_dir(&lay, 0)?,
-                sys::dot().to_owned(),
-            ));
+            if lay.lower_dirs.is_empty() {
+                return Err(Errno::ENOENT);
+            }
+            return Ok((self.lower_dir(&lay, 0)?, sys::dot().to_owned()));
         }
         let (parent, name) = {
             let s = node.state.lock();
@@ -418,15 +408,11 @@ impl Overlay {
             (s.parent.clone().ok_or(Errno::ENOENT)?, s.name.clone())
         };
         if node.has_upper() {
-            return Ok((Where::Upper, self.upper_dir(&parent)?, name));
+            return Ok((self.upper_dir(&parent)?, name));
         }
         if let (Some(hl), true) = (&node.hardlink, node.state.lock().indexed) {
             let ix = self.index.as_ref().ok_or(Errno::EIO)?;
-            return Ok((
-                Where::Index,
-                Arc::new(ix.dir(&RelPath::root())?),
-                hl.index.clone(),
-            ));
+            return Ok((Arc::new(ix.dir(&RelPath::root())?), hl.index.clone()));
         }
         let lay = node.layout();
         let lr = lay.lower.as_ref().ok_or(Errno::ENOENT)?;
@@ -435,10 +421,10 @@ impl Overlay {
         if let Some(k) = play.lower_dirs.iter().position(|p| p.layer == lr.layer)
             && play.lower_dirs[k].path.join(&name) == lr.path
         {
-            return Ok((Where::Lower(lr.layer), self.lower_dir(&play, k)?, name));
+            return Ok((self.lower_dir(&play, k)?, name));
         }
         let (d, n) = self.lower(lr.layer).parent_of(&lr.path)?;
-        Ok((Where::Lower(lr.layer), Arc::new(d), n))
+        Ok((Arc::new(d), n))
     }
 
     /// Upper directory fd of `node`, which must already be copied up. The cache is tagged
@@ -821,7 +807,7 @@ impl Overlay {
 
     fn stat_node(&self, node: &Node) -> Result<Attr> {
         match self.locate(node) {
-            Ok((_, d, n)) => Ok(self.finish_attr(node, sys::fstatat(d.as_fd(), &n)?)),
+            Ok((d, n)) => Ok(self.finish_attr(node, sys::fstatat(d.as_fd(), &n)?)),
             Err(Errno::ENOENT) => {
                 // Open but unlinked: the open file still answers.
                 let fd = self.any_handle_fd(node).ok_or(Errno::ENOENT)?;
@@ -833,7 +819,7 @@ impl Overlay {
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
-        let (_, d, n) = self.locate(&node)?;
+        let (d, n) = self.locate(&node)?;
         sys::readlinkat(d.as_fd(), &n)
     }
 
