@@ -150,11 +150,6 @@ const KNOWN_BUGS: &[(&str, &str)] = &[
         "volume::metadata::utimens_lower_file",
         "reads served from below a partial file do not update its atime (relatime)",
     ),
-    (
-        "random::ops_with_rotation",
-        "a hard link rotated into a lower layer, then one name unlinked: layervol reports \
-         nlink 0 for the other name, the kernel 1",
-    ),
 ];
 
 const HARDLINK_VOLUME: &str = "volume mode has no hard-link index: after copy-up the names of \

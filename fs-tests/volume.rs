@@ -17,6 +17,9 @@
 //!   kept open, and nothing on the kernel: a live snapshot must be invisible, so open
 //!   descriptors must keep working and every path must keep its `st_ino`. `Op::Remount`
 //!   unmounts the volume and mounts it again (see [`crate::ops::Op`]).
+//! - Squash: every second snapshot is followed by `layervol squash MNT` (online, merging
+//!   every frozen layer, with the scenario's files still open at `Op::Snapshot` points);
+//!   a squash must not change anything observable either.
 //! - `layervol verify VOL` must succeed after every live snapshot (the volume still
 //!   mounted: it checks the frozen layers) and after the final unmount (all layers).
 //! - Persistence: after the final unmount the volume is mounted again; its view must equal
@@ -190,6 +193,18 @@ impl Volume {
                 "daemon died during a live snapshot\n{}",
                 mount.log_tail()
             ));
+        }
+        // Every second snapshot, squash every frozen layer online (open files and all):
+        // the view must not change, and between squashes partial files chain across layers.
+        if want % 2 == 1 {
+            self.command(&[OsStr::new("squash"), self.mnt.as_os_str()])
+                .map_err(|e| format!("online squash failed: {e}\n{}", mount.log_tail()))?;
+            if !mount.daemon_alive() {
+                return Err(format!(
+                    "daemon died during an online squash\n{}",
+                    mount.log_tail()
+                ));
+            }
         }
         Ok(())
     }

@@ -75,7 +75,8 @@ pub enum Cmd {
     #[command(subcommand)]
     Volume(VolumeCmd),
     /// Mount a volume (same daemon behaviour and -o options as overlay mode, plus
-    /// snapshot_interval=SECS for periodic live snapshots).
+    /// snapshot_interval=SECS for periodic live snapshots and max_layers=N, the number of
+    /// frozen layers above which the mount squashes by itself: default 16, 0 = never).
     Mount {
         /// The volume directory.
         vol: PathBuf,
@@ -105,6 +106,13 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Merge frozen layers into one, online (VOL mounted: give the volume or its mountpoint)
+    /// or offline. Whiteouts, opaque dirs and redirects are applied, partial files merged or
+    /// made whole; the view does not change. A mount also squashes by itself whenever it has
+    /// more than max_layers frozen layers (-o max_layers=N, default 16).
+    Squash(SquashArgs),
+    /// Write the merged view of a volume as a plain directory tree.
+    Export(ExportArgs),
     /// Check every manifest, block map and block CRC of a volume; exits non-zero on damage.
     Verify {
         vol: PathBuf,
@@ -126,33 +134,47 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "SIZE", default_value = "4K")]
         block_size: String,
     },
-    /// Merge frozen layers into one (offline: the volume must not be mounted). Whiteouts,
-    /// opaque dirs and redirects are applied, partial files merged or made whole.
-    Squash {
+    /// Same as `layervol squash`.
+    Squash(SquashArgs),
+    /// Pin a frozen layer: squash keeps it as a layer (until unpinned, e.g. until a replica
+    /// acknowledged it). VOL may be mounted.
+    Pin {
+        /// The volume directory, or the mountpoint of a mounted volume.
         vol: PathBuf,
-        /// Lowest layer of the range (default: the bottom layer).
-        #[arg(long, value_name = "EPOCH")]
-        from: Option<u64>,
-        /// Highest layer of the range (default: the newest frozen layer, or the first pinned).
-        #[arg(long, value_name = "EPOCH")]
-        through: Option<u64>,
-        /// Leave no partial file anywhere, so that `mount -t overlay` can mount the layers.
-        #[arg(long)]
-        kernel_compatible: bool,
+        epoch: u64,
     },
-    /// Pin a frozen layer: squash keeps it as a layer (offline: the volume not mounted).
-    Pin { vol: PathBuf, epoch: u64 },
-    /// Unpin a frozen layer.
+    /// Unpin a frozen layer. VOL may be mounted.
     Unpin { vol: PathBuf, epoch: u64 },
-    /// Write the merged view of a volume as a plain directory tree.
-    Export {
-        vol: PathBuf,
-        /// Destination directory (created; must not exist or be empty).
-        dir: PathBuf,
-        /// Export the view as of this frozen epoch (works while the volume is mounted).
-        #[arg(long, value_name = "EPOCH")]
-        epoch: Option<u64>,
-    },
+    /// Same as `layervol export`.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SquashArgs {
+    /// The volume directory, or the mountpoint of a mounted volume. A mounted volume is
+    /// squashed online, in use: readers and writers go on (writers pause once, briefly).
+    pub vol: PathBuf,
+    /// Lowest layer of the range (default: the bottom layer).
+    #[arg(long, value_name = "EPOCH")]
+    pub from: Option<u64>,
+    /// Highest layer of the range (default: the newest frozen layer, or the first pinned).
+    #[arg(long, value_name = "EPOCH")]
+    pub through: Option<u64>,
+    /// Leave no partial file anywhere, so that `mount -t overlay` can mount the layers
+    /// (offline only: it rewrites the active layer).
+    #[arg(long)]
+    pub kernel_compatible: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The volume directory.
+    pub vol: PathBuf,
+    /// Destination directory (created; must not exist or be empty).
+    pub dir: PathBuf,
+    /// Export the view as of this frozen epoch (works while the volume is mounted).
+    #[arg(long, value_name = "EPOCH")]
+    pub epoch: Option<u64>,
 }
 
 impl Cli {

@@ -18,6 +18,19 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     Snapshot,
     Status,
+    /// Squash frozen layers online (`layervol squash MNT`).
+    Squash {
+        #[serde(default)]
+        from: Option<u64>,
+        #[serde(default)]
+        through: Option<u64>,
+    },
+    Pin {
+        epoch: u64,
+    },
+    Unpin {
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,10 +60,12 @@ pub fn socket_path(mnt: &Path) -> PathBuf {
 }
 
 /// Serves requests on the mount's socket from a background thread until the process ends.
+/// Each connection has its own thread: `status` answers while a squash runs.
 pub fn serve(
     mnt: &Path,
-    handler: impl Fn(Request) -> anyhow::Result<serde_json::Value> + Send + 'static,
+    handler: impl Fn(Request) -> anyhow::Result<serde_json::Value> + Send + Sync + 'static,
 ) -> anyhow::Result<PathBuf> {
+    let handler = std::sync::Arc::new(handler);
     let path = socket_path(mnt);
     std::fs::create_dir_all(run_dir()).context("cannot create the control socket directory")?;
     // A socket left by a daemon that died: nobody answers on it.
@@ -64,31 +79,41 @@ pub fn serve(
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let resp = match read_request(&conn) {
-                    Ok(req) => match handler(req) {
-                        Ok(v) => Response {
-                            ok: true,
-                            result: Some(v),
-                            error: None,
-                        },
-                        Err(e) => Response {
-                            ok: false,
-                            result: None,
-                            error: Some(format!("{e:#}")),
-                        },
-                    },
-                    Err(e) => Response {
-                        ok: false,
-                        result: None,
-                        error: Some(format!("bad request: {e:#}")),
-                    },
-                };
-                let mut w = &conn;
-                let _ = serde_json::to_writer(&mut w, &resp);
-                let _ = w.write_all(b"\n");
+                let handler = handler.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || answer(&conn, &*handler));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a thread for a control connection: {e}");
+                }
             }
         })?;
     Ok(path)
+}
+
+fn answer(conn: &UnixStream, handler: &dyn Fn(Request) -> anyhow::Result<serde_json::Value>) {
+    let resp = match read_request(conn) {
+        Ok(req) => match handler(req) {
+            Ok(v) => Response {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Response {
+                ok: false,
+                result: None,
+                error: Some(format!("{e:#}")),
+            },
+        },
+        Err(e) => Response {
+            ok: false,
+            result: None,
+            error: Some(format!("bad request: {e:#}")),
+        },
+    };
+    let mut w = conn;
+    let _ = serde_json::to_writer(&mut w, &resp);
+    let _ = w.write_all(b"\n");
 }
 
 /// One line, at most 1 MiB: a peer cannot make the daemon buffer without bound.

@@ -58,7 +58,13 @@ pub struct MountPlan {
     pub ignored: Vec<String>,
     /// Volume mode: take a live snapshot this often.
     pub snapshot_interval: Option<Duration>,
+    /// Volume mode: squash in the background whenever a snapshot leaves more frozen layers
+    /// than this (`max_layers=N`, default 16; 0 turns it off).
+    pub max_layers: usize,
 }
+
+/// Default bound of a mounted volume's frozen layers.
+pub const DEFAULT_MAX_LAYERS: usize = 16;
 
 /// Splits on `sep` unless escaped with a backslash; removes the escapes.
 pub fn split_escaped(s: &str, sep: char) -> Vec<String> {
@@ -163,6 +169,7 @@ pub fn parse_volume(opts: &[String], cwd: &Path) -> Result<MountPlan, OptionErro
 fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, OptionError> {
     use fuser::MountOption as M;
     let mut snapshot_interval = None;
+    let mut max_layers = DEFAULT_MAX_LAYERS;
     let mut cfg = Config::default();
     let mut lower = None;
     let mut upper = None;
@@ -212,6 +219,19 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
                     });
                 }
                 snapshot_interval = Some(Duration::from_secs_f64(secs));
+            }
+            "max_layers" if volume => {
+                max_layers = match val()?.parse::<usize>() {
+                    Ok(n) if n == 0 || n >= 2 => n,
+                    _ => {
+                        return Err(OptionError::BadValue {
+                            opt: k.into(),
+                            value: val().unwrap_or_default().into(),
+                            why: "expected 0 (no automatic squash) or a number of layers >= 2"
+                                .into(),
+                        });
+                    }
+                };
             }
             "lowerdir" => lower = Some(val()?.to_string()),
             "upperdir" => upper = Some(val()?.to_string()),
@@ -356,6 +376,7 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
         fsname,
         ignored,
         snapshot_interval,
+        max_layers,
     })
 }
 

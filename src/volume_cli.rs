@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{Cmd, VolumeCmd};
+use crate::cli::{Cmd, ExportArgs, SquashArgs, VolumeCmd};
 use crate::control::{self, Request};
 use crate::daemon;
 use crate::fs::Overlay;
@@ -45,78 +45,10 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Volume(VolumeCmd::Squash {
-            vol,
-            from,
-            through,
-            kernel_compatible,
-        }) => {
-            let mut v = open_waiting(&vol).with_context(|| {
-                format!("cannot open volume `{}` (is it mounted?)", vol.display())
-            })?;
-            let opts = crate::volume::squash::SquashOptions {
-                from,
-                through,
-                kernel_compatible,
-            };
-            let t0 = Instant::now();
-            let st = crate::volume::squash::squash(&mut v, &opts).with_context(|| {
-                format!(
-                    "squash of `{}` failed; the volume is unchanged",
-                    vol.display()
-                )
-            })?;
-            println!(
-                "squashed epochs {:?} into epoch {} ({} entries, {} linked, {} copied) in {:.2} s",
-                st.merged_epochs,
-                st.epoch,
-                st.entries,
-                st.linked_objects,
-                st.copied_files,
-                t0.elapsed().as_secs_f64()
-            );
-            Ok(())
-        }
-        Cmd::Volume(VolumeCmd::Pin { vol, epoch }) => {
-            let mut v = open_waiting(&vol).with_context(|| {
-                format!("cannot open volume `{}` (is it mounted?)", vol.display())
-            })?;
-            v.pin(epoch)?;
-            println!("layer {epoch} of {} pinned", vol.display());
-            Ok(())
-        }
-        Cmd::Volume(VolumeCmd::Unpin { vol, epoch }) => {
-            let mut v = open_waiting(&vol).with_context(|| {
-                format!("cannot open volume `{}` (is it mounted?)", vol.display())
-            })?;
-            v.unpin(epoch)?;
-            println!("layer {epoch} of {} unpinned", vol.display());
-            Ok(())
-        }
-        Cmd::Volume(VolumeCmd::Export { vol, dir, epoch }) => {
-            let st = match epoch {
-                Some(e) => {
-                    let v = Volume::open_read_only(&vol)?;
-                    crate::volume::squash::export_frozen(&v, e, &dir, false)?
-                }
-                None => {
-                    let v = open_waiting(&vol).with_context(|| {
-                        format!(
-                            "cannot open volume `{}` (mounted? export a frozen epoch with --epoch)",
-                            vol.display()
-                        )
-                    })?;
-                    crate::volume::squash::export(&v, &dir, false)?
-                }
-            };
-            println!(
-                "exported {} entries ({} bytes) to {}",
-                st.entries,
-                st.written_bytes,
-                dir.display()
-            );
-            Ok(())
-        }
+        Cmd::Volume(VolumeCmd::Squash(args)) | Cmd::Squash(args) => squash_cmd(args),
+        Cmd::Volume(VolumeCmd::Pin { vol, epoch }) => pin_cmd(&vol, epoch, true),
+        Cmd::Volume(VolumeCmd::Unpin { vol, epoch }) => pin_cmd(&vol, epoch, false),
+        Cmd::Volume(VolumeCmd::Export(args)) | Cmd::Export(args) => export_cmd(args),
         Cmd::Mount {
             vol,
             mountpoint,
@@ -151,6 +83,183 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Verify { vol, json } => verify(&vol, json),
     }
+}
+
+/// Where a command given a volume or a mountpoint acts.
+enum Target {
+    /// A mounted volume: through its daemon's control socket at this mountpoint.
+    Mounted(std::path::PathBuf),
+    /// The volume directory itself (not mounted).
+    Offline(std::path::PathBuf),
+}
+
+/// `path` is a mountpoint with a live control socket, or a volume that is mounted (found in
+/// /proc/self/mountinfo by the mount's source, `layervol:<volume>`), or a volume.
+fn target(path: &Path) -> Target {
+    if let Ok(c) = path.canonicalize() {
+        if std::os::unix::net::UnixStream::connect(control::socket_path(&c)).is_ok() {
+            return Target::Mounted(c);
+        }
+        if let Some(m) = mount_of(&c) {
+            return Target::Mounted(m);
+        }
+    }
+    Target::Offline(path.to_path_buf())
+}
+
+/// The mountpoint of the layervol mount of volume `vol` (canonical), if mounted.
+fn mount_of(vol: &Path) -> Option<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = format!("layervol:{}", vol.display());
+    info.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let mut post = post.split(' ');
+        let (fstype, source) = (post.next()?, post.next()?);
+        let mnt = pre.split(' ').nth(4)?;
+        (fstype.starts_with("fuse") && unescape_mountinfo(source) == want)
+            .then(|| std::path::PathBuf::from(unescape_mountinfo(mnt)))
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn squash_cmd(args: SquashArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    match target(&args.vol) {
+        Target::Mounted(mnt) => {
+            if args.kernel_compatible {
+                bail!(
+                    "--kernel-compatible rewrites the active layer: unmount `{}` first",
+                    mnt.display()
+                );
+            }
+            let r = control::call(
+                &mnt,
+                &Request::Squash {
+                    from: args.from,
+                    through: args.through,
+                },
+            )?;
+            if r["merged_epochs"].as_array().is_none_or(|a| a.is_empty()) {
+                println!("nothing to squash: the range is a single layer");
+            } else {
+                println!(
+                    "squashed epochs {} into epoch {} online ({} entries, {} linked, {} copied; writers paused {} us) in {:.2} s",
+                    r["merged_epochs"],
+                    r["epoch"],
+                    r["entries"],
+                    r["linked_objects"],
+                    r["copied_files"],
+                    r["barrier_micros"],
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            if let Some(e) = r["finish_error"].as_str() {
+                eprintln!("layervol: {e}");
+            }
+            Ok(())
+        }
+        Target::Offline(vol) => {
+            let mut v = open_waiting(&vol).with_context(|| {
+                format!("cannot open volume `{}` (is it mounted?)", vol.display())
+            })?;
+            let opts = crate::volume::squash::SquashOptions {
+                from: args.from,
+                through: args.through,
+                kernel_compatible: args.kernel_compatible,
+            };
+            let st = crate::volume::squash::squash(&mut v, &opts).with_context(|| {
+                format!(
+                    "squash of `{}` failed; the volume is unchanged",
+                    vol.display()
+                )
+            })?;
+            if st.merged_epochs.is_empty() {
+                println!("nothing to squash: the range is a single layer");
+                return Ok(());
+            }
+            println!(
+                "squashed epochs {:?} into epoch {} ({} entries, {} linked, {} copied) in {:.2} s",
+                st.merged_epochs,
+                st.epoch,
+                st.entries,
+                st.linked_objects,
+                st.copied_files,
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn pin_cmd(vol: &Path, epoch: u64, pin: bool) -> anyhow::Result<()> {
+    let what = if pin { "pinned" } else { "unpinned" };
+    match target(vol) {
+        Target::Mounted(mnt) => {
+            let req = if pin {
+                Request::Pin { epoch }
+            } else {
+                Request::Unpin { epoch }
+            };
+            control::call(&mnt, &req)?;
+        }
+        Target::Offline(vol) => {
+            let mut v = open_waiting(&vol)
+                .with_context(|| format!("cannot open volume `{}`", vol.display()))?;
+            if pin {
+                v.pin(epoch)?;
+            } else {
+                v.unpin(epoch)?;
+            }
+        }
+    }
+    println!("layer {epoch} of {} {what}", vol.display());
+    Ok(())
+}
+
+fn export_cmd(args: ExportArgs) -> anyhow::Result<()> {
+    let ExportArgs { vol, dir, epoch } = args;
+    let st = match epoch {
+        Some(e) => {
+            let v = Volume::open_read_only(&vol)?;
+            crate::volume::squash::export_frozen(&v, e, &dir, false)?
+        }
+        None => {
+            let v = open_waiting(&vol).with_context(|| {
+                format!(
+                    "cannot open volume `{}` (mounted? export a frozen epoch with --epoch)",
+                    vol.display()
+                )
+            })?;
+            crate::volume::squash::export(&v, &dir, false)?
+        }
+    };
+    println!(
+        "exported {} entries ({} bytes) to {}",
+        st.entries,
+        st.written_bytes,
+        dir.display()
+    );
+    Ok(())
 }
 
 /// "4K", "64k", "1M", "4096".
@@ -213,23 +322,46 @@ fn mount(
         plan.cfg.work = None;
     }
     if plan.fsname == "layervol" {
-        plan.fsname = format!("layervol:{}", vol.path().display());
+        // Canonical: `layervol squash VOL` finds the mount by it (`mount_of`).
+        let canon = vol
+            .path()
+            .canonicalize()
+            .unwrap_or_else(|_| vol.path().to_path_buf());
+        plan.fsname = format!("layervol:{}", canon.display());
     }
     let interval = plan.snapshot_interval;
+    let max_layers = plan.max_layers;
     let mnt = daemon::mountpoint(&cwd.join(mnt))?;
     let vol = Arc::new(Mutex::new(vol));
     let after: daemon::AfterMount = Box::new(move |fs: &Arc<Overlay>, mnt: &Path| {
-        let last: Arc<Mutex<Option<LastSnapshot>>> = Arc::default();
-        let snap = {
-            let (fs, vol, last) = (fs.clone(), vol.clone(), last.clone());
-            move || snapshot(&fs, &vol, &last)
-        };
-        let snap = Arc::new(snap);
+        let d = Arc::new(Daemon {
+            fs: fs.clone(),
+            vol,
+            last: Mutex::default(),
+            last_squash: Mutex::default(),
+            squash_lock: Mutex::new(()),
+            max_layers,
+        });
         {
-            let (fs, vol, last, snap) = (fs.clone(), vol.clone(), last.clone(), snap.clone());
+            let d = d.clone();
             control::serve(mnt, move |req| match req {
-                Request::Snapshot => snap(),
-                Request::Status => status(&fs, &vol, &last),
+                Request::Snapshot => d.snapshot(),
+                Request::Status => d.status(),
+                Request::Squash { from, through } => {
+                    d.squash(&crate::volume::squash::SquashOptions {
+                        from,
+                        through,
+                        kernel_compatible: false,
+                    })
+                }
+                Request::Pin { epoch } => {
+                    d.vol.lock().pin(epoch)?;
+                    Ok(json!({ "epoch": epoch, "pinned": true }))
+                }
+                Request::Unpin { epoch } => {
+                    d.vol.lock().unpin(epoch)?;
+                    Ok(json!({ "epoch": epoch, "pinned": false }))
+                }
             })?;
         }
         if let Some(every) = interval {
@@ -238,7 +370,7 @@ fn mount(
                 .spawn(move || {
                     loop {
                         std::thread::sleep(every);
-                        if let Err(e) = snap() {
+                        if let Err(e) = d.snapshot() {
                             tracing::error!("periodic snapshot failed: {e:#}");
                         }
                     }
@@ -247,6 +379,198 @@ fn mount(
         Ok(())
     });
     daemon::mount(plan, &mnt, foreground, debug, Some(after))
+}
+
+/// The volume side of a mounted volume's daemon: snapshots, squashes, status.
+struct Daemon {
+    fs: Arc<Overlay>,
+    vol: Arc<Mutex<Volume>>,
+    last: Mutex<Option<LastSnapshot>>,
+    last_squash: Mutex<Option<serde_json::Value>>,
+    /// One squash at a time (a requested one and the automatic one).
+    squash_lock: Mutex<()>,
+    /// Squash by itself above this many frozen layers (0: never).
+    max_layers: usize,
+}
+
+/// How long a squash waits after switching the engine to the new layers before removing
+/// the old ones: operations that started before the switch finish with the old objects.
+const SQUASH_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The engine's live inodes, for `squash::finish_online`.
+struct EngineInodes<'a>(&'a Overlay);
+
+impl crate::volume::squash::LiveInodes for EngineInodes<'_> {
+    fn in_use(&self, st: &crate::sys::Stat) -> bool {
+        self.0.identity_in_use(st.st_dev, st.st_ino)
+    }
+    fn kept(&self, st: &crate::sys::Stat, at: std::path::PathBuf) -> bool {
+        self.0.keep_ghost(st.st_dev, st.st_ino, at)
+    }
+}
+
+impl Daemon {
+    fn snapshot(self: &Arc<Self>) -> anyhow::Result<serde_json::Value> {
+        let r = snapshot(&self.fs, &self.vol, &self.last)?;
+        self.maybe_squash();
+        Ok(r)
+    }
+
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let mut r = status(&self.fs, &self.vol, &self.last)?;
+        r["max_layers"] = json!(self.max_layers);
+        r["ghost_inodes"] = json!(self.fs.ghost_count());
+        r["last_squash"] = json!(*self.last_squash.lock());
+        Ok(r)
+    }
+
+    /// Starts a background squash if the mount has more frozen layers than `max_layers`:
+    /// the layers above the bottom one, up to the newest (or the first pinned), become one.
+    /// The bottom layer (usually the big base) is left alone, so the cost of a squash is
+    /// the data written since it, not the volume's size.
+    fn maybe_squash(self: &Arc<Self>) {
+        if self.max_layers == 0 {
+            return;
+        }
+        let range = {
+            let v = self.vol.lock();
+            auto_squash_range(v.layers(), self.max_layers)
+        };
+        let Some((from, through)) = range else {
+            return;
+        };
+        let Some(guard) = self.squash_lock.try_lock() else {
+            return;
+        };
+        drop(guard);
+        let d = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("auto-squash".into())
+            .spawn(move || {
+                let opts = crate::volume::squash::SquashOptions {
+                    from: Some(from),
+                    through: Some(through),
+                    kernel_compatible: false,
+                };
+                if let Err(e) = d.squash(&opts) {
+                    tracing::error!("automatic squash of epochs {from}..={through} failed: {e:#}");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the squash thread: {e}");
+        }
+    }
+
+    /// Squashes frozen layers while mounted: builds the merged layer beside the old ones
+    /// (readers and writers go on; snapshots wait), then under the write barrier commits
+    /// it and repoints the active layer's partial files, and switches the engine to it; the
+    /// old layers go after a grace period (inodes the mount still identifies objects by are
+    /// kept until the kernel forgets them).
+    fn squash(
+        &self,
+        opts: &crate::volume::squash::SquashOptions,
+    ) -> anyhow::Result<serde_json::Value> {
+        use crate::volume::squash;
+        let _one = self.squash_lock.lock();
+        let t0 = Instant::now();
+        let mut v = self.vol.lock();
+        let Some(p) =
+            squash::prepare(&mut v, opts).context("squash failed; the volume is unchanged")?
+        else {
+            return Ok(json!({ "merged_epochs": [] }));
+        };
+        let changes = p.tree_changes(&v);
+        let mut relinked = Ok(0);
+        let rs = self
+            .fs
+            .restack(&changes, || {
+                squash::commit(&mut v, &p).map_err(std::io::Error::other)?;
+                // Committed: from here the engine switches whatever happens.
+                relinked = squash::relink_active(&v, &p);
+                Ok(())
+            })
+            .context("squash failed; the volume is unchanged")?;
+        let mut finish_error = None;
+        let mut removed = 0;
+        let mut ghosts = 0;
+        match &relinked {
+            Err(e) => {
+                finish_error = Some(format!(
+                    "repointing the active layer failed ({e:#}); the old layers are removed at the next mount"
+                ));
+            }
+            Ok(_) => {
+                drop(v);
+                self.fs.settle_all();
+                std::thread::sleep(SQUASH_GRACE);
+                let v = self.vol.lock();
+                match squash::finish_online(&v, &EngineInodes(&self.fs)) {
+                    Ok(f) => {
+                        let f = f.unwrap_or_default();
+                        removed = f.removed_dirs;
+                        ghosts = f.ghosts;
+                    }
+                    Err(e) => {
+                        finish_error = Some(format!(
+                            "removing the old layers failed ({e:#}); they are removed at the next mount"
+                        ));
+                    }
+                }
+            }
+        }
+        let st = &p.stats;
+        let r = json!({
+            "epoch": p.last_epoch(),
+            "merged_epochs": st.merged_epochs,
+            "rewritten_epochs": st.rewritten_epochs,
+            "entries": st.entries,
+            "linked_objects": st.linked_objects,
+            "copied_files": st.copied_files,
+            "assembled_files": st.assembled_files,
+            "merged_partials": st.merged_partials,
+            "written_bytes": st.written_bytes,
+            "relinked_partials": relinked.as_ref().map_or(0, |n| *n),
+            "barrier_micros": rs.barrier_micros,
+            "removed_dirs": removed,
+            "ghost_inodes": ghosts,
+            "lower_layers": rs.lower_layers,
+            "total_micros": t0.elapsed().as_micros() as u64,
+            "finish_error": finish_error,
+        });
+        tracing::info!("online squash: {r}");
+        *self.last_squash.lock() = Some(r.clone());
+        Ok(r)
+    }
+}
+
+/// The range an automatic squash merges when a mount has more than `max` frozen layers:
+/// from the second frozen layer up to the newest one, stopping at (and including) the first
+/// pinned layer; a pinned layer at the start moves the range above it.
+fn auto_squash_range(layers: &[crate::volume::LayerRecord], max: usize) -> Option<(u64, u64)> {
+    use crate::volume::LayerState;
+    let frozen: Vec<_> = layers
+        .iter()
+        .take_while(|l| l.state == LayerState::Frozen)
+        .collect();
+    if frozen.len() <= max {
+        return None;
+    }
+    let mut lo = 1;
+    loop {
+        while lo < frozen.len() && frozen[lo].pinned {
+            lo += 1;
+        }
+        if lo + 1 >= frozen.len() {
+            return None;
+        }
+        let hi = (lo + 1..frozen.len())
+            .find(|&i| frozen[i].pinned)
+            .unwrap_or(frozen.len() - 1);
+        if hi > lo {
+            return Some((frozen[lo].epoch, frozen[hi].epoch));
+        }
+        lo = hi + 1;
+    }
 }
 
 /// Opens a volume for writing. `umount` returns before the daemon has exited and released

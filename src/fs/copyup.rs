@@ -75,7 +75,7 @@ impl Overlay {
             lay.lower.as_ref()
         }
         .ok_or(Errno::EIO)?;
-        let lower = self.lower(src.layer);
+        let lower = self.lower(src.layer)?;
         let (ldir, lname) = lower.parent_of(&src.path)?;
         let st = sys::fstatat(ldir.as_fd(), &lname)?;
         let wdir = self.work()?.root.as_fd();
@@ -113,8 +113,10 @@ impl Overlay {
             self.copy_xattrs(ldir.as_fd(), &lname, wdir, &tmp)?;
             // Keep the lower copy's own origin when it is the object's identity (see `ino_of`),
             // otherwise the lower object itself is the origin.
-            let inherited = sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)?
-                .filter(|o| self.origin_ino(o).is_some_and(|(_, nlink)| nlink <= 1));
+            let inherited = sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)?.filter(|o| {
+                self.origin_ino(o)
+                    .is_some_and(|(_, nlink)| nlink <= 1 || fmt == libc::S_IFDIR)
+            });
             let origin = match inherited {
                 Some(o) => Some(o),
                 None => {

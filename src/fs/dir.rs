@@ -68,7 +68,7 @@ impl Overlay {
         let mut lower_names = HashSet::new();
         let lay = node.layout();
         for (k, lr) in lay.lower_dirs.iter().enumerate() {
-            let l = self.lower(lr.layer);
+            let l = self.lower(lr.layer)?;
             let d = self.lower_dir(&lay, k)?;
             for (name, ino, t) in sys::read_dir(d.as_fd())? {
                 if seen.contains(&name) {
@@ -117,6 +117,10 @@ impl Overlay {
             merged.push(DirEntry { name, ino, fmt });
         }
         merged.extend(out);
+        for e in &mut merged {
+            self.settle(node.ino, &e.name);
+            e.ino = self.known_ino(e.ino);
+        }
         Ok(merged)
     }
 

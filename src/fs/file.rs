@@ -84,6 +84,8 @@ impl Overlay {
         let acc = flags & libc::O_ACCMODE;
         let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let _w = writes.then(|| self.writing());
+        // A snapshot or squash may have changed the stack while this waited for the barrier.
+        self.refresh(&node);
         if writes {
             if self.read_only() {
                 return Err(Errno::EROFS);

@@ -55,7 +55,7 @@ impl Overlay {
             (fb, nlink)
         } else {
             let lr = f.lower.as_ref().ok_or(Errno::EIO)?;
-            let l = self.lower(lr.layer);
+            let l = self.lower(lr.layer)?;
             let (d, n) = l.parent_of(&lr.path)?;
             let fb = match sys::getxattr(d.as_fd(), &n, &self.x.origin)? {
                 Some(fb) => fb,
@@ -92,7 +92,7 @@ impl Overlay {
     }
 
     fn origin_nlink(&self, fb: &[u8]) -> Option<u32> {
-        for l in self.layers().lowers.iter() {
+        for (_, l) in self.layers().lowers.iter() {
             if let Ok(fd) = crate::layer::decode_origin(fb, l.root_rd.as_fd()) {
                 return sys::fstat(fd.as_fd()).ok().map(|st| st.st_nlink as u32);
             }

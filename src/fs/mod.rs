@@ -147,15 +147,46 @@ impl Handle {
     }
 }
 
-/// The layer stack. Replaced as a whole when a live snapshot freezes the upper.
+/// The layer stack. Replaced as a whole when a live snapshot freezes the upper or a squash
+/// replaces frozen layers (`restack`).
 #[derive(Debug)]
 pub struct Layers {
     /// The snapshot epoch this stack belongs to.
     pub epoch: u64,
     pub upper: Option<Arc<Layer>>,
-    /// Lower layers by stable id (`LowerRef::layer`). The stack order is by id, highest on
-    /// top, so a frozen upper (the next id) slides in on top without renumbering anything.
-    pub lowers: Vec<Arc<Layer>>,
+    /// Lower layers with their stable ids (`LowerRef::layer`), bottom first. The stack order
+    /// is by id, highest on top, so a frozen upper (the next id) slides in on top and a squash
+    /// drops ids or gives one a new directory, without renumbering anything.
+    pub lowers: Vec<(usize, Arc<Layer>)>,
+}
+
+impl Layers {
+    /// The lower layer with stable id `id`, if it is still in the stack.
+    pub fn lower(&self, id: usize) -> Option<&Arc<Layer>> {
+        self.lowers
+            .binary_search_by_key(&id, |(i, _)| *i)
+            .ok()
+            .map(|k| &self.lowers[k].1)
+    }
+
+    /// The id a newly frozen layer gets: above every id ever used (a squash keeps the top
+    /// id of its range, so the highest id never goes away).
+    fn next_id(&self) -> usize {
+        self.lowers.last().map_or(0, |(i, _)| i + 1)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Layer>> {
+        self.lowers.iter().map(|(_, l)| l).chain(self.upper.iter())
+    }
+}
+
+/// A change of the layer stack, in order; `Overlay::refresh` replays them on each node.
+#[derive(Debug, Clone, Copy)]
+enum StackEvent {
+    /// The upper of snapshot epoch `epoch` became the lower layer `id`.
+    Freeze { id: usize, epoch: u64 },
+    /// Lower layers were replaced (squash): every lower reference is looked up again.
+    Restack,
 }
 
 pub struct Overlay {
@@ -167,8 +198,20 @@ pub struct Overlay {
     index: Option<Layer>,
     /// Snapshot epoch: number of freezes since mount.
     epoch: AtomicU64,
-    /// Freeze history: (epoch before the freeze, id of the layer the upper became).
-    freezes: parking_lot::RwLock<Vec<(u64, usize)>>,
+    /// Stack generation: the number of stack changes since mount (freezes and restacks).
+    generation: AtomicU64,
+    /// Stack history: event `k` took the stack from generation `k` to `k + 1`.
+    events: parking_lot::RwLock<Vec<StackEvent>>,
+    /// Stable inode numbers that a re-resolved object now has, mapped to the number of the
+    /// live node the kernel knows it by (a squash re-creates directories as new inodes).
+    aliases: DashMap<u64, u64>,
+    /// Objects of squashed-away layers kept only so that their inode numbers, still the
+    /// identity of a live node (or alias), are not reused; removed when that node goes.
+    ghosts: DashMap<u64, PathBuf>,
+    /// After a restack, until `settle_all` ran: the nodes the kernel knew before it, by
+    /// (parent inode, name), so that a lookup of one of them finds it (and its alias)
+    /// instead of making a second node for the same object.
+    unsettled: parking_lot::RwLock<std::collections::HashMap<(u64, CString), Arc<Node>>>,
     /// Held shared by every operation that changes the upper, exclusively by a freeze.
     barrier: parking_lot::RwLock<()>,
     /// Blocks written in the current epoch, per inode (exact, extent-based).
@@ -222,7 +265,8 @@ impl Overlay {
             .lowers
             .iter()
             .rev()
-            .map(|p| Layer::open(p).map(Arc::new))
+            .enumerate()
+            .map(|(i, p)| Ok((i, Arc::new(Layer::open(p)?))))
             .collect::<std::io::Result<Vec<_>>>()?;
         let upper = cfg
             .upper
@@ -254,7 +298,7 @@ impl Overlay {
             _ => None,
         };
         let mut devs: Vec<u64> = Vec::new();
-        for l in upper.iter().chain(lowers.iter()) {
+        for l in upper.iter().chain(lowers.iter().map(|(_, l)| l)) {
             if !devs.contains(&l.dev) {
                 devs.push(l.dev);
             }
@@ -292,7 +336,11 @@ impl Overlay {
             work,
             index,
             epoch: AtomicU64::new(0),
-            freezes: parking_lot::RwLock::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            events: parking_lot::RwLock::new(Vec::new()),
+            aliases: DashMap::new(),
+            ghosts: DashMap::new(),
+            unsettled: parking_lot::RwLock::new(std::collections::HashMap::new()),
             barrier: parking_lot::RwLock::new(()),
             dirty: DashMap::new(),
             frozen_maps: DashMap::new(),
@@ -326,8 +374,10 @@ impl Overlay {
         self.layers.read().clone()
     }
 
-    fn lower(&self, id: usize) -> Arc<Layer> {
-        self.layers.read().lowers[id].clone()
+    /// The lower layer with stable id `id`. ESTALE if a squash replaced it and the caller
+    /// holds a reference it could not re-resolve (an unlinked node's lower object).
+    fn lower(&self, id: usize) -> Result<Arc<Layer>> {
+        self.layers.read().lower(id).cloned().ok_or(Errno::ESTALE)
     }
 
     pub fn node(&self, ino: u64) -> Result<Arc<Node>> {
@@ -370,7 +420,7 @@ impl Overlay {
 
     pub(super) fn origin_ino(&self, fb: &[u8]) -> Option<(u64, u64)> {
         let layers = self.layers();
-        for l in layers.lowers.iter().chain(layers.upper.iter()) {
+        for l in layers.all() {
             if let Ok(fd) = layer::decode_origin(fb, l.root_rd.as_fd()) {
                 let st = sys::fstat(fd.as_fd()).ok()?;
                 return Some((self.map_ino(st.st_dev, st.st_ino), st.st_nlink as u64));
@@ -423,7 +473,7 @@ impl Overlay {
         {
             return Ok((self.lower_dir(&play, k)?, name));
         }
-        let (d, n) = self.lower(lr.layer).parent_of(&lr.path)?;
+        let (d, n) = self.lower(lr.layer)?.parent_of(&lr.path)?;
         Ok((Arc::new(d), n))
     }
 
@@ -450,7 +500,7 @@ impl Overlay {
             return Ok(fd.clone());
         }
         let lr = &lay.lower_dirs[k];
-        let fd = Arc::new(self.lower(lr.layer).dir(&lr.path)?);
+        let fd = Arc::new(self.lower(lr.layer)?.dir(&lr.path)?);
         Ok(lay.lower_fds[k].get_or_init(|| fd).clone())
     }
 
@@ -470,7 +520,7 @@ impl Overlay {
         let layers = self.layers();
         let mut pdirs = play.lower_dirs.iter().enumerate().peekable();
         // Top of the stack first: the highest id.
-        for (j, l) in layers.lowers.iter().enumerate().rev() {
+        for (j, l) in layers.lowers.iter().rev().map(|(j, l)| (*j, l)) {
             let (path, cached) = match &redirect {
                 Some(r) => (r.clone(), None),
                 None => {
@@ -670,12 +720,13 @@ impl Overlay {
     /// Resolves `name` and returns its node (creating or refreshing the table entry), without
     /// touching the kernel lookup count.
     fn lookup_node(&self, parent: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Stat)> {
+        self.settle(parent.ino, name);
         let f = self.resolve(parent, name)?;
         let fmt = f.st.st_mode & libc::S_IFMT;
         let ino = if f.ino == ROOT_INO {
             f.st.st_ino
         } else {
-            f.ino
+            self.known_ino(f.ino)
         };
         let node = match self.nodes.entry(ino) {
             dashmap::Entry::Occupied(mut e) => {
@@ -711,7 +762,7 @@ impl Overlay {
                         f.lower,
                         f.lower_dirs,
                         f.hardlink,
-                        self.epoch.load(Ordering::Acquire),
+                        self.generation.load(Ordering::Acquire),
                     ));
                     fresh.add_lookup(n.lookups.load(Ordering::Relaxed));
                     e.insert(fresh.clone());
@@ -728,7 +779,7 @@ impl Overlay {
                     f.lower,
                     f.lower_dirs,
                     f.hardlink,
-                    self.epoch.load(Ordering::Acquire),
+                    self.generation.load(Ordering::Acquire),
                 ));
                 e.insert(n.clone());
                 n
@@ -760,10 +811,14 @@ impl Overlay {
         }
         if let Some(node) = self.nodes.get(&ino).map(|e| e.clone())
             && node.forget(n)
+            && self
+                .nodes
+                .remove_if(&ino, |_, v| {
+                    Arc::ptr_eq(v, &node) && v.lookups.load(Ordering::Acquire) == 0
+                })
+                .is_some()
         {
-            self.nodes.remove_if(&ino, |_, v| {
-                Arc::ptr_eq(v, &node) && v.lookups.load(Ordering::Acquire) == 0
-            });
+            self.node_gone(&node);
         }
     }
 
@@ -828,7 +883,7 @@ impl Overlay {
         let l = layers
             .upper
             .as_ref()
-            .or(layers.lowers.last())
+            .or(layers.lowers.last().map(|(_, l)| l))
             .ok_or(Errno::EIO)?;
         let mut st = sys::fstatvfs(l.root.as_fd())?;
         st.f_namemax = 255;

@@ -9,8 +9,8 @@
 //! A node records where it is in the merged tree (parent node + name; the upper object, when
 //! there is one, is always at that merged position) and its `Layout`: where its lower objects
 //! are. Lower layers are read-only, so a layout only changes when a live snapshot freezes the
-//! upper into a new lower layer; nodes then catch up lazily (`Overlay::refresh`), so a
-//! snapshot costs nothing per node.
+//! upper into a new lower layer or a squash replaces lower layers; nodes then catch up lazily
+//! (`Overlay::refresh`), so neither costs anything per node.
 
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
@@ -43,6 +43,9 @@ pub struct NodeState {
     pub indexed: bool,
     /// Hard-linked lower file: its link count in the merged view.
     pub merged_nlink: u32,
+    /// The inode number a lookup now finds for this object, if not `ino` (see
+    /// `Overlay::aliases`).
+    pub alias: Option<u64>,
 }
 
 /// A lower file with several names. Like kernel overlayfs with `index=on`, its copy-up goes
@@ -60,8 +63,8 @@ pub struct Node {
     /// `S_IFMT` bits: the type never changes for a node.
     pub fmt: u32,
     layout: parking_lot::RwLock<Arc<Layout>>,
-    /// The snapshot epoch `layout` and `state.upper` are valid for.
-    pub epoch: AtomicU64,
+    /// The stack generation `layout` and `state.upper` are valid for (`Overlay::refresh`).
+    pub layout_gen: AtomicU64,
     /// Bumped by every copy-up: open handles compare it to follow the file to its new copy.
     pub generation: AtomicU64,
     pub hardlink: Option<Hardlink>,
@@ -133,14 +136,14 @@ impl Node {
         lower: Option<LowerRef>,
         lower_dirs: Vec<LowerRef>,
         hardlink: Option<(Hardlink, bool, u32)>,
-        epoch: u64,
+        layout_gen: u64,
     ) -> Node {
         let (indexed, merged_nlink) = hardlink.as_ref().map_or((false, 0), |h| (h.1, h.2));
         Node {
             partial: Mutex::new(None),
             upper_fd: Mutex::new(None),
             layout: parking_lot::RwLock::new(Arc::new(Layout::new(lower, lower_dirs))),
-            epoch: AtomicU64::new(epoch),
+            layout_gen: AtomicU64::new(layout_gen),
             generation: AtomicU64::new(0),
             ino,
             fmt,
@@ -153,6 +156,7 @@ impl Node {
                 others: Vec::new(),
                 indexed,
                 merged_nlink,
+                alias: None,
             }),
             lookups: AtomicU64::new(0),
             copy_up_lock: Mutex::new(()),

@@ -120,7 +120,7 @@ impl Overlay {
             let mount = layers
                 .upper
                 .as_ref()
-                .or(layers.lowers.first())
+                .or(layers.lowers.first().map(|(_, l)| l))
                 .ok_or(Errno::EIO)?;
             let lfd = layer::open_by_fb(&fb, mount.root_rd.as_fd(), libc::O_RDONLY)?;
             let map = match self.marker_of(lfd.as_fd())? {
@@ -164,7 +164,7 @@ impl Overlay {
     pub(super) fn make_partial_copy(&self, node: &Node) -> Result<(CString, PartialState)> {
         let lay = node.layout();
         let src = lay.lower.as_ref().ok_or(Errno::EIO)?;
-        let lower = self.lower(src.layer);
+        let lower = self.lower(src.layer)?;
         let (ldir, lname) = lower.parent_of(&src.path)?;
         let st = sys::fstatat(ldir.as_fd(), &lname)?;
         let tmp = self.make_copy(node, false)?;

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{Layers, Layout, LowerRef, Node, Overlay};
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+use super::{Layers, Layout, LowerRef, Node, Overlay, StackEvent};
 use crate::layer::{Layer, RelPath};
 use crate::sys::Errno;
 
@@ -59,15 +62,15 @@ impl Overlay {
                 .upper
                 .clone()
                 .ok_or(std::io::Error::from(Errno::EROFS))?;
+            let id = layers.next_id();
             let mut lowers = layers.lowers.clone();
-            lowers.push(old);
-            let id = lowers.len() - 1;
+            lowers.push((id, old));
             *layers = Arc::new(Layers {
                 epoch: epoch + 1,
                 upper: Some(next_upper),
                 lowers,
             });
-            self.freezes.write().push((epoch, id));
+            self.push_event(StackEvent::Freeze { id, epoch });
             id
         };
         self.epoch.store(epoch + 1, Ordering::Release);
@@ -91,25 +94,180 @@ impl Overlay {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Brings a node's layout up to the current epoch: an object that was in the upper at a
-    /// freeze is now in that freeze's layer, at the path it had then.
+    /// Records a stack change (the caller holds the stack's write lock).
+    fn push_event(&self, e: StackEvent) {
+        let mut events = self.events.write();
+        events.push(e);
+        self.generation
+            .store(events.len() as u64, Ordering::Release);
+    }
+
+    /// Replaces lower layers, e.g. after a squash merged several into one. `changes` names
+    /// lower layers by directory: `Some(dir)` keeps the layer's id (its place in the stack)
+    /// with a new directory showing the same view, `None` drops it. Under the write barrier,
+    /// `commit` makes the change durable, then the stack is swapped. Like a freeze this
+    /// costs O(1): each node looks its lower objects up again the next time it is used.
+    pub fn restack(
+        &self,
+        changes: &[(PathBuf, Option<PathBuf>)],
+        commit: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<RestackStats> {
+        // The nodes the kernel knows now, by location: see `Overlay::unsettled`.
+        let known: std::collections::HashMap<(u64, CString), Arc<Node>> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let st = n.state.lock();
+                let p = st.parent.as_ref().filter(|_| !st.unlinked)?;
+                Some(((p.ino, st.name.clone()), n.clone()))
+            })
+            .collect();
+        self.unsettled.write().extend(known);
+        // Open the new directories before blocking writers.
+        let mut opened = Vec::new();
+        for (old, new) in changes {
+            let l = new.as_deref().map(Layer::open).transpose()?.map(Arc::new);
+            opened.push((old.clone(), l));
+        }
+        let t = Instant::now();
+        let _barrier = self.barrier.write();
+        commit()?;
+        let mut layers = self.layers.write();
+        let mut lowers = Vec::with_capacity(layers.lowers.len());
+        let mut dropped = 0;
+        for (id, l) in &layers.lowers {
+            match opened.iter().find(|(p, _)| *p == l.path) {
+                None => lowers.push((*id, l.clone())),
+                Some((_, Some(new))) => lowers.push((*id, new.clone())),
+                Some((_, None)) => dropped += 1,
+            }
+        }
+        *layers = Arc::new(Layers {
+            epoch: layers.epoch,
+            upper: layers.upper.clone(),
+            lowers,
+        });
+        self.push_event(StackEvent::Restack);
+        Ok(RestackStats {
+            barrier_micros: t.elapsed().as_micros() as u64,
+            dropped_layers: dropped,
+            lower_layers: layers.lowers.len(),
+        })
+    }
+
+    /// Brings the node the kernel knew at `parent/name` before a restack up to date, so
+    /// that its alias is known before a lookup or listing reports an inode number.
+    pub(super) fn settle(&self, parent: u64, name: &CStr) {
+        if self.unsettled.read().is_empty() {
+            return;
+        }
+        let n = self.unsettled.write().remove(&(parent, name.to_owned()));
+        if let Some(n) = n {
+            self.refresh(&n);
+        }
+    }
+
+    /// Settles every node known before the last restack (see `settle`); called in the
+    /// background after `restack`. Returns how many.
+    pub fn settle_all(&self) -> usize {
+        let nodes: Vec<Arc<Node>> = self.unsettled.read().values().cloned().collect();
+        for n in &nodes {
+            self.refresh(n);
+        }
+        self.unsettled.write().clear();
+        nodes.len()
+    }
+
+    /// True if `(dev, ino)`, a real inode, is the identity of a live node or alias: the
+    /// inode must then not be freed (its number could be reused by a new object).
+    pub fn identity_in_use(&self, dev: u64, ino: u64) -> bool {
+        let v = self.map_ino(dev, ino);
+        self.nodes.contains_key(&v) || self.aliases.contains_key(&v)
+    }
+
+    /// Keeps `path` (see `Overlay::ghosts`) until the node or alias with the identity of
+    /// `(dev, ino)` goes away. Returns false (and keeps nothing) if it went already.
+    pub fn keep_ghost(&self, dev: u64, ino: u64, path: PathBuf) -> bool {
+        let v = self.map_ino(dev, ino);
+        self.ghosts.insert(v, path);
+        if self.identity_in_use(dev, ino) {
+            return true;
+        }
+        self.release_ghost(v);
+        false
+    }
+
+    /// Ghosts kept now.
+    pub fn ghost_count(&self) -> usize {
+        self.ghosts.len()
+    }
+
+    pub(super) fn release_ghost(&self, ino: u64) {
+        if self.nodes.contains_key(&ino) || self.aliases.contains_key(&ino) {
+            return;
+        }
+        if let Some((_, p)) = self.ghosts.remove(&ino) {
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(e) = r {
+                tracing::warn!("cannot remove {}: {e}", p.display());
+            }
+        }
+    }
+
+    /// A node left the table: its alias and the ghosts of its identities go too.
+    pub(super) fn node_gone(&self, node: &Node) {
+        let alias = node.state.lock().alias.take();
+        if let Some(a) = alias {
+            self.aliases.remove_if(&a, |_, v| *v == node.ino);
+            self.release_ghost(a);
+        }
+        self.release_ghost(node.ino);
+    }
+
+    /// The inode number the kernel knows the object found with stable number `ino` by.
+    pub(super) fn known_ino(&self, ino: u64) -> u64 {
+        if self.aliases.is_empty() {
+            return ino;
+        }
+        self.aliases.get(&ino).map_or(ino, |v| *v)
+    }
+
+    /// Brings a node's layout up to the current stack generation. After freezes only: an
+    /// object that was in the upper at a freeze is now in that freeze's layer, at the path it
+    /// had then. After a restack: the node is looked up again by its merged location.
     pub(super) fn refresh(&self, node: &Arc<Node>) {
-        let cur = self.epoch.load(Ordering::Acquire);
-        if node.epoch.load(Ordering::Acquire) == cur {
+        let cur = self.generation.load(Ordering::Acquire);
+        if node.layout_gen.load(Ordering::Acquire) == cur {
             return;
         }
         let parent = node.parent();
         if let Some(p) = &parent {
             self.refresh(p);
         }
-        let freezes = self.freezes.read().clone();
+        let since = node.layout_gen.load(Ordering::Acquire);
+        let events: Vec<StackEvent> = {
+            let ev = self.events.read();
+            ev.get(since as usize..cur as usize)
+                .map(|e| e.to_vec())
+                .unwrap_or_default()
+        };
+        if events.iter().any(|e| matches!(e, StackEvent::Restack)) {
+            self.relookup(node, parent.as_ref(), cur);
+            return;
+        }
         let mut st = node.state.lock();
-        let since = node.epoch.load(Ordering::Acquire);
-        if since == cur {
+        if node.layout_gen.load(Ordering::Acquire) == cur {
             return;
         }
         let is_root = parent.is_none() && !st.unlinked && node.ino == super::ROOT_INO;
-        for (before, id) in freezes.iter().filter(|(b, _)| *b >= since) {
+        for e in &events {
+            let StackEvent::Freeze { id, epoch: before } = *e else {
+                continue;
+            };
             if !st.upper {
                 continue;
             }
@@ -121,7 +279,7 @@ impl Overlay {
                     p.layout()
                         .lower_dirs
                         .iter()
-                        .find(|l| l.layer == *id)
+                        .find(|l| l.layer == id)
                         .map(|l| l.path.join(&st.name))
                 })
             };
@@ -131,14 +289,14 @@ impl Overlay {
                 continue;
             };
             let old = node.layout();
-            let frozen = LowerRef { layer: *id, path };
+            let frozen = LowerRef { layer: id, path };
             let layout = if node.is_dir() {
                 let mut dirs = vec![frozen];
                 dirs.extend(old.lower_dirs.iter().cloned());
                 let l = Layout::new(None, dirs);
                 // The cached upper fd is the frozen directory now.
                 if let Some((e, fd)) = node.upper_fd.lock().take()
-                    && e == *before
+                    && e == before
                 {
                     let _ = l.lower_fds[0].set(fd);
                 }
@@ -155,6 +313,72 @@ impl Overlay {
             // The root always has an upper: the new, empty upper root.
             st.upper = is_root;
         }
-        node.epoch.store(cur, Ordering::Release);
+        node.layout_gen.store(cur, Ordering::Release);
     }
+
+    /// Looks a node's lower objects (and whether it has an upper) up again at its merged
+    /// location, keeping its inode number: the kernel knows the node by it.
+    fn relookup(&self, node: &Arc<Node>, parent: Option<&Arc<Node>>, cur: u64) {
+        let (name, unlinked) = {
+            let st = node.state.lock();
+            (st.name.clone(), st.unlinked)
+        };
+        let found = match parent {
+            _ if unlinked => None,
+            None if node.ino == super::ROOT_INO => {
+                let layers = self.layers();
+                let dirs = layers
+                    .lowers
+                    .iter()
+                    .rev()
+                    .map(|(id, _)| LowerRef {
+                        layer: *id,
+                        path: RelPath::root(),
+                    })
+                    .collect();
+                node.set_layout(Layout::new(None, dirs));
+                None
+            }
+            None => None,
+            Some(p) => match self.resolve(p, &name) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    // The view is the same after a restack, so this is a race with a
+                    // change of the name (which sets the layout itself) or an I/O error.
+                    tracing::debug!("re-resolving inode {} after a restack: {e}", node.ino);
+                    None
+                }
+            },
+        };
+        if let Some(f) = found {
+            let mut st = node.state.lock();
+            st.upper = f.upper;
+            node.set_layout(Layout::new(f.lower, f.lower_dirs));
+            if !f.upper && !node.is_dir() {
+                // Open handles reopen the object: its old inode may be in a removed layer.
+                node.generation.fetch_add(1, Ordering::AcqRel);
+            }
+            let alias = (f.ino != node.ino).then_some(f.ino);
+            if st.alias != alias {
+                if let Some(a) = st.alias.take() {
+                    self.aliases.remove_if(&a, |_, v| *v == node.ino);
+                }
+                if let Some(a) = alias {
+                    self.aliases.insert(a, node.ino);
+                }
+                st.alias = alias;
+            }
+        }
+        node.layout_gen.store(cur, Ordering::Release);
+    }
+}
+
+/// What one restack did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestackStats {
+    /// Time the write barrier was held (writers were blocked), including the commit.
+    pub barrier_micros: u64,
+    pub dropped_layers: usize,
+    /// Lower layers in the stack afterwards.
+    pub lower_layers: usize,
 }

@@ -190,6 +190,67 @@ pub struct ExportStats {
 pub struct FinishStats {
     pub relinked_partials: u64,
     pub removed_dirs: u64,
+    /// Inodes kept for a live mount (`finish_online`).
+    pub ghosts: u64,
+}
+
+/// Under `work/`: inodes of removed layers that a mount still identifies objects by. Only
+/// the mount that made them refers to them; `remove_stale_work_dirs` removes them with the
+/// other work dirs at the next mount.
+pub const GHOSTS_DIR: &str = "ghosts";
+
+/// Removes the tree `p` bottom up, except objects whose inode `live` still uses and that
+/// the removal would free: those move to `ghosts` (a directory after its children went).
+fn remove_keeping_live(
+    p: &Path,
+    ghosts: &Path,
+    live: &dyn LiveInodes,
+    kept: &mut u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let keep = |path: &Path, md: &std::fs::Metadata, kept: &mut u64| -> std::io::Result<bool> {
+        let st = stat_of(md);
+        let frees = md.is_dir() || md.nlink() == 1;
+        if !frees || !live.in_use(&st) {
+            return Ok(false);
+        }
+        match std::fs::create_dir(ghosts) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let at = ghosts.join(format!("{:x}-{:x}", md.dev(), md.ino()));
+        std::fs::rename(path, &at)?;
+        if live.kept(&st, at) {
+            *kept += 1;
+        }
+        Ok(true)
+    };
+    let md = std::fs::symlink_metadata(p)?;
+    if !md.is_dir() {
+        if !keep(p, &md, kept)? {
+            std::fs::remove_file(p)?;
+        }
+        return Ok(());
+    }
+    for e in std::fs::read_dir(p)? {
+        remove_keeping_live(&e?.path(), ghosts, live, kept)?;
+    }
+    if !keep(p, &md, kept)? {
+        std::fs::remove_dir(p)?;
+    }
+    Ok(())
+}
+
+fn stat_of(md: &std::fs::Metadata) -> Stat {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: `stat` is plain data; all-zero is a valid value.
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    st.st_dev = md.dev();
+    st.st_ino = md.ino();
+    st.st_mode = md.mode();
+    st.st_nlink = md.nlink() as _;
+    st
 }
 
 /// Squashes the frozen layers from the bottom up to `through` (default: every frozen layer,
@@ -208,7 +269,6 @@ pub fn squash_offline(vol: &mut Volume, through: Option<u64>) -> Result<SquashSt
 /// the module doc). Needs the volume lock (`Volume::open`), so the volume is not mounted.
 /// Returns without change if the range is a single layer and nothing else is asked.
 pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
-    let t0 = Instant::now();
     if vol.is_read_only() {
         return Err(VolumeError::ReadOnly {
             path: vol.path().to_path_buf(),
@@ -216,12 +276,92 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
         });
     }
     finish_pending(vol)?;
+    let Some(p) = prepare(vol, opts)? else {
+        return Ok(SquashStats::default());
+    };
+    commit(vol, &p)?;
+    let mut stats = p.stats.clone();
+    if let Some(f) = finish_pending(vol)? {
+        stats.relinked_partials = f.relinked_partials;
+        stats.removed_dirs = f.removed_dirs;
+    }
+    Ok(p.done(stats))
+}
+
+/// A squash whose layers are built, sealed, journaled and flushed, not yet committed.
+/// Nothing the volume lists has changed: dropping it (and the next `finish_pending` or
+/// `Volume::open`) leaves the volume as it was.
+#[derive(Debug)]
+pub struct Prepared {
+    first: u64,
+    last: u64,
+    /// Directory name of the merged layer (it holds the journal).
+    name: String,
+    /// Frozen layers above the range rebuilt with repointed partial files: (epoch, name).
+    rewritten: Vec<(u64, String)>,
+    /// Old handle -> new handle of every object the squash re-created.
+    relink: HashMap<FhKey, Vec<u8>>,
+    pub stats: SquashStats,
+    t0: Instant,
+}
+
+impl Prepared {
+    /// The layer tree directories the commit replaces: `(old tree, new tree or None)`. The
+    /// merged layer takes the place of the top of the range; the others of it go.
+    pub fn tree_changes(&self, vol: &Volume) -> Vec<(PathBuf, Option<PathBuf>)> {
+        let tree = |name: &str| vol.path().join(LAYERS_DIR).join(name).join(TREE_DIR);
+        let mut out: Vec<(PathBuf, Option<PathBuf>)> = self
+            .stats
+            .merged_epochs
+            .iter()
+            .map(|e| {
+                let new = (*e == self.last).then(|| tree(&self.name));
+                (vol.tree_dir(*e), new)
+            })
+            .collect();
+        out.extend(
+            self.rewritten
+                .iter()
+                .map(|(e, name)| (vol.tree_dir(*e), Some(tree(name)))),
+        );
+        out
+    }
+
+    /// Epoch of the merged layer.
+    pub fn last_epoch(&self) -> u64 {
+        self.last
+    }
+
+    fn done(&self, mut stats: SquashStats) -> SquashStats {
+        stats.epoch = self.last;
+        stats.elapsed_micros = self.t0.elapsed().as_micros() as u64;
+        tracing::info!(
+            epoch = self.last,
+            merged = ?stats.merged_epochs,
+            rewritten = ?stats.rewritten_epochs,
+            micros = stats.elapsed_micros,
+            "squashed"
+        );
+        stats
+    }
+}
+
+/// Builds the squash of `opts` beside the listed layers (steps (1)-(2) of the module doc).
+/// `None` if there is nothing to do. Reads only frozen layers, so a mount may run meanwhile
+/// (it must not freeze: the caller holds the volume).
+pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
+    let t0 = Instant::now();
+    if vol.is_read_only() {
+        return Err(VolumeError::ReadOnly {
+            path: vol.path().to_path_buf(),
+            action: "squash it",
+        });
+    }
     let (lo, hi) = plan_range(vol, opts)?;
     let layers = vol.layers().to_vec();
     let mut stats = SquashStats::default();
     if lo == hi && !opts.kernel_compatible {
-        stats.elapsed_micros = t0.elapsed().as_micros() as u64;
-        return Ok(stats);
+        return Ok(None);
     }
     let kc = opts.kernel_compatible;
     if kc {
@@ -230,12 +370,12 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
     let first = layers[lo].epoch;
     let last = layers[hi].epoch;
     let mut staged: Vec<PathBuf> = Vec::new();
+    let mut relink: HashMap<FhKey, Vec<u8>> = HashMap::new();
     let built = (|| -> Result<(String, Vec<(u64, String)>)> {
         // The merged layer.
         let name = fresh_dir_name(vol, last)?;
         staged.push(vol.path().join(LAYERS_DIR).join(&name));
         let srcs: Vec<u64> = layers[lo..=hi].iter().rev().map(|l| l.epoch).collect();
-        let mut relink: HashMap<FhKey, Vec<u8>> = HashMap::new();
         let out = build_layer(
             vol,
             &srcs,
@@ -326,25 +466,52 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
             return Err(e);
         }
     };
-    vol.commit_squash(first, last, &name, &rewritten)?;
-    crash_point("squash:committed")?;
-    if let Some(f) = finish_pending(vol)? {
-        stats.relinked_partials = f.relinked_partials;
-        stats.removed_dirs = f.removed_dirs;
-    }
-    stats.epoch = last;
     stats.merged_epochs = layers[lo..=hi].iter().map(|l| l.epoch).collect();
-    stats.elapsed_micros = t0.elapsed().as_micros() as u64;
-    tracing::info!(
-        epoch = last,
-        merged = ?stats.merged_epochs,
-        rewritten = ?stats.rewritten_epochs,
-        micros = stats.elapsed_micros,
-        "squashed"
-    );
-    Ok(stats)
+    Ok(Some(Prepared {
+        first,
+        last,
+        name,
+        rewritten,
+        relink: if kc { HashMap::new() } else { relink },
+        stats,
+        t0,
+    }))
 }
 
+/// Step (3): the one atomic `volume.json` replacement that makes the squash the volume's.
+pub fn commit(vol: &mut Volume, p: &Prepared) -> Result<()> {
+    vol.commit_squash(p.first, p.last, &p.name, &p.rewritten)?;
+    crash_point("squash:committed")
+}
+
+/// Step (4) while mounted, under the engine's write barrier (no partial file is being made):
+/// repoints the active layer's partial files whose data below the squash re-created. Not
+/// flushed: `finish_online` flushes before anything old is removed.
+pub fn relink_active(vol: &Volume, p: &Prepared) -> Result<u64> {
+    if p.relink.is_empty() {
+        return Ok(0);
+    }
+    relink_tree(vol, &vol.upper_dir(), &p.relink)
+}
+
+/// Where a mounted volume's engine says which inodes must outlive their layer (see
+/// `finish_online`).
+pub trait LiveInodes {
+    /// The inode's number identifies an object the mount still shows.
+    fn in_use(&self, st: &Stat) -> bool;
+    /// `st` was kept, moved to `at`: the engine removes it once the number is free.
+    fn kept(&self, st: &Stat, at: PathBuf) -> bool;
+}
+
+/// Steps (4)-(6) for a mounted volume, after `commit` and the engine's switch to the new
+/// layers (with `relink_active` under its barrier): flushes, then removes the replaced
+/// directories, except inodes the mount still identifies objects by: those move to
+/// `work/ghosts/` until the mount lets them go (a reused inode number would give a new
+/// object the identity of a live one). Also finishes a squash of this mount that an error
+/// interrupted. The mount's own work dir is left alone.
+pub fn finish_online(vol: &Volume, live: &dyn LiveInodes) -> Result<Option<FinishStats>> {
+    finish_journals(vol, Some(live))
+}
 /// Writes the merged view of the whole volume (frozen layers and the active one) into `dir`
 /// as a plain tree: data (holes kept), types, hard links, owners, modes, times and xattrs;
 /// no whiteouts, no overlay or layervol format xattrs, no partial files. `dir` must not
@@ -445,14 +612,14 @@ pub fn finish_pending(vol: &Volume) -> Result<Option<FinishStats>> {
     if vol.is_read_only() {
         return Ok(None);
     }
-    let done = finish_journals(vol)?;
+    let done = finish_journals(vol, None)?;
     // Only now: a committed squash's directories are listed, an uncommitted one's are not
     // referenced by anything.
     remove_staging_strays(vol)?;
     Ok(done)
 }
 
-fn finish_journals(vol: &Volume) -> Result<Option<FinishStats>> {
+fn finish_journals(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<Option<FinishStats>> {
     let mut done: Option<FinishStats> = None;
     for l in vol.layers() {
         let dir = vol.layer_dir(l.epoch);
@@ -513,7 +680,14 @@ fn finish_journals(vol: &Volume) -> Result<Option<FinishStats>> {
                 });
             }
             let p = layers_dir.join(name);
-            match std::fs::remove_dir_all(&p) {
+            let r = match live {
+                None => std::fs::remove_dir_all(&p),
+                Some(live) => {
+                    let ghosts = vol.path().join(super::store::WORK_DIR).join(GHOSTS_DIR);
+                    remove_keeping_live(&p, &ghosts, live, &mut f.ghosts)
+                }
+            };
+            match r {
                 Ok(()) => f.removed_dirs += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io("remove replaced layer directory", &p)(e)),
@@ -521,9 +695,11 @@ fn finish_journals(vol: &Volume) -> Result<Option<FinishStats>> {
             crash_point("squash:removed-old-dir")?;
         }
         meta::sync_dir(&layers_dir)?;
-        // Work dirs of the merged-away epochs (and of older freezes) are unused: the lock
-        // is held, so no mount runs.
-        vol.remove_stale_work_dirs()?;
+        if live.is_none() {
+            // Work dirs of the merged-away epochs (and of older freezes) are unused: the
+            // lock is held and no mount runs.
+            vol.remove_stale_work_dirs()?;
+        }
         std::fs::remove_file(dir.join(JOURNAL_FILE))
             .map_err(io("remove squash journal", dir.join(JOURNAL_FILE)))?;
         meta::sync_dir(&dir)?;
