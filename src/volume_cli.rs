@@ -341,6 +341,7 @@ fn mount(
             last_squash: Mutex::default(),
             squash_lock: Mutex::new(()),
             max_layers,
+            auto_running: Default::default(),
         });
         {
             let d = d.clone();
@@ -391,6 +392,8 @@ struct Daemon {
     squash_lock: Mutex<()>,
     /// Squash by itself above this many frozen layers (0: never).
     max_layers: usize,
+    /// The automatic squash thread runs.
+    auto_running: std::sync::atomic::AtomicBool,
 }
 
 /// How long a squash waits after switching the engine to the new layers before removing
@@ -427,38 +430,49 @@ impl Daemon {
     /// Starts a background squash if the mount has more frozen layers than `max_layers`:
     /// the layers above the bottom one, up to the newest (or the first pinned), become one.
     /// The bottom layer (usually the big base) is left alone, so the cost of a squash is
-    /// the data written since it, not the volume's size.
+    /// the data written since it, not the volume's size. The thread goes on while
+    /// snapshots taken meanwhile exceed the bound again.
     fn maybe_squash(self: &Arc<Self>) {
-        if self.max_layers == 0 {
+        use std::sync::atomic::Ordering;
+        if self.max_layers == 0 || self.auto_range().is_none() {
             return;
         }
-        let range = {
-            let v = self.vol.lock();
-            auto_squash_range(v.layers(), self.max_layers)
-        };
-        let Some((from, through)) = range else {
+        if self.auto_running.swap(true, Ordering::AcqRel) {
             return;
-        };
-        let Some(guard) = self.squash_lock.try_lock() else {
-            return;
-        };
-        drop(guard);
+        }
         let d = self.clone();
         let spawned = std::thread::Builder::new()
             .name("auto-squash".into())
             .spawn(move || {
-                let opts = crate::volume::squash::SquashOptions {
-                    from: Some(from),
-                    through: Some(through),
-                    kernel_compatible: false,
-                };
-                if let Err(e) = d.squash(&opts) {
-                    tracing::error!("automatic squash of epochs {from}..={through} failed: {e:#}");
+                loop {
+                    while let Some((from, through)) = d.auto_range() {
+                        let opts = crate::volume::squash::SquashOptions {
+                            from: Some(from),
+                            through: Some(through),
+                            kernel_compatible: false,
+                        };
+                        if let Err(e) = d.squash(&opts) {
+                            tracing::error!(
+                                "automatic squash of epochs {from}..={through} failed: {e:#}"
+                            );
+                            break;
+                        }
+                    }
+                    d.auto_running.store(false, Ordering::Release);
+                    // A snapshot that saw this thread running left the check to it.
+                    if d.auto_range().is_none() || d.auto_running.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
                 }
             });
         if let Err(e) = spawned {
+            self.auto_running.store(false, Ordering::Release);
             tracing::error!("cannot start the squash thread: {e}");
         }
+    }
+
+    fn auto_range(&self) -> Option<(u64, u64)> {
+        auto_squash_range(self.vol.lock().layers(), self.max_layers)
     }
 
     /// Squashes frozen layers while mounted: builds the merged layer beside the old ones

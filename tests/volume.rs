@@ -422,3 +422,183 @@ fn squash_keeps_a_pinned_layer_and_the_view() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+fn frozen_layers(st: &serde_json::Value) -> Vec<u64> {
+    st["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["state"] == "frozen")
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect()
+}
+
+/// Layer directories on disk (`vol/layers/*`), which a squash must have cleaned up.
+fn layer_dirs(v: &Vol) -> usize {
+    std::fs::read_dir(v.p("vol/layers")).unwrap().count()
+}
+
+#[test]
+fn online_squash_with_a_writer_and_open_files() {
+    const BLOCKS: u64 = 256;
+    let v = Vol::new();
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    let mut model = vec![0u8; (BLOCKS * 4096) as usize];
+    for (i, b) in model.iter_mut().enumerate() {
+        *b = (i / 4096) as u8;
+    }
+    std::fs::write(v.p("m/data"), &model).unwrap();
+    std::fs::create_dir(v.p("m/d/sub")).unwrap();
+    v.ok(&["snapshot", "m"]);
+    let ino = |rel: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(v.p(rel)).unwrap().ino()
+    };
+    let inos_before = [ino("m/d"), ino("m/d/sub"), ino("m/data"), ino("m/a")];
+    // Held across every squash: a reader opened before, and a directory (like a cwd).
+    let reader = std::fs::File::open(v.p("m/data")).unwrap();
+    let dir = std::fs::File::open(v.p("m/d")).unwrap();
+
+    let path = v.p("m/data");
+    let writer = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut m = model;
+        for i in 0u64..3000 {
+            let blk = (i * 37) % BLOCKS;
+            let fill = vec![(i % 251) as u8; 4096];
+            f.write_all_at(&fill, blk * 4096).unwrap();
+            m[(blk * 4096) as usize..((blk + 1) * 4096) as usize].copy_from_slice(&fill);
+        }
+        f.sync_all().unwrap();
+        m
+    });
+    let mut squashes = 0;
+    for round in 0..8 {
+        v.ok(&["snapshot", "m"]);
+        if round % 2 == 1 {
+            let out = v.ok(&["squash", "m"]);
+            assert!(out.contains("online"), "{out}");
+            squashes += 1;
+        }
+    }
+    let model = writer.join().unwrap();
+    // A last squash after the writer: every frozen layer becomes one.
+    v.ok(&["snapshot", "m"]);
+    v.ok(&["squash", "m"]);
+    assert!(squashes >= 4);
+
+    assert_eq!(std::fs::read(v.p("m/data")).unwrap(), model);
+    let mut seen = vec![0u8; model.len()];
+    reader.read_exact_at(&mut seen, 0).unwrap();
+    assert!(seen == model, "a reader opened before the squashes");
+    // The directory fd still resolves names (as a process's cwd would).
+    let sub =
+        nix::sys::stat::fstatat(&dir, "sub", nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+    assert_eq!(sub.st_ino, inos_before[1]);
+    let inos_after = [ino("m/d"), ino("m/d/sub"), ino("m/data"), ino("m/a")];
+    assert_eq!(
+        inos_before, inos_after,
+        "st_ino kept across online squashes"
+    );
+
+    let st = v.json(&["status", "m", "--json"]);
+    assert_eq!(frozen_layers(&st).len(), 1, "{st}");
+    assert!(st["last_squash"]["finish_error"].is_null(), "{st}");
+    assert_eq!(
+        layer_dirs(&v),
+        st["layers"].as_array().unwrap().len(),
+        "replaced layer directories are removed"
+    );
+    drop((reader, dir));
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    v.mount();
+    assert_eq!(std::fs::read(v.p("m/data")).unwrap(), model);
+    assert!(v.p("m/d/sub").is_dir());
+    v.umount();
+    assert!(
+        !v.p("vol/work/ghosts").exists(),
+        "kept inodes go at the next mount"
+    );
+}
+
+#[test]
+fn a_mount_keeps_its_layer_count_bounded_by_itself() {
+    let v = Vol::new();
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=3"]);
+    for i in 0..12 {
+        std::fs::write(v.p(&format!("m/f{i}")), format!("file {i}")).unwrap();
+        let mut a = std::fs::OpenOptions::new()
+            .append(true)
+            .open(v.p("m/a"))
+            .unwrap();
+        writeln!(a, "line {i}").unwrap();
+        drop(a);
+        v.ok(&["snapshot", "m"]);
+    }
+    // The squash runs in the background after a snapshot: wait for the bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let st = loop {
+        let st = v.json(&["status", "m", "--json"]);
+        if frozen_layers(&st).len() <= 3 && !st["last_squash"].is_null() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "more than 3 frozen layers: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(st["max_layers"], 3);
+    let mut want = String::from("base a\n");
+    for i in 0..12 {
+        assert_eq!(
+            std::fs::read_to_string(v.p(&format!("m/f{i}"))).unwrap(),
+            format!("file {i}")
+        );
+        want += &format!("line {i}\n");
+    }
+    assert_eq!(std::fs::read_to_string(v.p("m/a")).unwrap(), want);
+    // `squash VOL` finds the mount of the volume and squashes online.
+    let out = v.ok(&["squash", "vol"]);
+    assert!(out.contains("online"), "{out}");
+    let st = v.json(&["status", "m", "--json"]);
+    assert_eq!(frozen_layers(&st).len(), 1, "{st}");
+    assert_eq!(std::fs::read_to_string(v.p("m/a")).unwrap(), want);
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
+
+#[test]
+fn online_squash_respects_a_pin_made_while_mounted() {
+    let v = Vol::new();
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    let mut epochs = Vec::new();
+    for i in 0..4 {
+        std::fs::write(v.p(&format!("m/f{i}")), format!("{i}")).unwrap();
+        epochs.push(
+            v.json(&["snapshot", "m", "--json"])["frozen_epoch"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let pinned = epochs[1];
+    v.ok(&["volume", "pin", "m", &pinned.to_string()]);
+    v.ok(&["squash", "m"]);
+    let st = v.json(&["status", "m", "--json"]);
+    let frozen = frozen_layers(&st);
+    assert!(frozen.contains(&pinned), "pinned layer kept: {st}");
+    assert_eq!(frozen.first(), Some(&pinned), "{st}");
+    for i in 0..4 {
+        assert_eq!(
+            std::fs::read_to_string(v.p(&format!("m/f{i}"))).unwrap(),
+            i.to_string()
+        );
+    }
+    v.ok(&["volume", "unpin", "m", &pinned.to_string()]);
+    v.ok(&["squash", "m"]);
+    let st = v.json(&["status", "m", "--json"]);
+    assert_eq!(frozen_layers(&st).len(), 1, "{st}");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
