@@ -342,6 +342,7 @@ fn mount(
             squash_lock: Mutex::new(()),
             max_layers,
             auto_running: Default::default(),
+            layer_bytes: Mutex::default(),
         });
         {
             let d = d.clone();
@@ -394,6 +395,8 @@ struct Daemon {
     max_layers: usize,
     /// The automatic squash thread runs.
     auto_running: std::sync::atomic::AtomicBool,
+    /// (data bytes, partial-file bytes) of sealed layers, by layer directory.
+    layer_bytes: Mutex<std::collections::HashMap<std::path::PathBuf, (u64, u64)>>,
 }
 
 /// How long a squash waits after switching the engine to the new layers before removing
@@ -471,8 +474,56 @@ impl Daemon {
         }
     }
 
+    /// What the automatic squash merges now, if anything: when there are more than
+    /// `max_layers` frozen layers, or when the partial files above the bottom layer hold
+    /// an eighth of its data (at least `FOLD_MIN`): reading a file through its scattered
+    /// written blocks then costs enough that it is worth making it whole again, by folding
+    /// everything into the bottom layer. Amortised, a fold rewrites at most eight times the
+    /// data written since the last one.
     fn auto_range(&self) -> Option<(u64, u64)> {
-        auto_squash_range(self.vol.lock().layers(), self.max_layers)
+        const FOLD_MIN: u64 = 4 << 20;
+        let v = self.vol.lock();
+        let frozen: Vec<_> = v
+            .layers()
+            .iter()
+            .take_while(|l| l.state == crate::volume::LayerState::Frozen)
+            .collect();
+        if frozen.len() < 2 {
+            return None;
+        }
+        {
+            let live: std::collections::HashSet<_> =
+                frozen.iter().map(|l| v.layer_dir(l.epoch)).collect();
+            self.layer_bytes.lock().retain(|d, _| live.contains(d));
+        }
+        // (data bytes, bytes in partial files) of a sealed layer, from its manifest.
+        let bytes = |epoch: u64| -> (u64, u64) {
+            let dir = v.layer_dir(epoch);
+            let mut cache = self.layer_bytes.lock();
+            *cache.entry(dir.clone()).or_insert_with(|| {
+                let Ok(Some(m)) = crate::volume::manifest::Manifest::load_optional(&dir) else {
+                    return (0, 0);
+                };
+                let partial = m
+                    .entries
+                    .iter()
+                    .map(|e| match e.kind {
+                        crate::volume::manifest::EntryKind::Partial { present_blocks, .. } => {
+                            present_blocks * m.block_size as u64
+                        }
+                        _ => 0,
+                    })
+                    .sum();
+                (m.data_bytes, partial)
+            })
+        };
+        let base = bytes(frozen[0].epoch).0;
+        let above: u64 = frozen[1..].iter().map(|l| bytes(l.epoch).1).sum();
+        let fold = above >= FOLD_MIN && above.saturating_mul(8) >= base;
+        if frozen.len() <= self.max_layers && !fold {
+            return None;
+        }
+        auto_squash_range(v.layers(), fold)
     }
 
     /// Squashes frozen layers while mounted: builds the merged layer beside the old ones
@@ -557,19 +608,16 @@ impl Daemon {
     }
 }
 
-/// The range an automatic squash merges when a mount has more than `max` frozen layers:
-/// from the second frozen layer up to the newest one, stopping at (and including) the first
-/// pinned layer; a pinned layer at the start moves the range above it.
-fn auto_squash_range(layers: &[crate::volume::LayerRecord], max: usize) -> Option<(u64, u64)> {
+/// The range of an automatic squash: from the second frozen layer (the bottom one with
+/// `fold`) up to the newest one, stopping at (and including) the first pinned layer; a
+/// pinned layer at the start moves the range above it.
+fn auto_squash_range(layers: &[crate::volume::LayerRecord], fold: bool) -> Option<(u64, u64)> {
     use crate::volume::LayerState;
     let frozen: Vec<_> = layers
         .iter()
         .take_while(|l| l.state == LayerState::Frozen)
         .collect();
-    if frozen.len() <= max {
-        return None;
-    }
-    let mut lo = 1;
+    let mut lo = usize::from(!fold);
     loop {
         while lo < frozen.len() && frozen[lo].pinned {
             lo += 1;

@@ -166,7 +166,10 @@ fn sigkill_at_random_points_loses_no_fsynced_write() {
     // Hundreds of snapshots were taken: the online squashes kept the stack small.
     let layers = rep["layers_checked"].as_u64().unwrap();
     eprintln!("{layers} layers after the crash rounds");
-    assert!(layers <= 12, "{layers} layers: the online squashes did not keep up");
+    assert!(
+        layers <= 12,
+        "{layers} layers: the online squashes did not keep up"
+    );
     // Orphan block maps (a partial file deleted or superseded before a crash) are the only
     // findings allowed: garbage, not damage.
     for p in rep["problems"].as_array().unwrap() {

@@ -109,6 +109,7 @@ impl Overlay {
         let fh = self.add_handle(Handle {
             partial: partial.into(),
             chain: Mutex::new(None),
+            ra: Default::default(),
             generation: node.generation.load(Ordering::Acquire).into(),
             epoch: self.epoch().into(),
             node,
@@ -208,7 +209,7 @@ impl Overlay {
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h)?;
         if h.partial.load(Ordering::Acquire) {
-            return self.read_partial(&h.node, fd.as_fd(), &h.chain, off, size);
+            return self.read_partial(&h.node, fd.as_fd(), &h.chain, &h.ra, off, size);
         }
         let mut buf = vec![0u8; size as usize];
         let n = sys::pread_full(fd.as_fd(), &mut buf, off)?;
@@ -483,6 +484,7 @@ impl Overlay {
             epoch: self.epoch().into(),
             partial: false.into(),
             chain: Mutex::new(None),
+            ra: Default::default(),
             flags: libc::O_RDONLY,
             io: Mutex::new(IoMode::Direct),
             entries: Mutex::new(None),

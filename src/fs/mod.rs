@@ -133,6 +133,8 @@ pub struct Handle {
     partial: std::sync::atomic::AtomicBool,
     /// For a frozen partial `file`: its map and the data below, resolved at the first read.
     chain: parking_lot::Mutex<Option<Arc<partial::FrozenChain>>>,
+    /// Prefetching ahead of a sequential reader of a partial file.
+    ra: partial::ReadAhead,
     /// Snapshot epoch when `file` was opened.
     epoch: AtomicU64,
     pub flags: i32,
