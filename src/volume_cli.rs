@@ -538,23 +538,37 @@ impl Daemon {
         use crate::volume::squash;
         let _one = self.squash_lock.lock();
         let t0 = Instant::now();
-        let mut v = self.vol.lock();
-        let Some(p) =
-            squash::prepare(&mut v, opts).context("squash failed; the volume is unchanged")?
+        // Built from a read-only handle, without the volume lock: snapshots go on.
+        let path = self.vol.lock().path().to_path_buf();
+        let ro = Volume::open_read_only(&path)?;
+        let Some(mut p) =
+            squash::prepare_online(&ro, opts).context("squash failed; the volume is unchanged")?
         else {
             return Ok(json!({ "merged_epochs": [] }));
         };
+        let build_micros = t0.elapsed().as_micros() as u64;
+        let mut v = self.vol.lock();
+        if let Err(e) = squash::complete_online(&v, &mut p) {
+            p.abandon(&v);
+            return Err(anyhow::Error::from(e).context("squash failed; the volume is unchanged"));
+        }
         let changes = p.tree_changes(&v);
         let mut relinked = Ok(0);
-        let rs = self
-            .fs
-            .restack(&changes, || {
-                squash::commit(&mut v, &p).map_err(std::io::Error::other)?;
-                // Committed: from here the engine switches whatever happens.
-                relinked = squash::relink_active(&v, &p);
-                Ok(())
-            })
-            .context("squash failed; the volume is unchanged")?;
+        let rs = self.fs.restack(&changes, || {
+            squash::commit(&mut v, &p).map_err(std::io::Error::other)?;
+            // Committed: from here the engine switches whatever happens.
+            relinked = squash::relink_active(&v, &p);
+            Ok(())
+        });
+        let rs = match rs {
+            Ok(rs) => rs,
+            Err(e) => {
+                p.abandon(&v);
+                return Err(
+                    anyhow::Error::from(e).context("squash failed; the volume is unchanged")
+                );
+            }
+        };
         let mut finish_error = None;
         let mut removed = 0;
         let mut ghosts = 0;
@@ -599,6 +613,7 @@ impl Daemon {
             "removed_dirs": removed,
             "ghost_inodes": ghosts,
             "lower_layers": rs.lower_layers,
+            "build_micros": build_micros,
             "total_micros": t0.elapsed().as_micros() as u64,
             "finish_error": finish_error,
         });
@@ -656,17 +671,25 @@ fn snapshot(
 ) -> anyhow::Result<serde_json::Value> {
     let t0 = Instant::now();
     let mut v = vol.lock();
-    // The next layer's directories (and their fsyncs) are made before writers are blocked.
-    v.prepare_freeze()
-        .context("cannot prepare the next layer")?;
+    // The next layer's directories and the next volume.json (and their fsyncs) are made
+    // before writers are blocked; the commit is a rename after they run again.
+    let staged = v
+        .stage_freeze()
+        .context("cannot prepare the next layer; the volume is unchanged")?;
+    let next = v.tree_dir(staged.active_epoch);
+    let root_attrs = v.next_root_attrs();
     let mut done = None;
     let stats = fs
-        .freeze(|| {
-            let f = v.freeze_active().map_err(std::io::Error::other)?;
-            done = Some(f);
-            Ok(v.upper_dir())
-        })
-        .context("snapshot failed; the volume is unchanged")?;
+        .freeze(
+            &next,
+            // The new layer's root takes the attributes the root has now.
+            || root_attrs().map_err(std::io::Error::other),
+            || {
+                done = Some(v.commit_freeze(staged).map_err(std::io::Error::other)?);
+                Ok(())
+            },
+        )
+        .context("snapshot failed")?;
     let f = done.context("freeze did not run")?;
     // The manifest reads the whole frozen layer: write it outside the barrier.
     let seal_error = v.seal(f.frozen_epoch).err().map(|e| {
@@ -685,6 +708,7 @@ fn snapshot(
         "active_epoch": f.active_epoch,
         "barrier_micros": stats.barrier_micros,
         "flush_micros": stats.flush_micros,
+        "commit_micros": stats.commit_micros,
         "total_micros": total,
         "dirty_bytes": stats.dirty_bytes,
         "dirty_files": stats.dirty_files,

@@ -472,6 +472,30 @@ fn online_squash_with_a_writer_and_open_files() {
         f.sync_all().unwrap();
         m
     });
+    // Snapshots also run concurrently with the squashes: layers frozen while a squash is
+    // being built must be taken care of when it commits.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let snapper = {
+        let (stop, root) = (stop.clone(), v.root.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(BIN)
+                    .current_dir(&root)
+                    .env("LAYERVOL_RUN_DIR", root.join("run"))
+                    .args(["snapshot", "m"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                n += 1;
+            }
+            n
+        })
+    };
     let mut squashes = 0;
     for round in 0..8 {
         v.ok(&["snapshot", "m"]);
@@ -482,6 +506,8 @@ fn online_squash_with_a_writer_and_open_files() {
         }
     }
     let model = writer.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(snapper.join().unwrap() > 0);
     // A last squash after the writer: every frozen layer becomes one.
     v.ok(&["snapshot", "m"]);
     v.ok(&["squash", "m"]);

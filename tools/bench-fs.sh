@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # tools/bench-fs.sh — compare layervol with kernel overlayfs and fuse-overlayfs, in one run.
 #
-# Usage:  sudo tools/bench-fs.sh [--quick] [--only kernel,fuse-overlayfs,layervol] [--reps N]
+# Usage:  sudo tools/bench-fs.sh [--quick] [--only kernel,fuse-overlayfs,layervol,layervol-volume]
+#                                 [--reps N]
 #                                 [--out FILE] [--keep]
 #
 #   --quick        smoke-run sizes: 64 MiB files, 1000 small files, ~20 MiB tree; 1 repetition
 #   --reps N       repetitions (default 3, quick 1); each cell is the median of N runs, each run
 #                  on a fresh mount with an empty upper; implementations are interleaved per run
-#   --only LIST    comma-separated subset of: kernel, fuse-overlayfs (alias fuse), layervol
-#                  (default: all three; layervol is skipped with a warning if its binary is missing)
+#   --only LIST    comma-separated subset of: kernel, fuse-overlayfs (alias fuse), layervol,
+#                  layervol-volume (alias volume: a volume whose base layer is imported from the
+#                  lower layer, `layervol volume create --from`, not timed, and `layervol mount`)
+#                  (default: all four; layervol is skipped with a warning if its binary is missing)
 #   --out FILE     also write the markdown result table to FILE
 #   --keep         keep the work dir (layers, logs) instead of deleting it
 #
@@ -97,7 +100,7 @@ export BIG_MIB RW_IO_MIB RR_IO_MIB NFILES
 # ------------------------------------------------------------------------------------------------
 # Implementations
 # ------------------------------------------------------------------------------------------------
-ALL_IMPLS=(kernel fuse-overlayfs layervol)
+ALL_IMPLS=(kernel fuse-overlayfs layervol layervol-volume)
 declare -A WANT=()
 if ((ONLY_EXPLICIT)); then
   IFS=, read -r -a _only <<<"$ONLY"
@@ -106,8 +109,9 @@ if ((ONLY_EXPLICIT)); then
       kernel | overlay | overlayfs) WANT[kernel]=1 ;;
       fuse-overlayfs | fuse) WANT[fuse-overlayfs]=1 ;;
       layervol) WANT[layervol]=1 ;;
+      layervol-volume | volume) WANT[layervol-volume]=1 ;;
       "") ;;
-      *) die "unknown implementation '$i' in --only (kernel, fuse-overlayfs, layervol)" ;;
+      *) die "unknown implementation '$i' in --only (kernel, fuse-overlayfs, layervol, layervol-volume)" ;;
     esac
   done
 else
@@ -123,12 +127,12 @@ fi
 if [[ -n ${WANT[fuse-overlayfs]:-} ]] && ! command -v fuse-overlayfs >/dev/null; then
   die "fuse-overlayfs not installed (run tools/setup.sh)"
 fi
-if [[ -n ${WANT[layervol]:-} ]] && [[ ! -x $LAYERVOL ]]; then
+if [[ -n ${WANT[layervol]:-}${WANT[layervol-volume]:-} ]] && [[ ! -x $LAYERVOL ]]; then
   if ((ONLY_EXPLICIT)); then
     die "layervol binary not found at $LAYERVOL (cargo build --release, or set LAYERVOL=)"
   fi
   warn "layervol binary not found at $LAYERVOL: skipped (cargo build --release, or set LAYERVOL=)"
-  unset 'WANT[layervol]'
+  unset 'WANT[layervol]' 'WANT[layervol-volume]'
 fi
 IMPLS=()
 for i in "${ALL_IMPLS[@]}"; do [[ -n ${WANT[$i]:-} ]] && IMPLS+=("$i"); done
@@ -290,7 +294,7 @@ check_after() { # $1 = workload
 # ------------------------------------------------------------------------------------------------
 # Mount / daemon helpers
 # ------------------------------------------------------------------------------------------------
-daemon_exe() { case $1 in fuse-overlayfs) echo fuse-overlayfs ;; layervol) basename "$LAYERVOL" ;; esac; }
+daemon_exe() { case $1 in fuse-overlayfs) echo fuse-overlayfs ;; layervol*) basename "$LAYERVOL" ;; esac; }
 exe_base() { local x; x=$(readlink "/proc/$1/exe" 2>/dev/null) || return 1; x=${x% (deleted)}; basename "$x"; }
 find_daemon_pid() { # $1 impl, $2 mountpoint
   local name pid
@@ -327,6 +331,9 @@ do_mount() { # $1 impl
     kernel) timeout -k 5 "$MOUNT_TIMEOUT" mount -t overlay overlay -o "$opts" "$MNT" ;;
     fuse-overlayfs) timeout -k 5 "$MOUNT_TIMEOUT" fuse-overlayfs -o "$opts" "$MNT" ;;
     layervol) timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" -o "$opts" "$MNT" ;;
+    layervol-volume)
+      "$LAYERVOL" volume create "$UPPER/vol" --from "$LOWER" &&
+        timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" mount "$UPPER/vol" "$MNT" ;;
   esac
 }
 wait_mounted() {
@@ -471,6 +478,7 @@ PAIRS=()
 has layervol && has kernel && PAIRS+=("layervol:kernel")
 has layervol && has fuse-overlayfs && PAIRS+=("layervol:fuse-overlayfs")
 has fuse-overlayfs && has kernel && PAIRS+=("fuse-overlayfs:kernel")
+has layervol-volume && has layervol && PAIRS+=("layervol-volume:layervol")
 
 layervol_rev=""
 if has layervol; then

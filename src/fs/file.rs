@@ -291,6 +291,8 @@ impl Overlay {
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        // A write to a new upper is durable only once the snapshot that made it is.
+        self.wait_commit()?;
         let h = self.handle(fh)?;
         if h.partial.load(Ordering::Acquire) {
             // The map must be durable with the data it describes.

@@ -576,7 +576,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.syncfs() {
+        match self.fs.fsyncdir() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }

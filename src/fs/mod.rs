@@ -216,6 +216,8 @@ pub struct Overlay {
     unsettled: parking_lot::RwLock<std::collections::HashMap<(u64, CString), Arc<Node>>>,
     /// Held shared by every operation that changes the upper, exclusively by a freeze.
     barrier: parking_lot::RwLock<()>,
+    /// A freeze's commit in progress (fsyncs wait for it) or failed.
+    commit: CommitGate,
     /// Blocks written in the current epoch, per inode (exact, extent-based).
     dirty: DashMap<u64, crate::volume::ExtentSet>,
     /// Block maps of frozen layers' partial files, by id (immutable once frozen).
@@ -234,6 +236,14 @@ pub struct Overlay {
     /// Tells the kernel to drop cached attributes of an inode whose attributes changed as a
     /// side effect it cannot know about (a directory copied up becomes a merged directory).
     invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+/// See `Overlay::freeze` and `Overlay::wait_commit`.
+#[derive(Default)]
+struct CommitGate {
+    pending: parking_lot::Mutex<bool>,
+    done: parking_lot::Condvar,
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// Result of resolving one name in a directory.
@@ -344,6 +354,7 @@ impl Overlay {
             ghosts: DashMap::new(),
             unsettled: parking_lot::RwLock::new(std::collections::HashMap::new()),
             barrier: parking_lot::RwLock::new(()),
+            commit: CommitGate::default(),
             dirty: DashMap::new(),
             frozen_maps: DashMap::new(),
             live_partials: DashMap::new(),
@@ -890,6 +901,12 @@ impl Overlay {
         let mut st = sys::fstatvfs(l.root.as_fd())?;
         st.f_namemax = 255;
         Ok(st)
+    }
+
+    /// fsyncdir: flushes the upper (after a pending snapshot commit).
+    pub fn fsyncdir(&self) -> Result<()> {
+        self.wait_commit()?;
+        self.syncfs()
     }
 
     pub fn syncfs(&self) -> Result<()> {

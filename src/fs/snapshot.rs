@@ -30,29 +30,43 @@ pub struct FreezeStats {
     pub barrier_micros: u64,
     /// Time of the flush before the barrier.
     pub flush_micros: u64,
+    /// Time of the flush and commit after the barrier (fsyncs waited for it).
+    pub commit_micros: u64,
     /// Blocks written in the frozen epoch, in bytes, and the files they belong to.
     pub dirty_bytes: u64,
     pub dirty_files: u64,
 }
 
 impl Overlay {
-    /// Freezes the upper. Under the write barrier, after flushing the upper, `prepare` makes
-    /// the frozen state durable (e.g. commits the volume's layer list) and returns the empty
-    /// directory that becomes the new upper; then the stack is swapped. The old upper's
-    /// directory fd stays valid wherever the directory is.
+    /// Freezes the upper. Writers are blocked only while the block maps of open partial
+    /// files are stored, `under_barrier` runs (e.g. the next upper gets the root's
+    /// attributes) and the stack is swapped: `next_upper` (an empty directory) becomes the
+    /// upper, the old upper the topmost lower layer (its directory fd stays valid wherever
+    /// the directory is). Then the frozen layer is flushed and `commit` makes the switch
+    /// durable (the volume's atomic metadata commit, staged before); until it has, every
+    /// fsync waits, so that no write to the new upper is acknowledged before the new upper
+    /// is the volume's. A failure before the swap changes nothing; a failed commit after it
+    /// leaves the mount failed (fsync and further snapshots return EIO).
     pub fn freeze(
         &self,
-        prepare: impl FnOnce() -> std::io::Result<std::path::PathBuf>,
+        next_upper: &std::path::Path,
+        under_barrier: impl FnOnce() -> std::io::Result<()>,
+        commit: impl FnOnce() -> std::io::Result<()>,
     ) -> std::io::Result<FreezeStats> {
+        if self.commit.failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(
+                "an earlier snapshot failed to commit: remount the volume",
+            ));
+        }
         let t0 = Instant::now();
         // Flush most dirty data before blocking writers, so the barrier stays short.
         self.syncfs().map_err(std::io::Error::from)?;
+        let next_upper = Arc::new(Layer::open(next_upper)?);
         let flush = t0.elapsed();
         let t1 = Instant::now();
-        let _barrier = self.barrier.write();
+        let barrier = self.barrier.write();
         self.store_all_partials().map_err(std::io::Error::from)?;
-        self.syncfs().map_err(std::io::Error::from)?;
-        let next_upper = Arc::new(Layer::open(&prepare()?)?);
+        under_barrier()?;
         let epoch = self.epoch.load(Ordering::Acquire);
         let (dirty_bytes, dirty_files) = self.dirty_stats();
         self.dirty.clear();
@@ -74,8 +88,22 @@ impl Overlay {
             id
         };
         self.epoch.store(epoch + 1, Ordering::Release);
+        *self.commit.pending.lock() = true;
+        drop(barrier);
         let held = t1.elapsed();
+        let t2 = Instant::now();
+        let committed = self
+            .syncfs()
+            .map_err(std::io::Error::from)
+            .and_then(|()| commit());
+        if committed.is_err() {
+            self.commit.failed.store(true, Ordering::Release);
+        }
+        *self.commit.pending.lock() = false;
+        self.commit.done.notify_all();
+        committed?;
         Ok(FreezeStats {
+            commit_micros: t2.elapsed().as_micros() as u64,
             epoch: epoch + 1,
             layer_id,
             barrier_micros: held.as_micros() as u64,
@@ -83,6 +111,18 @@ impl Overlay {
             dirty_bytes,
             dirty_files,
         })
+    }
+
+    /// Waits until no freeze is committing (see `freeze`); EIO if one failed to.
+    pub(super) fn wait_commit(&self) -> crate::sys::Result<()> {
+        let mut pending = self.commit.pending.lock();
+        while *pending {
+            self.commit.done.wait(&mut pending);
+        }
+        if self.commit.failed.load(Ordering::Acquire) {
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 
     /// Shared side of the write barrier: held by every operation that changes the upper.

@@ -18,7 +18,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -35,9 +35,24 @@ const TMP_INFIX: &str = ".tmp.";
 /// Writes `bytes` to `dir/name` atomically (see the module doc). `sync_dir: false` lets a
 /// caller that writes many files in one directory fsync it once with `sync_dir`.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync_dir_after: bool) -> Result<()> {
+    stage(dir, name, bytes)?.commit_with(sync_dir_after)
+}
+
+/// A file written and fsynced under a temporary name, waiting to replace `dst` (see
+/// `stage`). Dropped without `commit`, it is removed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    dst: PathBuf,
+    done: bool,
+}
+
+/// The first half of `write_atomic`: writes and fsyncs `bytes` under a temporary name in
+/// `dir`. The slow and fallible part (space, data fsync) is done; `Staged::commit` is a
+/// rename and a directory fsync.
+pub fn stage(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged> {
     let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}{TMP_INFIX}{}.{seq}", std::process::id()));
-    let dst = dir.join(name);
     let written = (|| -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
@@ -54,16 +69,41 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync_dir_after: bool) 
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    crash_point("write_atomic:before-rename")?;
-    if let Err(e) = fs::rename(&tmp, &dst) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io("rename into place", &dst)(e));
+    Ok(Staged {
+        tmp,
+        dst: dir.join(name),
+        done: false,
+    })
+}
+
+impl Staged {
+    /// Renames the staged file into place and fsyncs its directory.
+    pub fn commit(self) -> Result<()> {
+        self.commit_with(true)
     }
-    crash_point("write_atomic:before-dir-fsync")?;
-    if sync_dir_after {
-        sync_dir(dir)?;
+
+    fn commit_with(mut self, sync_dir_after: bool) -> Result<()> {
+        if let Err(e) = crash_point("write_atomic:before-rename") {
+            // A crash leaves the temporary file behind: so does its simulation.
+            self.done = true;
+            return Err(e);
+        }
+        fs::rename(&self.tmp, &self.dst).map_err(io("rename into place", &self.dst))?;
+        self.done = true;
+        crash_point("write_atomic:before-dir-fsync")?;
+        if sync_dir_after {
+            sync_dir(self.dst.parent().unwrap_or(Path::new(".")))?;
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// fsyncs a directory, making the names created, renamed or removed in it durable.

@@ -289,7 +289,7 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
 }
 
 /// A squash whose layers are built, sealed, journaled and flushed, not yet committed.
-/// Nothing the volume lists has changed: dropping it (and the next `finish_pending` or
+/// Nothing the volume lists has changed: `abandon` (or the next `finish_pending` or
 /// `Volume::open`) leaves the volume as it was.
 #[derive(Debug)]
 pub struct Prepared {
@@ -301,6 +301,11 @@ pub struct Prepared {
     rewritten: Vec<(u64, String)>,
     /// Old handle -> new handle of every object the squash re-created.
     relink: HashMap<FhKey, Vec<u8>>,
+    /// The directory names the commit replaces.
+    replaced: Vec<String>,
+    /// Frozen layers when the build started.
+    known: Vec<u64>,
+    kernel_compatible: bool,
     pub stats: SquashStats,
     t0: Instant,
 }
@@ -332,6 +337,29 @@ impl Prepared {
         self.last
     }
 
+    /// Removes what the build made (the volume never listed it).
+    pub fn abandon(self, vol: &Volume) {
+        let dirs = std::iter::once(&self.name).chain(self.rewritten.iter().map(|(_, n)| n));
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(vol.path().join(LAYERS_DIR).join(d));
+        }
+    }
+
+    fn journal(&self) -> Journal {
+        Journal {
+            remove: self.replaced.clone(),
+            relink: self
+                .relink
+                .iter()
+                .filter(|_| !self.kernel_compatible)
+                .map(|(k, v)| RelinkEntry {
+                    old: hex(&k.0),
+                    new_fb: hex(v),
+                })
+                .collect(),
+        }
+    }
+
     fn done(&self, mut stats: SquashStats) -> SquashStats {
         stats.epoch = self.last;
         stats.elapsed_micros = self.t0.elapsed().as_micros() as u64;
@@ -347,16 +375,106 @@ impl Prepared {
 }
 
 /// Builds the squash of `opts` beside the listed layers (steps (1)-(2) of the module doc).
-/// `None` if there is nothing to do. Reads only frozen layers, so a mount may run meanwhile
-/// (it must not freeze: the caller holds the volume).
+/// `None` if there is nothing to do. Needs the volume lock.
 pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
-    let t0 = Instant::now();
     if vol.is_read_only() {
         return Err(VolumeError::ReadOnly {
             path: vol.path().to_path_buf(),
             action: "squash it",
         });
     }
+    let assembled = if opts.kernel_compatible {
+        assemble_active(vol)?
+    } else {
+        0
+    };
+    let mut p = build(vol, opts)?;
+    if let Some(p) = &mut p {
+        p.stats.active_assembled_files = assembled;
+    }
+    Ok(p)
+}
+
+/// The build of a squash while the volume is mounted, without its lock: `vol` is a
+/// read-only handle opened now, so the mount goes on taking snapshots meanwhile. Only frozen
+/// layers are read and only new directories written; `complete_online` (with the lock)
+/// then takes care of the layers frozen since. Not kernel-compatible (that rewrites the
+/// active layer).
+pub fn prepare_online(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
+    if opts.kernel_compatible {
+        return Err(VolumeError::SquashRefused {
+            path: vol.path().to_path_buf(),
+            reason: "a kernel-compatible squash rewrites the active layer: unmount first".into(),
+        });
+    }
+    build(vol, opts)
+}
+
+/// With the volume lock, after `prepare_online`: layers frozen during the build whose
+/// partial files name data the squash re-created are rebuilt like the other layers above
+/// the range, and the journal is rewritten to include them.
+pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<()> {
+    let late: Vec<_> = vol
+        .layers()
+        .iter()
+        .filter(|l| l.state == LayerState::Frozen && !p.known.contains(&l.epoch))
+        .cloned()
+        .collect();
+    let mut changed = false;
+    for l in late {
+        if p.relink.is_empty() || vol.maps(l.epoch).list()?.is_empty() {
+            continue;
+        }
+        if !points_into(vol, &vol.tree_dir(l.epoch), &p.relink)? {
+            continue;
+        }
+        let name = fresh_dir_name(vol, l.epoch)?;
+        let out = build_layer(
+            vol,
+            &[l.epoch],
+            false,
+            false,
+            &p.relink,
+            &name,
+            l.epoch,
+            l.parent_epoch,
+            &mut p.stats,
+        );
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(vol.path().join(LAYERS_DIR).join(&name));
+                return Err(e);
+            }
+        };
+        p.relink.extend(out);
+        p.replaced.push(vol.layer_dir_name(l.epoch));
+        p.rewritten.push((l.epoch, name));
+        p.stats.rewritten_epochs.push(l.epoch);
+        changed = true;
+    }
+    if changed {
+        write_journal(vol, p)?;
+    }
+    Ok(())
+}
+
+fn write_journal(vol: &Volume, p: &Prepared) -> Result<()> {
+    let jdir = vol.path().join(LAYERS_DIR).join(&p.name);
+    meta::write_atomic(
+        &jdir,
+        JOURNAL_FILE,
+        &meta::encode_envelope(JOURNAL_FORMAT, JOURNAL_VERSION, &p.journal(), false),
+        true,
+    )?;
+    crash_point("squash:journal-written")?;
+    let root = open_dir(vol.path())?;
+    sys::syncfs(root.as_fd()).map_err(errno_io("flush (syncfs) the filesystem of", vol.path()))?;
+    crash_point("squash:synced")
+}
+
+fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
+    let t0 = Instant::now();
     let (lo, hi) = plan_range(vol, opts)?;
     let layers = vol.layers().to_vec();
     let mut stats = SquashStats::default();
@@ -364,32 +482,44 @@ pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared
         return Ok(None);
     }
     let kc = opts.kernel_compatible;
-    if kc {
-        stats.active_assembled_files = assemble_active(vol)?;
-    }
-    let first = layers[lo].epoch;
-    let last = layers[hi].epoch;
+    let mut p = Prepared {
+        first: layers[lo].epoch,
+        last: layers[hi].epoch,
+        name: String::new(),
+        rewritten: Vec::new(),
+        relink: HashMap::new(),
+        replaced: layers[lo..=hi]
+            .iter()
+            .map(|l| vol.layer_dir_name(l.epoch))
+            .collect(),
+        known: layers
+            .iter()
+            .filter(|l| l.state == LayerState::Frozen)
+            .map(|l| l.epoch)
+            .collect(),
+        kernel_compatible: kc,
+        stats: SquashStats::default(),
+        t0,
+    };
     let mut staged: Vec<PathBuf> = Vec::new();
-    let mut relink: HashMap<FhKey, Vec<u8>> = HashMap::new();
-    let built = (|| -> Result<(String, Vec<(u64, String)>)> {
+    let built = (|| -> Result<()> {
         // The merged layer.
-        let name = fresh_dir_name(vol, last)?;
-        staged.push(vol.path().join(LAYERS_DIR).join(&name));
+        p.name = fresh_dir_name(vol, p.last)?;
+        staged.push(vol.path().join(LAYERS_DIR).join(&p.name));
         let srcs: Vec<u64> = layers[lo..=hi].iter().rev().map(|l| l.epoch).collect();
         let out = build_layer(
             vol,
             &srcs,
             lo == 0,
             kc,
-            &relink,
-            &name,
-            last,
+            &p.relink,
+            &p.name,
+            p.last,
             layers[lo].parent_epoch,
             &mut stats,
         )?;
-        relink.extend(out);
+        p.relink.extend(out);
         // Frozen layers outside the range, bottom up.
-        let mut rewritten = Vec::new();
         for (i, l) in layers.iter().enumerate() {
             if l.state != LayerState::Frozen || (lo..=hi).contains(&i) {
                 continue;
@@ -400,8 +530,8 @@ pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared
                     true
                 } else {
                     i > hi
-                        && !relink.is_empty()
-                        && points_into(vol, &vol.tree_dir(l.epoch), &relink)?
+                        && !p.relink.is_empty()
+                        && points_into(vol, &vol.tree_dir(l.epoch), &p.relink)?
                 };
             if !need {
                 continue;
@@ -413,69 +543,34 @@ pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared
                 &[l.epoch],
                 i == 0,
                 kc,
-                &relink,
+                &p.relink,
                 &name,
                 l.epoch,
                 l.parent_epoch,
                 &mut stats,
             )?;
-            relink.extend(out);
-            rewritten.push((l.epoch, name));
+            p.relink.extend(out);
+            p.replaced.push(vol.layer_dir_name(l.epoch));
+            p.rewritten.push((l.epoch, name));
             stats.rewritten_epochs.push(l.epoch);
         }
         // The journal: what to do once the commit made the new directories the volume's.
-        let mut remove: Vec<String> = layers[lo..=hi]
-            .iter()
-            .map(|l| vol.layer_dir_name(l.epoch))
-            .collect();
-        remove.extend(rewritten.iter().map(|(e, _)| vol.layer_dir_name(*e)));
-        // Kernel-compatible: the active layer has no partial file left to repoint.
-        let journal = Journal {
-            remove,
-            relink: relink
-                .iter()
-                .filter(|_| !kc)
-                .map(|(k, v)| RelinkEntry {
-                    old: hex(&k.0),
-                    new_fb: hex(v),
-                })
-                .collect(),
-        };
-        let jdir = vol.path().join(LAYERS_DIR).join(&name);
-        meta::write_atomic(
-            &jdir,
-            JOURNAL_FILE,
-            &meta::encode_envelope(JOURNAL_FORMAT, JOURNAL_VERSION, &journal, false),
-            true,
-        )?;
-        crash_point("squash:journal-written")?;
-        let root = open_dir(vol.path())?;
-        sys::syncfs(root.as_fd())
-            .map_err(errno_io("flush (syncfs) the filesystem of", vol.path()))?;
-        crash_point("squash:synced")?;
-        Ok((name, rewritten))
+        write_journal(vol, &p)
     })();
-    let (name, rewritten) = match built {
-        Ok(x) => x,
-        Err(e) => {
-            if !meta::is_simulated_crash(&e) {
-                for d in &staged {
-                    let _ = std::fs::remove_dir_all(d);
-                }
+    if let Err(e) = built {
+        if !meta::is_simulated_crash(&e) {
+            for d in &staged {
+                let _ = std::fs::remove_dir_all(d);
             }
-            return Err(e);
         }
-    };
+        return Err(e);
+    }
     stats.merged_epochs = layers[lo..=hi].iter().map(|l| l.epoch).collect();
-    Ok(Some(Prepared {
-        first,
-        last,
-        name,
-        rewritten,
-        relink: if kc { HashMap::new() } else { relink },
-        stats,
-        t0,
-    }))
+    p.stats = stats;
+    if kc {
+        p.relink.clear();
+    }
+    Ok(Some(p))
 }
 
 /// Step (3): the one atomic `volume.json` replacement that makes the squash the volume's.

@@ -169,6 +169,15 @@ impl Default for CreateOptions<'_> {
 }
 
 /// What `freeze_active` did.
+/// A freeze prepared by `Volume::stage_freeze`, committed by `Volume::commit_freeze`.
+#[derive(Debug)]
+pub struct StagedFreeze {
+    pub frozen_epoch: u64,
+    pub active_epoch: u64,
+    meta: VolumeMeta,
+    staged: meta::Staged,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Freeze {
     /// The layer that was active and is now frozen.
@@ -535,15 +544,19 @@ impl Volume {
 
     /// Replaces `volume.json` with `new` (the commit point of every change).
     fn commit(&mut self, new: VolumeMeta) -> Result<()> {
+        self.stage_meta(&new)?.commit()?;
+        self.meta = new;
+        Ok(())
+    }
+
+    fn stage_meta(&self, new: &VolumeMeta) -> Result<meta::Staged> {
         let version = if new.layers.iter().any(|l| l.dir.is_some()) {
             VOLUME_VERSION_DIRS
         } else {
             VOLUME_VERSION
         };
-        let bytes = meta::encode_envelope(VOLUME_FORMAT, version, &new, true);
-        meta::write_atomic(&self.root, VOLUME_FILE, &bytes, true)?;
-        self.meta = new;
-        Ok(())
+        let bytes = meta::encode_envelope(VOLUME_FORMAT, version, new, true);
+        meta::stage(&self.root, VOLUME_FILE, &bytes)
     }
 
     fn require_lock(&self, action: &'static str) -> Result<()> {
@@ -757,23 +770,21 @@ impl Volume {
     /// (`MapStore::store` + `sync`) before, and switches its upper and work dir to the new
     /// paths after; the new layer is not sealed here (`seal` reads the whole layer).
     pub fn freeze_active(&mut self) -> Result<Freeze> {
+        let staged = self.stage_freeze()?;
+        self.set_next_root_attrs()?;
+        meta::sync_dir(&self.tree_dir(staged.active_epoch))?;
+        self.commit_freeze(staged)
+    }
+
+    /// First half of `freeze_active`, before the engine blocks writers: makes layer N+1's
+    /// directories (unless `prepare_freeze` did) and writes the next `volume.json` (layer N
+    /// frozen, N+1 active) under a temporary name, fsynced. Everything that can fail for
+    /// lack of space happens here; dropping the result leaves the volume as it was.
+    pub fn stage_freeze(&mut self) -> Result<StagedFreeze> {
         self.require_lock("freeze the active layer")?;
         let n = self.active_epoch();
         let m = n + 1;
-        if !self.freeze_prepared(m)? {
-            self.clear_unlisted_layer(m)?;
-            self.make_layer_dirs(m)?;
-            let work = self.work_dir_of(m);
-            if work.exists() {
-                // Unlisted, so from a crashed freeze: nothing in it is referenced.
-                fs::remove_dir_all(&work).map_err(io("remove leftover", &work))?;
-            }
-            mkdir(&work, 0o700)?;
-            meta::sync_dir(&self.root.join(WORK_DIR))?;
-        }
-        import::copy_root_attrs(&self.tree_dir(n), &self.tree_dir(m), self.userxattr())?;
-        meta::sync_dir(&self.tree_dir(m))?;
-        crash_point("freeze:before-commit")?;
+        self.prepare_freeze()?;
         let now = now_unix_secs();
         let mut new = self.meta.clone();
         if let Some(l) = new.layers.last_mut() {
@@ -789,10 +800,37 @@ impl Volume {
             frozen_unix_secs: None,
             dir: None,
         });
-        self.commit(new)?;
-        Ok(Freeze {
+        let staged = self.stage_meta(&new)?;
+        Ok(StagedFreeze {
             frozen_epoch: n,
             active_epoch: m,
+            meta: new,
+            staged,
+        })
+    }
+
+    /// The next layer's root gets the attributes of the active layer's root (as they are
+    /// now: under the engine's barrier). Made durable by the flush before `commit_freeze`.
+    pub fn set_next_root_attrs(&self) -> Result<()> {
+        self.next_root_attrs()()
+    }
+
+    /// `set_next_root_attrs` as a task that does not borrow the volume.
+    pub fn next_root_attrs(&self) -> impl Fn() -> Result<()> + use<> {
+        let n = self.active_epoch();
+        let (cur, next, ux) = (self.tree_dir(n), self.tree_dir(n + 1), self.userxattr());
+        move || import::copy_root_attrs(&cur, &next, ux)
+    }
+
+    /// Second half: the atomic switch (a rename and a directory fsync). The engine has
+    /// switched to layer N+1 and flushed layer N (data, block maps) and N+1's root before.
+    pub fn commit_freeze(&mut self, f: StagedFreeze) -> Result<Freeze> {
+        crash_point("freeze:before-commit")?;
+        f.staged.commit()?;
+        self.meta = f.meta;
+        Ok(Freeze {
+            frozen_epoch: f.frozen_epoch,
+            active_epoch: f.active_epoch,
         })
     }
 
