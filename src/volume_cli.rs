@@ -547,6 +547,7 @@ impl Daemon {
             return Ok(json!({ "merged_epochs": [] }));
         };
         let build_micros = t0.elapsed().as_micros() as u64;
+        let t1 = Instant::now();
         let mut v = self.vol.lock();
         if let Err(e) = squash::complete_online(&v, &mut p) {
             p.abandon(&v);
@@ -569,6 +570,7 @@ impl Daemon {
                 );
             }
         };
+        let locked_micros = t1.elapsed().as_micros() as u64;
         let mut finish_error = None;
         let mut removed = 0;
         let mut ghosts = 0;
@@ -582,8 +584,11 @@ impl Daemon {
                 drop(v);
                 self.fs.settle_all();
                 std::thread::sleep(SQUASH_GRACE);
-                let v = self.vol.lock();
-                match squash::finish_online(&v, &EngineInodes(&self.fs)) {
+                // Without the volume lock (a read-only handle): removing big old layers and
+                // flushing must not hold up snapshots.
+                let finished = Volume::open_read_only(&path)
+                    .and_then(|ro| squash::finish_online(&ro, &EngineInodes(&self.fs)));
+                match finished {
                     Ok(f) => {
                         let f = f.unwrap_or_default();
                         removed = f.removed_dirs;
@@ -614,6 +619,7 @@ impl Daemon {
             "ghost_inodes": ghosts,
             "lower_layers": rs.lower_layers,
             "build_micros": build_micros,
+            "locked_micros": locked_micros,
             "total_micros": t0.elapsed().as_micros() as u64,
             "finish_error": finish_error,
         });

@@ -212,11 +212,18 @@ impl LayerReport {
 
 /// CRC32C over an object's xattrs: for each name in byte order, the name, a NUL, the value's
 /// length as u32 little-endian, the value. 0 when there are none.
+///
+/// Xattrs holding file handles (`overlay.origin`, `layervol.below`) are left out: a handle
+/// names an inode of this filesystem, so a copy of the layer elsewhere (a replica) cannot
+/// reproduce it, and a squash repoints `below` without changing what the layer holds.
 pub fn xattrs_crc(dir: BorrowedFd, name: &CStr) -> sys::Result<u32> {
     let mut names = sys::listxattr(dir, name)?;
     names.sort();
     let mut crc = 0u32;
     for n in names {
+        if is_handle_xattr(n.as_bytes()) {
+            continue;
+        }
         // An xattr removed between list and get is simply absent.
         let Some(v) = sys::getxattr(dir, name, &n)? else {
             continue;
@@ -226,6 +233,17 @@ pub fn xattrs_crc(dir: BorrowedFd, name: &CStr) -> sys::Result<u32> {
         crc = crc32c::crc32c_append(crc, &v);
     }
     Ok(crc)
+}
+
+/// True for the xattrs whose value is a file handle (see `xattrs_crc`).
+fn is_handle_xattr(name: &[u8]) -> bool {
+    const HANDLES: [&[u8]; 4] = [
+        b"trusted.overlay.origin",
+        b"user.overlay.origin",
+        b"trusted.layervol.below",
+        b"user.layervol.below",
+    ];
+    HANDLES.contains(&name)
 }
 
 /// CRC32C of a whole file's data, read in 1 MiB chunks.
@@ -721,5 +739,32 @@ fn compare_entry(w: &Entry, h: &Entry, out: &mut Vec<Problem>) {
         }
         (a, b) if a != b => changed(out, p, "content", format!("{a:?}"), format!("{b:?}")),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn xattr_crc_leaves_out_file_handles() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let dir = crate::volume::import::open_dir(d.path()).unwrap();
+        let crc = || xattrs_crc(dir.as_fd(), c"f").unwrap();
+        let set = |n: &CStr, v: &[u8]| sys::setxattr(dir.as_fd(), c"f", n, v, 0).unwrap();
+        set(c"user.kept", b"1");
+        let with_user = crc();
+        assert_ne!(with_user, 0);
+        // A handle (host-local) changes nothing: a replica or a squash may hold another one.
+        set(c"user.layervol.below", b"handle-1");
+        set(c"user.overlay.origin", b"handle-2");
+        assert_eq!(crc(), with_user);
+        set(c"user.layervol.below", b"handle-3");
+        assert_eq!(crc(), with_user);
+        // Any other xattr counts.
+        set(c"user.kept", b"2");
+        assert_ne!(crc(), with_user);
     }
 }
