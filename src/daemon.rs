@@ -153,8 +153,10 @@ fn serve(
         after(&fs, mnt)?;
     }
     on_ready();
-    session.run().context("FUSE session ended with an error")?;
-    Ok(())
+    let ran = session.run().context("FUSE session ended with an error");
+    // Unmounted: no inode number is in use any more.
+    fs.drop_ghosts();
+    ran
 }
 
 fn detach_stdio() {

@@ -628,3 +628,78 @@ fn online_squash_respects_a_pin_made_while_mounted() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+#[test]
+fn a_full_disk_during_snapshot_or_squash_leaves_the_volume_as_it_was() {
+    assert!(nix::unistd::geteuid().is_root());
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().to_path_buf();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.0.join("m"))
+                .status();
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(root.clone());
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    std::fs::create_dir(root.join("m")).unwrap();
+    let base: Vec<u8> = (0..8 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(root.join("src/big"), &base).unwrap();
+    let v = Vol {
+        _t: tempfile::tempdir().unwrap(),
+        root: root.clone(),
+    };
+    v.ok(&["volume", "create", "vol", "--from", "src"]);
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(v.p("m/big"))
+        .unwrap();
+    let mut want = base.clone();
+    for (i, blk) in [3u64, 40, 700, 1500].iter().enumerate() {
+        let data = vec![i as u8 + 1; 4096];
+        f.write_all_at(&data, blk * 4096).unwrap();
+        want[(blk * 4096) as usize..((blk + 1) * 4096) as usize].copy_from_slice(&data);
+        v.ok(&["snapshot", "m"]);
+    }
+    f.sync_all().unwrap();
+    let before = v.json(&["status", "m", "--json"]);
+    // Fill the disk.
+    let filler = v.p("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    for args in [["snapshot", "m"], ["squash", "m"]] {
+        let out = v.run(&args);
+        assert!(!out.status.success(), "{args:?} on a full disk succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unchanged") && err.contains("No space left"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read(v.p("m/big")).unwrap(), want);
+    }
+    let after = v.json(&["status", "m", "--json"]);
+    assert_eq!(before["layers"], after["layers"], "layers unchanged");
+    assert_eq!(before["active_epoch"], after["active_epoch"]);
+    // With space again both work, and nothing was lost.
+    std::fs::remove_file(&filler).unwrap();
+    v.ok(&["snapshot", "m"]);
+    v.ok(&["squash", "m"]);
+    assert_eq!(std::fs::read(v.p("m/big")).unwrap(), want);
+    drop(f);
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}

@@ -237,6 +237,16 @@ impl Overlay {
         false
     }
 
+    /// Removes every ghost (at unmount: no node is left).
+    pub fn drop_ghosts(&self) {
+        let all: Vec<u64> = self.ghosts.iter().map(|g| *g.key()).collect();
+        for ino in all {
+            if let Some((_, p)) = self.ghosts.remove(&ino) {
+                let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            }
+        }
+    }
+
     /// Ghosts kept now.
     pub fn ghost_count(&self) -> usize {
         self.ghosts.len()
