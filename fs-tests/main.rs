@@ -146,10 +146,6 @@ const KNOWN_BUGS: &[(&str, &str)] = &[
         HARDLINK_VOLUME,
     ),
     ("volume::random::ops", HARDLINK_VOLUME),
-    (
-        "volume::metadata::utimens_lower_file",
-        "reads served from below a partial file do not update its atime (relatime)",
-    ),
 ];
 
 const HARDLINK_VOLUME: &str = "volume mode has no hard-link index: after copy-up the names of \

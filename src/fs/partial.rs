@@ -54,6 +54,8 @@ pub struct ReadAhead {
     seq_end: std::sync::atomic::AtomicU64,
     /// Blocks of the chain's partial levels are prefetched up to here.
     prefetched: std::sync::atomic::AtomicU64,
+    /// The access time was brought up to date (see `touch_atime`).
+    atime_done: std::sync::atomic::AtomicBool,
 }
 
 /// How far ahead of a sequential reader the partial levels are prefetched.
@@ -364,6 +366,39 @@ impl Overlay {
         Self::prefetch(top, below, done.max(off), to);
     }
 
+    /// Reading a partial file may read none of its own blocks, so the filesystem would not
+    /// update its access time: do it as `relatime` does (when the access time is not after
+    /// the modification or change time, or is a day old), once per handle.
+    fn touch_atime(ra: &ReadAhead, fd: BorrowedFd) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if ra.atime_done.swap(true, AcqRel) {
+            return;
+        }
+        let Ok(st) = sys::fstat(fd) else { return };
+        let t = |s: i64, ns: i64| (s, ns);
+        let atime = t(st.st_atime, st.st_atime_nsec);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let stale = atime <= t(st.st_mtime, st.st_mtime_nsec)
+            || atime <= t(st.st_ctime, st.st_ctime_nsec)
+            || now - st.st_atime >= 24 * 3600;
+        if stale {
+            let times = [
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+            ];
+            // SAFETY: a valid fd and two timespecs.
+            unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) };
+        }
+    }
+
     /// A read from a partial file (live or frozen). Returns the bytes up to the file's size.
     pub(super) fn read_partial(
         &self,
@@ -386,6 +421,7 @@ impl Overlay {
         {
             let n = (ps.map.size().saturating_sub(off)).min(size as u64) as usize;
             buf.truncate(n);
+            Self::touch_atime(ra, fd);
             Self::read_ahead(ra, (fd, &ps.map), &ps.below, off, n as u64);
             Self::read_mapped(&ps.map, fd, &ps.below, off, &mut buf)?;
             return Ok(buf);
@@ -409,6 +445,7 @@ impl Overlay {
         };
         let n = (chain.map.size().saturating_sub(off)).min(size as u64) as usize;
         buf.truncate(n);
+        Self::touch_atime(ra, fd);
         Self::read_ahead(ra, (fd, &chain.map), &chain.below, off, n as u64);
         Self::read_mapped(&chain.map, fd, &chain.below, off, &mut buf)?;
         Ok(buf)
