@@ -174,6 +174,9 @@ fn foreground_daemon_ends_on_fusermount_u() {
         assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The mount is listed before the FUSE handshake ends; the first request waits for it.
+    // (Unmounted during the handshake, the daemon rightly reports that the mount failed.)
+    std::fs::read_dir(s.p("m")).unwrap();
     let st = Command::new("fusermount3")
         .arg("-u")
         .arg(s.p("m"))
