@@ -14,6 +14,8 @@ Mount options (-o, comma-separated; `\\,` and `\\:` escape):
   userxattr             use user.overlay.* xattrs (rootless layers)
   squash_to_root | squash_to_uid=N | squash_to_gid=N
                         report every file as owned by this user / group
+  uidmapping=V:L:N[:...] | gidmapping=V:L:N[:...]
+                        ids L..L+N in the layers are shown as V..V+N (fuse-overlayfs form)
   volatile | fsync=0    do not fsync (faster; data may be lost on a crash)
   timeout=SECS          kernel entry/attribute cache time (default 1)
   passthrough=on|off    FUSE passthrough for read-only opens (default: on for read-only
@@ -24,7 +26,8 @@ Mount options (-o, comma-separated; `\\,` and `\\:` escape):
   ro, nodev, nosuid, noexec, noatime, sync, dirsync   as for any mount
   Accepted for compatibility with mount -t overlay / fuse-overlayfs, and without effect:
   redirect_dir, index, xino, metacopy (layervol behaves as with redirect_dir=on,index=on,
-  xino=on), default_permissions (always on), context=..., uidmapping=, gidmapping=, ...
+  xino=on), default_permissions (always on), context=..., ...
+  Volume mounts (`layervol mount VOL MNT`) also take snapshot_interval=SECS and max_layers=N.
 
 Examples:
   layervol -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt
