@@ -6,6 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_layervol");
 
 struct Stack {
@@ -193,19 +195,7 @@ fn full_upper_fails_cleanly_and_loses_nothing() {
     // upper and work on a tiny tmpfs: copy-up of a 2 MiB lower file cannot fit
     let small = s.p("small");
     std::fs::create_dir(&small).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    let _tmpfs = common::Tmpfs::mount(&small, "1m");
     std::fs::create_dir(small.join("u")).unwrap();
     std::fs::create_dir(small.join("w")).unwrap();
     let big: Vec<u8> = (0..2 << 20).map(|i| (i % 251) as u8).collect();

@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_layervol");
 
 struct Vol {
@@ -634,23 +636,7 @@ fn a_full_disk_during_snapshot_or_squash_leaves_the_volume_as_it_was() {
     assert!(nix::unistd::geteuid().is_root());
     let t = tempfile::tempdir().unwrap();
     let root = t.path().to_path_buf();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.0.join("m"))
-                .status();
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(root.clone());
+    let _tmpfs = common::Tmpfs::mount(&root, "48m");
     std::fs::create_dir_all(root.join("src")).unwrap();
     std::fs::create_dir(root.join("m")).unwrap();
     let base: Vec<u8> = (0..8 << 20).map(|i| (i % 253) as u8).collect();
