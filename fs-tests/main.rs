@@ -146,13 +146,7 @@ const KNOWN_BUGS: &[(&str, &str)] = &[
         "volume::hardlink::hardlinks_survive_remount",
         HARDLINK_VOLUME,
     ),
-    (
-        "volume::random::ops",
-        "volume mode has no hard-link index (see the volume::hardlink trials), and a squash \
-         re-creates directories and files it makes whole as new inodes: their st_ino changes \
-         once the kernel has forgotten them, e.g. across a remount after a squash (seed 1234: \
-         rotate, rotate, remount)",
-    ),
+    ("volume::random::ops", HARDLINK_VOLUME),
 ];
 
 const HARDLINK_VOLUME: &str = "volume mode has no hard-link index: after copy-up the names of \

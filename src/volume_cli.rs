@@ -403,6 +403,17 @@ struct Daemon {
 /// the old ones: operations that started before the switch finish with the old objects.
 const SQUASH_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// (dev, ino) of every file this process has open.
+fn open_inodes() -> std::collections::HashSet<(u64, u64)> {
+    std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect()
+}
+
 /// The engine's live inodes, for `squash::finish_online`.
 struct EngineInodes<'a>(&'a Overlay);
 
@@ -586,8 +597,13 @@ impl Daemon {
                 std::thread::sleep(SQUASH_GRACE);
                 // Without the volume lock (a read-only handle): removing big old layers and
                 // flushing must not hold up snapshots.
-                let finished = Volume::open_read_only(&path)
-                    .and_then(|ro| squash::finish_online(&ro, &EngineInodes(&self.fs)));
+                let finished = Volume::open_read_only(&path).and_then(|ro| {
+                    let f = squash::finish_online(&ro, &EngineInodes(&self.fs))?;
+                    // Reserved files keep their data while this process reads them.
+                    let open = open_inodes();
+                    squash::empty_reserved(&ro, &|d, i| open.contains(&(d, i)))?;
+                    Ok(f)
+                });
                 match finished {
                     Ok(f) => {
                         let f = f.unwrap_or_default();

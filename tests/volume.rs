@@ -689,3 +689,47 @@ fn a_full_disk_during_snapshot_or_squash_leaves_the_volume_as_it_was() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+#[test]
+fn st_ino_survives_squash_and_remount() {
+    use std::os::unix::fs::MetadataExt;
+    let v = Vol::new();
+    let paths = ["m/d", "m/d/x", "m/a", "m/new", "m/new/f", "m"];
+    let inos = |v: &Vol| -> Vec<u64> {
+        paths
+            .iter()
+            .map(|p| std::fs::symlink_metadata(v.p(p)).unwrap().ino())
+            .collect()
+    };
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    std::fs::create_dir(v.p("m/new")).unwrap();
+    std::fs::write(v.p("m/new/f"), b"new").unwrap();
+    let mut a = std::fs::OpenOptions::new()
+        .append(true)
+        .open(v.p("m/a"))
+        .unwrap();
+    a.write_all(b"+1\n").unwrap();
+    v.ok(&["snapshot", "m"]);
+    a.write_all(b"+2\n").unwrap();
+    std::fs::write(v.p("m/d/x"), b"y").unwrap();
+    drop(a);
+    v.ok(&["snapshot", "m"]);
+    let before = inos(&v);
+    // Online: every frozen layer (the base too) becomes one; directories, and `a` made
+    // whole, are new inodes on disk.
+    v.ok(&["squash", "m"]);
+    assert_eq!(inos(&v), before, "while mounted");
+    v.umount();
+    v.mount();
+    assert_eq!(inos(&v), before, "after a remount");
+    assert_eq!(std::fs::read(v.p("m/a")).unwrap(), b"base a\n+1\n+2\n");
+    // Offline, again.
+    v.ok(&["snapshot", "m"]);
+    v.umount();
+    v.ok(&["squash", "vol"]);
+    v.mount();
+    assert_eq!(inos(&v), before, "after an offline squash");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    assert!(v.p("vol/reserved").is_dir(), "identity inodes kept");
+}

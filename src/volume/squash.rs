@@ -199,47 +199,101 @@ pub struct FinishStats {
 /// other work dirs at the next mount.
 pub const GHOSTS_DIR: &str = "ghosts";
 
-/// Removes the tree `p` bottom up, except objects whose inode `live` still uses and that
-/// the removal would free: those move to `ghosts` (a directory after its children went).
-fn remove_keeping_live(
-    p: &Path,
-    ghosts: &Path,
-    live: &dyn LiveInodes,
-    kept: &mut u64,
-) -> std::io::Result<()> {
+/// Under the volume: inodes of removed layers that identify objects of the listed ones
+/// (their `overlay.origin` names them; see `Builder::keep_identity`). Kept for good, so that
+/// their numbers are never reused; files are emptied once nothing reads them.
+pub const RESERVED_DIR: &str = "reserved";
+
+/// Where the removal of a replaced layer directory keeps inodes instead of freeing them.
+struct Keep<'a> {
+    /// Identity inodes (dev, ino): moved to `reserved`.
+    reserve: &'a HashSet<(u64, u64)>,
+    reserved: PathBuf,
+    /// Regular files moved to `reserved` are emptied right away (nothing can read them).
+    empty_files: bool,
+    /// A mount's live inodes: moved to `ghosts` (see `LiveInodes`).
+    live: Option<(&'a dyn LiveInodes, PathBuf)>,
+}
+
+/// Removes the tree `p` bottom up, except the objects `keep` names that the removal would
+/// free: they move (a directory after its children went). Counts the ghosts made.
+fn remove_keeping(p: &Path, keep: &Keep, ghosts: &mut u64) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let keep = |path: &Path, md: &std::fs::Metadata, kept: &mut u64| -> std::io::Result<bool> {
-        let st = stat_of(md);
+    let mkdir = |d: &Path| match std::fs::create_dir(d) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    };
+    let kept = |path: &Path, md: &std::fs::Metadata, ghosts: &mut u64| -> std::io::Result<bool> {
         let frees = md.is_dir() || md.nlink() == 1;
-        if !frees || !live.in_use(&st) {
+        if !frees {
             return Ok(false);
         }
-        match std::fs::create_dir(ghosts) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        let name = format!("{:x}-{:x}", md.dev(), md.ino());
+        if keep.reserve.contains(&(md.dev(), md.ino())) {
+            mkdir(&keep.reserved)?;
+            let at = keep.reserved.join(name);
+            std::fs::rename(path, &at)?;
+            if keep.empty_files && md.is_file() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&at)?
+                    .set_len(0)?;
+            }
+            return Ok(true);
         }
-        let at = ghosts.join(format!("{:x}-{:x}", md.dev(), md.ino()));
-        std::fs::rename(path, &at)?;
-        if live.kept(&st, at) {
-            *kept += 1;
+        let st = stat_of(md);
+        match &keep.live {
+            Some((live, dir)) if live.in_use(&st) => {
+                mkdir(dir)?;
+                let at = dir.join(name);
+                std::fs::rename(path, &at)?;
+                if live.kept(&st, at) {
+                    *ghosts += 1;
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        Ok(true)
     };
     let md = std::fs::symlink_metadata(p)?;
     if !md.is_dir() {
-        if !keep(p, &md, kept)? {
+        if !kept(p, &md, ghosts)? {
             std::fs::remove_file(p)?;
         }
         return Ok(());
     }
     for e in std::fs::read_dir(p)? {
-        remove_keeping_live(&e?.path(), ghosts, live, kept)?;
+        remove_keeping(&e?.path(), keep, ghosts)?;
     }
-    if !keep(p, &md, kept)? {
+    if !kept(p, &md, ghosts)? {
         std::fs::remove_dir(p)?;
     }
     Ok(())
+}
+
+/// Empties the reserved files that `open` does not report as in use (their data is not
+/// needed: only their inode numbers are). Returns how many.
+pub fn empty_reserved(vol: &Volume, open: &dyn Fn(u64, u64) -> bool) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let d = vol.path().join(RESERVED_DIR);
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if md.is_file() && md.len() > 0 && !open(md.dev(), md.ino()) {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .and_then(|f| f.set_len(0))
+                .map_err(io("empty reserved file", e.path()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn stat_of(md: &std::fs::Metadata) -> Stat {
@@ -303,6 +357,8 @@ pub struct Prepared {
     relink: HashMap<FhKey, Vec<u8>>,
     /// The directory names the commit replaces.
     replaced: Vec<String>,
+    /// Inodes of the replaced layers that identify objects of the new ones (kept).
+    reserve: HashSet<(u64, u64)>,
     /// Frozen layers when the build started.
     known: Vec<u64>,
     kernel_compatible: bool,
@@ -348,6 +404,11 @@ impl Prepared {
     fn journal(&self) -> Journal {
         Journal {
             remove: self.replaced.clone(),
+            reserve: self
+                .reserve
+                .iter()
+                .map(|(d, i)| format!("{d}:{i}"))
+                .collect(),
             relink: self
                 .relink
                 .iter()
@@ -439,6 +500,7 @@ pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<()> {
             l.epoch,
             l.parent_epoch,
             &mut p.stats,
+            &mut p.reserve,
         );
         let out = match out {
             Ok(o) => o,
@@ -492,6 +554,7 @@ fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
             .iter()
             .map(|l| vol.layer_dir_name(l.epoch))
             .collect(),
+        reserve: HashSet::new(),
         known: layers
             .iter()
             .filter(|l| l.state == LayerState::Frozen)
@@ -517,6 +580,7 @@ fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
             p.last,
             layers[lo].parent_epoch,
             &mut stats,
+            &mut p.reserve,
         )?;
         p.relink.extend(out);
         // Frozen layers outside the range, bottom up.
@@ -548,6 +612,7 @@ fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
                 l.epoch,
                 l.parent_epoch,
                 &mut stats,
+                &mut p.reserve,
             )?;
             p.relink.extend(out);
             p.replaced.push(vol.layer_dir_name(l.epoch));
@@ -711,6 +776,8 @@ pub fn finish_pending(vol: &Volume) -> Result<Option<FinishStats>> {
     // Only now: a committed squash's directories are listed, an uncommitted one's are not
     // referenced by anything.
     remove_staging_strays(vol)?;
+    // No mount runs (the caller holds the lock): nothing reads a reserved file.
+    empty_reserved(vol, &|_, _| false)?;
     Ok(done)
 }
 
@@ -729,6 +796,14 @@ fn finish_journals(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<Option
             JOURNAL_VERSION.major,
         )?;
         let f = done.get_or_insert_with(FinishStats::default);
+        let reserve: HashSet<(u64, u64)> = journal
+            .reserve
+            .iter()
+            .filter_map(|r| {
+                let (d, i) = r.split_once(':')?;
+                Some((d.parse().ok()?, i.parse().ok()?))
+            })
+            .collect();
         let mut relink = HashMap::new();
         for r in &journal.relink {
             match (unhex(&r.old), unhex(&r.new_fb)) {
@@ -775,13 +850,13 @@ fn finish_journals(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<Option
                 });
             }
             let p = layers_dir.join(name);
-            let r = match live {
-                None => std::fs::remove_dir_all(&p),
-                Some(live) => {
-                    let ghosts = vol.path().join(super::store::WORK_DIR).join(GHOSTS_DIR);
-                    remove_keeping_live(&p, &ghosts, live, &mut f.ghosts)
-                }
+            let keep = Keep {
+                reserve: &reserve,
+                reserved: vol.path().join(RESERVED_DIR),
+                empty_files: live.is_none(),
+                live: live.map(|l| (l, vol.path().join(super::store::WORK_DIR).join(GHOSTS_DIR))),
             };
+            let r = remove_keeping(&p, &keep, &mut f.ghosts);
             match r {
                 Ok(()) => f.removed_dirs += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1087,6 +1162,7 @@ fn build_layer(
     epoch: u64,
     parent_epoch: Option<u64>,
     stats: &mut SquashStats,
+    reserve: &mut HashSet<(u64, u64)>,
 ) -> Result<HashMap<FhKey, Vec<u8>>> {
     let dir = vol.path().join(LAYERS_DIR).join(name);
     for d in [dir.clone(), dir.join(TREE_DIR), dir.join(MAPS_DIR)] {
@@ -1131,6 +1207,7 @@ fn build_layer(
     stats.whiteouts_kept += s.whiteouts_kept;
     stats.whiteouts_dropped += s.whiteouts_dropped;
     stats.written_bytes += s.written_bytes;
+    reserve.extend(b.reserve.drain());
     Ok(b.relink_out.drain().collect())
 }
 
@@ -1170,6 +1247,9 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 struct Journal {
     /// Directories under `layers/` that the commit replaced.
     remove: Vec<String>,
+    /// `dev:ino` of inodes in them to keep in `reserved/` rather than free (identities).
+    #[serde(default)]
+    reserve: Vec<String>,
     /// Partial files of the active layer whose `below` is `old` must name `new_fb`.
     relink: Vec<RelinkEntry>,
 }
@@ -1449,6 +1529,8 @@ struct Builder {
     relink_in: HashMap<FhKey, Vec<u8>>,
     /// Files re-created here (old -> new handle).
     relink_out: HashMap<FhKey, Vec<u8>>,
+    /// Identity objects of what was re-created here (see `keep_identity`).
+    reserve: HashSet<(u64, u64)>,
     placed: HashMap<(u64, u64), Placed>,
     entries: Vec<Entry>,
     counted: HashSet<(u64, u64)>,
@@ -1545,6 +1627,7 @@ impl Builder {
             src_inodes: None,
             relink_in: HashMap::new(),
             relink_out: HashMap::new(),
+            reserve: HashSet::new(),
             placed: HashMap::new(),
             entries: Vec::new(),
             counted: HashSet::new(),
@@ -1905,9 +1988,11 @@ impl Builder {
         opaque: bool,
         redirect: Option<Vec<u8>>,
     ) -> Result<()> {
-        let p = || self.out_file(rel);
-        sys::mkdirat(out_dir, name, 0o700).map_err(errno_io("create directory", p()))?;
+        sys::mkdirat(out_dir, name, 0o700)
+            .map_err(errno_io("create directory", self.out_file(rel)))?;
         self.copy_attrs(top, out_dir, name, rel)?;
+        self.keep_identity(top, out_dir, name, rel)?;
+        let p = || self.out_file(rel);
         if opaque {
             sys::setxattr(out_dir, name, &self.x.opaque, b"y", 0)
                 .map_err(errno_io("mark opaque", p()))?;
@@ -1939,6 +2024,9 @@ impl Builder {
             self.stats.hard_links += 1;
             return self.record(out_dir, name, rel, kind);
         }
+        // Taken over by link or re-created: either way the object's identity (its origin,
+        // when that lies in the range) must outlive the range.
+        self.reserve_origin(h)?;
         let fmt = h.st.st_mode & libc::S_IFMT;
         let kind = if fmt == libc::S_IFREG {
             let marker = blockmap::read_marker(h.dir.as_fd(), &h.name, self.userxattr).map_err(
@@ -1985,6 +2073,55 @@ impl Builder {
 
     /// Notes that the file `h` was re-created at `out_dir/name` (a new inode): partial files
     /// above that read through `h` must be repointed.
+    /// `out_dir/name` re-creates the object `h` shows as a new inode. A mount identifies an
+    /// object (its `st_ino`) by its `overlay.origin` if it has one, else by its own inode
+    /// (see `Overlay::ino_of`): the new object gets `h`'s origin (copied with its xattrs), or
+    /// `h` itself as origin, and that identity object is recorded so that the squash keeps
+    /// its inode (`reserved/`) instead of freeing it. So `st_ino` survives squash and remount,
+    /// and no later object can get the same inode number.
+    fn keep_identity(
+        &mut self,
+        h: &Hit,
+        out_dir: BorrowedFd,
+        name: &CStr,
+        rel: &RelPath,
+    ) -> Result<()> {
+        if !self.is_layer() {
+            return Ok(());
+        }
+        match self.reserve_origin(h)? {
+            true => {}
+            false => {
+                let fb = layer::encode_origin(h.dir.as_fd(), &h.name, self.chains.mount.as_fd())
+                    .map_err(errno_io("get the file handle of", self.src_path(h)))?;
+                sys::setxattr(out_dir, name, &self.x.origin, &fb, 0)
+                    .map_err(errno_io("set the origin of", self.out_file(rel)))?;
+                self.reserve.insert((h.st.st_dev, h.st.st_ino));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the object `h`'s origin names, if any (see `keep_identity`). True if `h`
+    /// has an origin.
+    fn reserve_origin(&mut self, h: &Hit) -> Result<bool> {
+        if !self.is_layer() {
+            return Ok(false);
+        }
+        let Some(fb) = sys::getxattr(h.dir.as_fd(), &h.name, &self.x.origin)
+            .map_err(errno_io("read the origin of", self.src_path(h)))?
+        else {
+            return Ok(false);
+        };
+        // It names an object that may lie in the range: kept if so.
+        if let Ok(fd) = layer::decode_origin(&fb, self.chains.mount.as_fd())
+            && let Ok(st) = sys::fstat(fd.as_fd())
+        {
+            self.reserve.insert((st.st_dev, st.st_ino));
+        }
+        Ok(true)
+    }
+
     fn note_recreated(
         &mut self,
         h: &Hit,
@@ -1995,6 +2132,7 @@ impl Builder {
         if !self.is_layer() {
             return Ok(());
         }
+        self.keep_identity(h, out_dir, name, rel)?;
         let old = layer::encode_origin(h.dir.as_fd(), &h.name, self.chains.mount.as_fd())
             .map_err(errno_io("get the file handle of", self.src_path(h)))?;
         let new = layer::encode_origin(out_dir, name, self.chains.mount.as_fd())

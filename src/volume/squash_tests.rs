@@ -2420,10 +2420,12 @@ fn userxattr_volumes_squash_in_the_user_namespace() {
     let s = squash::squash_offline(&mut vol, None).unwrap();
     assert_eq!(s.assembled_files, 1);
     let t2 = vol.tree_dir(2);
-    assert!(
-        lxattrs(&t2.join("f")).is_empty(),
-        "{:?}",
-        lxattrs(&t2.join("f"))
+    // Only its identity (the original as origin, kept in reserved/) stays; no marker.
+    let left = lxattrs(&t2.join("f"));
+    assert_eq!(
+        left.keys().map(|k| k.as_slice()).collect::<Vec<_>>(),
+        [b"user.overlay.origin".as_slice()],
+        "{left:?}"
     );
     assert!(!t2.join("gone").exists());
     check_volume(&vol, "userxattr");
