@@ -438,6 +438,10 @@ impl Daemon {
         r["max_layers"] = json!(self.max_layers);
         r["ghost_inodes"] = json!(self.fs.ghost_count());
         r["last_squash"] = json!(*self.last_squash.lock());
+        r["squash_running"] = json!(
+            self.squash_lock.is_locked()
+                || self.auto_running.load(std::sync::atomic::Ordering::Acquire)
+        );
         Ok(r)
     }
 
