@@ -21,7 +21,7 @@ use super::{Node, Overlay};
 use crate::layer;
 use crate::sys::{self, Errno, Result};
 use crate::volume::MapId;
-use crate::volume::blockmap::{self, BlockMap, MapStore, Source};
+use crate::volume::blockmap::{self, BlockMap, CLUSTER_GAP, MapStore, Source, will_need};
 
 /// The live map of an active layer's partial file.
 #[derive(Debug)]
@@ -60,8 +60,6 @@ pub struct ReadAhead {
 
 /// How far ahead of a sequential reader the partial levels are prefetched.
 const LOOKAHEAD: u64 = 8 << 20;
-/// Spans of one level less than this apart are read (or prefetched) with one call.
-const CLUSTER_GAP: u64 = 32 << 10;
 
 /// Where volume mode keeps block maps.
 #[derive(Debug, Clone)]
@@ -73,6 +71,15 @@ pub struct MapDirs {
 fn below_key(userxattr: bool) -> CString {
     let p = if userxattr { "user" } else { "trusted" };
     CString::new(format!("{p}.layervol.below")).expect("no NUL")
+}
+
+impl blockmap::ChainLevel for Level {
+    fn data(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+    fn map(&self) -> Option<&BlockMap> {
+        self.map.as_deref()
+    }
 }
 
 impl Overlay {
@@ -226,91 +233,6 @@ impl Overlay {
         }
     }
 
-    /// Reads `buf.len()` bytes at `off` from `levels` (zeros past every level's data).
-    fn read_levels(levels: &[Level], off: u64, buf: &mut [u8]) -> Result<()> {
-        let Some((top, rest)) = levels.split_first() else {
-            buf.fill(0);
-            return Ok(());
-        };
-        match &top.map {
-            None => {
-                let n = sys::pread_full(top.fd.as_fd(), buf, off)?;
-                buf[n..].fill(0);
-            }
-            Some(map) => Self::read_mapped(map, top.fd.as_fd(), rest, off, buf)?,
-        }
-        Ok(())
-    }
-
-    /// Reads through one partial file's map: its own blocks from `fd`, the rest from below.
-    ///
-    /// I/O pattern (measured with a cold cache, see README): spans of one source less than
-    /// `CLUSTER_GAP` apart are read with one call (holes of a sparse file cost no I/O, and
-    /// superseded blocks below are read and dropped), so that the data below a file with
-    /// scattered written blocks is read sequentially and the kernel's readahead keeps
-    /// working; a partial file's own clusters are prefetched together before they are read,
-    /// so that its scattered blocks are fetched in parallel rather than one by one.
-    fn read_mapped(
-        map: &BlockMap,
-        fd: BorrowedFd,
-        below: &[Level],
-        off: u64,
-        buf: &mut [u8],
-    ) -> Result<()> {
-        let end = off + buf.len() as u64;
-        buf.fill(0);
-        let plan = map.read_plan(off, buf.len() as u64);
-        for src in [Source::Here, Source::Below] {
-            // Clusters: (start, end, spans in it).
-            let mut clusters: Vec<(u64, u64, Vec<std::ops::Range<u64>>)> = Vec::new();
-            for span in plan.iter().filter(|s| s.source == src) {
-                let r = span.range.start..span.range.end.min(end);
-                // A level's own blocks are prefetched (`read_ahead`): reading through its
-                // holes would only cost page-cache work. Below, read through superseded
-                // blocks: one sequential read.
-                let gap = if src == Source::Here { 0 } else { CLUSTER_GAP };
-                match clusters.last_mut() {
-                    Some(c) if r.start <= c.1 + gap => {
-                        c.1 = r.end;
-                        c.2.push(r);
-                    }
-                    _ => clusters.push((r.start, r.end, vec![r])),
-                }
-            }
-            if src == Source::Here && clusters.len() > 1 {
-                for (start, stop, _) in &clusters {
-                    will_need(fd, *start, *stop);
-                }
-            }
-            let read = |piece: &mut [u8], at: u64| -> Result<()> {
-                if src == Source::Here {
-                    let n = sys::pread_full(fd, piece, at)?;
-                    piece[n..].fill(0);
-                    Ok(())
-                } else {
-                    Self::read_levels(below, at, piece)
-                }
-            };
-            for (start, stop, spans) in clusters {
-                if spans.len() == 1 {
-                    read(
-                        &mut buf[(start - off) as usize..(stop - off) as usize],
-                        start,
-                    )?;
-                    continue;
-                }
-                let mut tmp = vec![0u8; (stop - start) as usize];
-                read(&mut tmp, start)?;
-                for r in spans {
-                    buf[(r.start - off) as usize..(r.end - off) as usize].copy_from_slice(
-                        &tmp[(r.start - start) as usize..(r.end - start) as usize],
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Prefetches the blocks the partial levels (`top` and the partial files below it) hold
     /// in `from..to`. Their written blocks are scattered, so a sequential read of the file
     /// would otherwise fetch them one small synchronous read at a time; the kernel's
@@ -423,7 +345,7 @@ impl Overlay {
             buf.truncate(n);
             Self::touch_atime(ra, fd);
             Self::read_ahead(ra, (fd, &ps.map), &ps.below, off, n as u64);
-            Self::read_mapped(&ps.map, fd, &ps.below, off, &mut buf)?;
+            blockmap::read_mapped(&ps.map, fd, &ps.below, off, &mut buf)?;
             return Ok(buf);
         }
         // A frozen partial file (the node lives in a lower layer now): immutable, so its
@@ -447,7 +369,7 @@ impl Overlay {
         buf.truncate(n);
         Self::touch_atime(ra, fd);
         Self::read_ahead(ra, (fd, &chain.map), &chain.below, off, n as u64);
-        Self::read_mapped(&chain.map, fd, &chain.below, off, &mut buf)?;
+        blockmap::read_mapped(&chain.map, fd, &chain.below, off, &mut buf)?;
         Ok(buf)
     }
 
@@ -465,7 +387,7 @@ impl Overlay {
             let r = span.range;
             let mut fill = vec![0u8; (r.end - r.start) as usize];
             if span.source == Source::Below {
-                Self::read_levels(&ps.below, r.start, &mut fill)?;
+                blockmap::read_chain(&ps.below, r.start, &mut fill)?;
             }
             sys::pwrite_all(fd, &fill, r.start)?;
         }
@@ -509,18 +431,5 @@ impl Overlay {
             self.live_partials.remove(&ino);
         }
         Ok(())
-    }
-}
-
-/// Asks the kernel to start reading `start..end` of `fd` into the page cache (advice only).
-fn will_need(fd: BorrowedFd, start: u64, end: u64) {
-    // SAFETY: a plain syscall on a valid fd; it only gives advice.
-    unsafe {
-        libc::posix_fadvise(
-            fd.as_raw_fd(),
-            start as libc::off_t,
-            end.saturating_sub(start) as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        );
     }
 }

@@ -70,7 +70,7 @@
 use std::ffi::CStr;
 use std::fs;
 use std::ops::Range;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use super::error::{Result, VolumeError, io};
@@ -890,6 +890,110 @@ impl MapStore {
         }
         ids.sort();
         Ok(ids)
+    }
+}
+
+/// One level of a file's data chain, topmost first: a readable file and, for a partial
+/// file, its block map (whole files have none). The engine and squash read chains alike.
+pub trait ChainLevel {
+    fn data(&self) -> BorrowedFd<'_>;
+    fn map(&self) -> Option<&BlockMap>;
+}
+
+/// Spans of one source less than this apart are read (or prefetched) with one call.
+pub const CLUSTER_GAP: u64 = 32 << 10;
+
+/// Reads `buf.len()` bytes at `off` through `levels` (zeros past every level's data).
+pub fn read_chain<L: ChainLevel>(levels: &[L], off: u64, buf: &mut [u8]) -> sys::Result<()> {
+    let Some((top, rest)) = levels.split_first() else {
+        buf.fill(0);
+        return Ok(());
+    };
+    match top.map() {
+        None => {
+            let n = sys::pread_full(top.data(), buf, off)?;
+            buf[n..].fill(0);
+            Ok(())
+        }
+        Some(map) => read_mapped(map, top.data(), rest, off, buf),
+    }
+}
+
+/// Reads through one partial file's map: its own blocks from `fd`, the rest from `below`.
+///
+/// I/O pattern (measured with a cold cache, see README): spans below less than
+/// `CLUSTER_GAP` apart are read with one call (superseded blocks are read and dropped), so
+/// that the data below a file with scattered written blocks is read sequentially and the
+/// kernel's readahead keeps working; the file's own spans are read exactly (reading
+/// through its holes would only cost page-cache work) after a prefetch of all of them, so
+/// that scattered blocks are fetched in parallel rather than one by one.
+pub fn read_mapped<L: ChainLevel>(
+    map: &BlockMap,
+    fd: BorrowedFd,
+    below: &[L],
+    off: u64,
+    buf: &mut [u8],
+) -> sys::Result<()> {
+    let end = off + buf.len() as u64;
+    buf.fill(0);
+    let plan = map.read_plan(off, buf.len() as u64);
+    for src in [Source::Here, Source::Below] {
+        // Clusters: (start, end, spans in it).
+        let gap = if src == Source::Here { 0 } else { CLUSTER_GAP };
+        let mut clusters: Vec<(u64, u64, Vec<Range<u64>>)> = Vec::new();
+        for span in plan.iter().filter(|s| s.source == src) {
+            let r = span.range.start..span.range.end.min(end);
+            match clusters.last_mut() {
+                Some(c) if r.start <= c.1 + gap => {
+                    c.1 = r.end;
+                    c.2.push(r);
+                }
+                _ => clusters.push((r.start, r.end, vec![r])),
+            }
+        }
+        if src == Source::Here && clusters.len() > 1 {
+            for (start, stop, _) in &clusters {
+                will_need(fd, *start, *stop);
+            }
+        }
+        let read = |piece: &mut [u8], at: u64| -> sys::Result<()> {
+            if src == Source::Here {
+                let n = sys::pread_full(fd, piece, at)?;
+                piece[n..].fill(0);
+                Ok(())
+            } else {
+                read_chain(below, at, piece)
+            }
+        };
+        for (start, stop, spans) in clusters {
+            if spans.len() == 1 {
+                read(
+                    &mut buf[(start - off) as usize..(stop - off) as usize],
+                    start,
+                )?;
+                continue;
+            }
+            let mut tmp = vec![0u8; (stop - start) as usize];
+            read(&mut tmp, start)?;
+            for r in spans {
+                buf[(r.start - off) as usize..(r.end - off) as usize]
+                    .copy_from_slice(&tmp[(r.start - start) as usize..(r.end - start) as usize]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks the kernel to start reading `start..end` of `fd` into the page cache (advice only).
+pub fn will_need(fd: BorrowedFd, start: u64, end: u64) {
+    // SAFETY: a plain syscall on a valid fd; it only gives advice.
+    unsafe {
+        libc::posix_fadvise(
+            fd.as_raw_fd(),
+            start as libc::off_t,
+            end.saturating_sub(start) as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
     }
 }
 

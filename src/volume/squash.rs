@@ -93,7 +93,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::blockmap::{self, BlockMap, MapStore, Source};
+use super::blockmap::{self, BlockMap, MapStore};
 use super::error::{Result, VolumeError, errno_io, io};
 use super::extents::ExtentSet;
 use super::import::open_dir;
@@ -927,7 +927,7 @@ pub fn assemble_active(vol: &Volume) -> Result<u64> {
             while off < split {
                 let len = (split - off).min(CHUNK);
                 buf.resize(len as usize, 0);
-                read_levels(&below, off, &mut buf).map_err(errno_io("read below", p()))?;
+                blockmap::read_chain(&below, off, &mut buf).map_err(errno_io("read below", p()))?;
                 write_or_punch(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
                 off += len;
             }
@@ -1361,36 +1361,13 @@ impl ChainReader {
     }
 }
 
-/// Reads `buf.len()` bytes at `off` through `levels` (zeros past every level's data), like
-/// the engine's reads of a partial file.
-fn read_levels(levels: &[Level], off: u64, buf: &mut [u8]) -> sys::Result<()> {
-    let Some((top, rest)) = levels.split_first() else {
-        buf.fill(0);
-        return Ok(());
-    };
-    match &top.map {
-        None => {
-            let n = sys::pread_full(top.fd.as_fd(), buf, off)?;
-            buf[n..].fill(0);
-        }
-        Some(map) => {
-            buf.fill(0);
-            let end = off + buf.len() as u64;
-            for span in map.read_plan(off, buf.len() as u64) {
-                let r = span.range;
-                let piece = &mut buf[(r.start - off) as usize..(r.end.min(end) - off) as usize];
-                match span.source {
-                    Source::Here => {
-                        let n = sys::pread_full(top.fd.as_fd(), piece, r.start)?;
-                        piece[n..].fill(0);
-                    }
-                    Source::Below => read_levels(rest, r.start, piece)?,
-                    Source::Zero => piece.fill(0),
-                }
-            }
-        }
+impl blockmap::ChainLevel for Level {
+    fn data(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
-    Ok(())
+    fn map(&self) -> Option<&BlockMap> {
+        self.map.as_deref()
+    }
 }
 
 /// Writes `buf` at `off`, or makes the range a hole if `buf` is all zeros.
@@ -2230,7 +2207,8 @@ impl Builder {
         while off < size {
             let n = (size - off).min(CHUNK);
             buf.resize(n as usize, 0);
-            read_levels(levels, off, &mut buf).map_err(errno_io("read the data of", p()))?;
+            blockmap::read_chain(levels, off, &mut buf)
+                .map_err(errno_io("read the data of", p()))?;
             crc = crc32c::crc32c_append(crc, &buf);
             if buf.iter().any(|b| *b != 0) {
                 sys::pwrite_all(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
@@ -2388,7 +2366,8 @@ impl Builder {
                 let start = b * bs;
                 let end = ((b + n) * bs).min(size);
                 buf.resize((end - start) as usize, 0);
-                read_levels(levels, start, &mut buf).map_err(errno_io("read the data of", p()))?;
+                blockmap::read_chain(levels, start, &mut buf)
+                    .map_err(errno_io("read the data of", p()))?;
                 sys::pwrite_all(fd.as_fd(), &buf, start).map_err(errno_io("write", p()))?;
                 self.stats.written_bytes += end - start;
                 map.record_blocks(b, &buf);
