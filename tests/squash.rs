@@ -7,30 +7,21 @@
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use layervol::volume::Volume;
 use layervol::volume::squash::{self, SquashOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_layervol");
+mod common;
 
-struct Vol {
-    _t: tempfile::TempDir,
-    root: PathBuf,
-}
+use common::VolDir as Vol;
 
-impl Vol {
-    fn new() -> Vol {
-        assert!(
-            nix::unistd::geteuid().is_root() && Path::new("/dev/fuse").exists(),
-            "these tests mount FUSE and overlay filesystems: run them as root with /dev/fuse"
-        );
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().to_path_buf();
-        let src = root.join("src");
+/// The volume the tests squash: big files to write blocks into, nested directories, a hard
+/// link and a symlink in its base layer.
+fn vol() -> Vol {
+    Vol::new(|src| {
         std::fs::create_dir_all(src.join("d/sub/deeper")).unwrap();
-        std::fs::create_dir(root.join("m")).unwrap();
         std::fs::write(src.join("big1"), pattern(1 << 20, 1)).unwrap();
         std::fs::write(src.join("big2"), pattern(300_000, 2)).unwrap();
         std::fs::write(src.join("d/x"), b"x").unwrap();
@@ -39,55 +30,11 @@ impl Vol {
         std::fs::write(src.join("d/h1"), b"hard linked").unwrap();
         std::fs::hard_link(src.join("d/h1"), src.join("d/h2")).unwrap();
         std::os::unix::fs::symlink("d/x", src.join("s")).unwrap();
-        let v = Vol { _t: t, root };
-        v.ok(&["volume", "create", "vol", "--from", "src"]);
-        v
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .current_dir(&self.root)
-            .env("LAYERVOL_RUN_DIR", self.root.join("run"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "layervol {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn mount(&self) {
-        self.ok(&["mount", "vol", "m"]);
-    }
-
-    fn umount(&self) {
-        assert!(
-            Command::new("umount")
-                .arg(self.p("m"))
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    fn snapshot(&self) {
-        self.ok(&["snapshot", "m", "--json"]);
-    }
+    })
 }
 
-impl Drop for Vol {
-    fn drop(&mut self) {
-        for m in [self.p("m"), self.p("k")] {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-    }
+fn snapshot(v: &Vol) {
+    v.ok(&["snapshot", "m", "--json"]);
 }
 
 /// Opens the volume once the daemon of the last mount has exited (it holds the volume lock
@@ -221,7 +168,7 @@ fn write_history(v: &Vol) -> BTreeMap<String, String> {
     std::fs::rename(m("d/sub"), m("d/moved")).unwrap();
     std::fs::remove_file(m("d/x")).unwrap();
     std::fs::set_permissions(m("big2"), std::fs::Permissions::from_mode(0o640)).unwrap();
-    v.snapshot();
+    snapshot(v);
     // Epoch 3: a copy-up over a partial file, rename of a partial file, an opaque dir,
     // truncate.
     write_at(&m("big1"), 0, b"epoch three at the start");
@@ -236,7 +183,7 @@ fn write_history(v: &Vol) -> BTreeMap<String, String> {
         .unwrap()
         .set_len(500_000)
         .unwrap();
-    v.snapshot();
+    snapshot(v);
     // Epoch 4 (stays active): a copy-up over the chain, a new hard-linked file.
     write_at(&m("big1"), 200_000, &[4; 10_000]);
     write_at(&m("big2-renamed"), 4096, b"active write");
@@ -270,7 +217,7 @@ fn assert_same(what: &str, want: &BTreeMap<String, String>, got: &BTreeMap<Strin
 
 #[test]
 fn squash_of_engine_written_layers_keeps_the_view() {
-    let v = Vol::new();
+    let v = vol();
     let view = write_history(&v);
     let mut vol = open_after_umount(&v.p("vol"));
     assert_eq!(vol.layers().len(), 4);
@@ -285,14 +232,14 @@ fn squash_of_engine_written_layers_keeps_the_view() {
     assert_same("layervol mount after squash", &view, &describe(&v.p("m")));
     // The volume keeps working: a write and a snapshot on top of the merged layer.
     write_at(&v.p("m/big1"), 300_000, b"after squash");
-    v.snapshot();
+    snapshot(&v);
     v.umount();
     v.ok(&["verify", "vol"]);
 }
 
 #[test]
 fn kernel_compatible_squash_of_engine_written_layers_mounts_under_overlayfs() {
-    let v = Vol::new();
+    let v = vol();
     let view = write_history(&v);
     let mut vol = open_after_umount(&v.p("vol"));
     let s = squash::squash(

@@ -4,96 +4,25 @@
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_layervol");
+use common::{BIN, VolDir as Vol};
 
-struct Vol {
-    _t: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl Vol {
-    fn new() -> Vol {
-        assert!(
-            nix::unistd::geteuid().is_root() && Path::new("/dev/fuse").exists(),
-            "these tests mount FUSE filesystems: run them as root on a machine with /dev/fuse"
-        );
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().to_path_buf();
-        std::fs::create_dir_all(root.join("src/d")).unwrap();
-        std::fs::create_dir(root.join("m")).unwrap();
-        std::fs::write(root.join("src/a"), b"base a\n").unwrap();
-        std::fs::write(root.join("src/d/x"), b"x").unwrap();
-        let v = Vol { _t: t, root };
-        v.ok(&["volume", "create", "vol", "--from", "src"]);
-        v
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .current_dir(&self.root)
-            .env("LAYERVOL_RUN_DIR", self.root.join("run"))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "layervol {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
-    fn mount(&self) {
-        self.ok(&["mount", "vol", "m"]);
-    }
-
-    fn umount(&self) {
-        assert!(
-            Command::new("umount")
-                .arg(self.p("m"))
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    fn mounted(&self) -> bool {
-        let m = self.p("m");
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap()
-            .lines()
-            .any(|l| l.split(' ').nth(1) == m.to_str())
-    }
-}
-
-impl Drop for Vol {
-    fn drop(&mut self) {
-        if self.mounted() {
-            let _ = Command::new("umount").arg("-l").arg(self.p("m")).status();
-        }
-    }
+/// The volume most tests start from: `a` and `d/x` in its base layer.
+fn vol() -> Vol {
+    Vol::new(|src| {
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("a"), b"base a\n").unwrap();
+        std::fs::write(src.join("d/x"), b"x").unwrap();
+    })
 }
 
 #[test]
 fn live_snapshot_freezes_the_active_layer_and_open_files_follow() {
-    let v = Vol::new();
+    let v = vol();
     v.mount();
     std::fs::write(v.p("m/new"), b"epoch2").unwrap();
     let mut f = std::fs::OpenOptions::new()
@@ -161,7 +90,7 @@ fn live_snapshot_freezes_the_active_layer_and_open_files_follow() {
 
 #[test]
 fn snapshots_with_a_writer_running_lose_nothing() {
-    let v = Vol::new();
+    let v = vol();
     v.mount();
     let path = v.p("m/log");
     let writer = std::thread::spawn(move || {
@@ -193,7 +122,7 @@ fn snapshots_with_a_writer_running_lose_nothing() {
 
 #[test]
 fn verify_reports_damage_in_a_frozen_layer() {
-    let v = Vol::new();
+    let v = vol();
     v.mount();
     std::fs::write(v.p("m/f"), vec![7u8; 10000]).unwrap();
     let frozen = v.json(&["snapshot", "m", "--json"])["frozen_epoch"]
@@ -217,7 +146,7 @@ fn verify_reports_damage_in_a_frozen_layer() {
 
 #[test]
 fn bad_volume_commands_are_clear() {
-    let v = Vol::new();
+    let v = vol();
     let out = v.run(&["snapshot", "m"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no layervol volume is mounted"));
@@ -254,7 +183,7 @@ fn allocated(p: &Path) -> u64 {
 
 #[test]
 fn block_level_copy_up_matches_a_model_across_snapshots() {
-    let v = Vol::new();
+    let v = vol();
     let mut rng = Rng(0x5eed);
     let mut model: Vec<u8> = (0..(4 << 20)).map(|_| rng.next() as u8).collect();
     std::fs::write(v.p("big"), &model).unwrap();
@@ -313,7 +242,7 @@ fn block_level_copy_up_matches_a_model_across_snapshots() {
 
 #[test]
 fn a_snapshot_holds_only_the_written_blocks() {
-    let v = Vol::new();
+    let v = vol();
     std::fs::remove_dir_all(v.p("vol")).unwrap();
     let big = std::fs::File::create(v.p("src/big")).unwrap();
     big.set_len(64 << 20).unwrap();
@@ -349,7 +278,7 @@ fn a_snapshot_holds_only_the_written_blocks() {
 
 #[test]
 fn periodic_snapshots() {
-    let v = Vol::new();
+    let v = vol();
     v.ok(&["mount", "vol", "m", "-o", "snapshot_interval=0.2"]);
     std::fs::write(v.p("m/f"), b"1").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1200));
@@ -368,7 +297,7 @@ fn periodic_snapshots() {
 /// too (kernel `ovl_lookup` does), or files of the bottom layer vanish after a remount.
 #[test]
 fn redirect_through_a_renamed_parent_in_a_middle_layer() {
-    let v = Vol::new();
+    let v = vol();
     std::fs::remove_dir_all(v.p("vol")).unwrap();
     std::fs::create_dir_all(v.p("src/p/q/r")).unwrap();
     std::fs::write(v.p("src/p/q/r/file"), b"deep").unwrap();
@@ -392,7 +321,7 @@ fn redirect_through_a_renamed_parent_in_a_middle_layer() {
 
 #[test]
 fn squash_keeps_a_pinned_layer_and_the_view() {
-    let v = Vol::new();
+    let v = vol();
     v.mount();
     for i in 0..3 {
         std::fs::write(v.p(&format!("m/f{i}")), format!("{i}")).unwrap();
@@ -443,7 +372,7 @@ fn layer_dirs(v: &Vol) -> usize {
 #[test]
 fn online_squash_with_a_writer_and_open_files() {
     const BLOCKS: u64 = 256;
-    let v = Vol::new();
+    let v = vol();
     v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
     let mut model = vec![0u8; (BLOCKS * 4096) as usize];
     for (i, b) in model.iter_mut().enumerate() {
@@ -552,7 +481,7 @@ fn online_squash_with_a_writer_and_open_files() {
 
 #[test]
 fn a_mount_keeps_its_layer_count_bounded_by_itself() {
-    let v = Vol::new();
+    let v = vol();
     v.ok(&["mount", "vol", "m", "-o", "max_layers=3"]);
     for i in 0..12 {
         std::fs::write(v.p(&format!("m/f{i}")), format!("file {i}")).unwrap();
@@ -599,7 +528,7 @@ fn a_mount_keeps_its_layer_count_bounded_by_itself() {
 
 #[test]
 fn online_squash_respects_a_pin_made_while_mounted() {
-    let v = Vol::new();
+    let v = vol();
     v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
     let mut epochs = Vec::new();
     for i in 0..4 {
@@ -641,10 +570,7 @@ fn a_full_disk_during_snapshot_or_squash_leaves_the_volume_as_it_was() {
     std::fs::create_dir(root.join("m")).unwrap();
     let base: Vec<u8> = (0..8 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(root.join("src/big"), &base).unwrap();
-    let v = Vol {
-        _t: tempfile::tempdir().unwrap(),
-        root: root.clone(),
-    };
+    let v = Vol::at(root.clone());
     v.ok(&["volume", "create", "vol", "--from", "src"]);
     v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
     let f = std::fs::OpenOptions::new()
@@ -693,7 +619,7 @@ fn a_full_disk_during_snapshot_or_squash_leaves_the_volume_as_it_was() {
 #[test]
 fn st_ino_survives_squash_and_remount() {
     use std::os::unix::fs::MetadataExt;
-    let v = Vol::new();
+    let v = vol();
     let paths = ["m/d", "m/d/x", "m/a", "m/new", "m/new/f", "m"];
     let inos = |v: &Vol| -> Vec<u64> {
         paths
