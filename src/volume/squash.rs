@@ -1968,7 +1968,9 @@ impl Builder {
         sys::mkdirat(out_dir, name, 0o700)
             .map_err(errno_io("create directory", self.out_file(rel)))?;
         self.copy_attrs(top, out_dir, name, rel)?;
-        self.keep_identity(top, out_dir, name, rel)?;
+        if self.is_layer() && !self.reserve_origin(top)? {
+            self.name_origin(top, out_dir, name, rel)?;
+        }
         let p = || self.out_file(rel);
         if opaque {
             sys::setxattr(out_dir, name, &self.x.opaque, b"y", 0)
@@ -2003,7 +2005,7 @@ impl Builder {
         }
         // Taken over by link or re-created: either way the object's identity (its origin,
         // when that lies in the range) must outlive the range.
-        self.reserve_origin(h)?;
+        let has_origin = self.reserve_origin(h)?;
         let fmt = h.st.st_mode & libc::S_IFMT;
         let kind = if fmt == libc::S_IFREG {
             let marker = blockmap::read_marker(h.dir.as_fd(), &h.name, self.userxattr).map_err(
@@ -2016,6 +2018,12 @@ impl Builder {
         } else {
             self.place_special(h, out_dir, name, rel)?
         };
+        if !has_origin && self.is_layer() {
+            let out = sys::fstatat(out_dir, name).map_err(errno_io("stat", self.out_file(rel)))?;
+            if (out.st_dev, out.st_ino) != key {
+                self.name_origin(h, out_dir, name, rel)?;
+            }
+        }
         self.placed.insert(
             key,
             Placed {
@@ -2050,37 +2058,30 @@ impl Builder {
 
     /// Notes that the file `h` was re-created at `out_dir/name` (a new inode): partial files
     /// above that read through `h` must be repointed.
-    /// `out_dir/name` re-creates the object `h` shows as a new inode. A mount identifies an
-    /// object (its `st_ino`) by its `overlay.origin` if it has one, else by its own inode
-    /// (see `Overlay::ino_of`): the new object gets `h`'s origin (copied with its xattrs), or
-    /// `h` itself as origin, and that identity object is recorded so that the squash keeps
-    /// its inode (`reserved/`) instead of freeing it. So `st_ino` survives squash and remount,
-    /// and no later object can get the same inode number.
-    fn keep_identity(
+    /// `out_dir/name` re-creates the object `h` shows as a new inode, and `h` has no
+    /// origin. A mount identifies an object (its `st_ino`) by its `overlay.origin` if it has
+    /// one, else by its own inode (see `Overlay::ino_of`): the new object gets `h` itself as
+    /// origin, and `h` is recorded so that the squash keeps its inode (`reserved/`) instead
+    /// of freeing it. (With an origin, `reserve_origin` kept what it names, and the new
+    /// object has the same origin: copied with the xattrs.) So `st_ino` survives squash and
+    /// remount, and no later object can get the same inode number.
+    fn name_origin(
         &mut self,
         h: &Hit,
         out_dir: BorrowedFd,
         name: &CStr,
         rel: &RelPath,
     ) -> Result<()> {
-        if !self.is_layer() {
-            return Ok(());
-        }
-        match self.reserve_origin(h)? {
-            true => {}
-            false => {
-                let fb = layer::encode_origin(h.dir.as_fd(), &h.name, self.chains.mount.as_fd())
-                    .map_err(errno_io("get the file handle of", self.src_path(h)))?;
-                sys::setxattr(out_dir, name, &self.x.origin, &fb, 0)
-                    .map_err(errno_io("set the origin of", self.out_file(rel)))?;
-                self.reserve.insert((h.st.st_dev, h.st.st_ino));
-            }
-        }
+        let fb = layer::encode_origin(h.dir.as_fd(), &h.name, self.chains.mount.as_fd())
+            .map_err(errno_io("get the file handle of", self.src_path(h)))?;
+        sys::setxattr(out_dir, name, &self.x.origin, &fb, 0)
+            .map_err(errno_io("set the origin of", self.out_file(rel)))?;
+        self.reserve.insert((h.st.st_dev, h.st.st_ino));
         Ok(())
     }
 
-    /// Records the object `h`'s origin names, if any (see `keep_identity`). True if `h`
-    /// has an origin.
+    /// Records the object `h`'s origin names, if any (see `name_origin`). True if `h` has
+    /// an origin.
     fn reserve_origin(&mut self, h: &Hit) -> Result<bool> {
         if !self.is_layer() {
             return Ok(false);
@@ -2109,7 +2110,6 @@ impl Builder {
         if !self.is_layer() {
             return Ok(());
         }
-        self.keep_identity(h, out_dir, name, rel)?;
         let old = layer::encode_origin(h.dir.as_fd(), &h.name, self.chains.mount.as_fd())
             .map_err(errno_io("get the file handle of", self.src_path(h)))?;
         let new = layer::encode_origin(out_dir, name, self.chains.mount.as_fd())
