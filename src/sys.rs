@@ -459,3 +459,17 @@ pub fn fgetxattr(fd: BorrowedFd, key: &CStr) -> Result<Option<Vec<u8>>> {
         )
     })
 }
+
+/// (atime, mtime) of a stat, as `utimensat` takes them: to give an object another's times.
+pub fn times_of(st: &Stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}

@@ -54,7 +54,7 @@ impl Overlay {
                 return Err(e);
             }
         }
-        sys::utimensat(updir.as_fd(), sys::dot(), &[st_atime(&pst), st_mtime(&pst)])?;
+        sys::utimensat(updir.as_fd(), sys::dot(), &sys::times_of(&pst))?;
         node.set_upper();
         node.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -126,7 +126,7 @@ impl Overlay {
             if let Some(o) = origin {
                 sys::setxattr(wdir, &tmp, &self.x.origin, &o, 0)?;
             }
-            let times = [st_atime(&st), st_mtime(&st)];
+            let times = sys::times_of(&st);
             sys::utimensat(wdir, &tmp, &times)
         })();
         if let Err(e) = made {
@@ -157,20 +157,6 @@ impl Overlay {
             }
         }
         Ok(())
-    }
-}
-
-pub(super) fn st_atime(st: &sys::Stat) -> libc::timespec {
-    libc::timespec {
-        tv_sec: st.st_atime,
-        tv_nsec: st.st_atime_nsec,
-    }
-}
-
-pub(super) fn st_mtime(st: &sys::Stat) -> libc::timespec {
-    libc::timespec {
-        tv_sec: st.st_mtime,
-        tv_nsec: st.st_mtime_nsec,
     }
 }
 

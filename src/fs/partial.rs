@@ -196,7 +196,7 @@ impl Overlay {
             let f = sys::openat(wdir, &tmp, libc::O_WRONLY, 0)?;
             sys::ftruncate(f.as_fd(), st.st_size as u64)?;
             // The truncate stamped "now": a copy-up keeps the file's times.
-            let times = [super::copyup::st_atime(&st), super::copyup::st_mtime(&st)];
+            let times = sys::times_of(&st);
             sys::utimensat(wdir, &tmp, &times)?;
             let below = layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd())?;
             sys::setxattr(wdir, &tmp, &below_key(self.cfg.userxattr), &below, 0)?;

@@ -287,16 +287,7 @@ impl Importer {
         if fmt != libc::S_IFLNK {
             sys::fchmodat(ddir, dname, st.st_mode & 0o7777).map_err(errno_io("chmod", dst()))?;
         }
-        let times = [
-            libc::timespec {
-                tv_sec: st.st_atime,
-                tv_nsec: st.st_atime_nsec,
-            },
-            libc::timespec {
-                tv_sec: st.st_mtime,
-                tv_nsec: st.st_mtime_nsec,
-            },
-        ];
+        let times = sys::times_of(st);
         sys::utimensat(ddir, dname, &times).map_err(errno_io("set times of", dst()))
     }
 }
@@ -387,15 +378,6 @@ pub(crate) fn copy_root_attrs(from: &Path, to: &Path, userxattr: bool) -> Result
         }
     }
     sys::fchmodat(d.as_fd(), dot, st.st_mode & 0o7777).map_err(errno_io("chmod", to))?;
-    let times = [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ];
+    let times = sys::times_of(&st);
     sys::utimensat(d.as_fd(), dot, &times).map_err(errno_io("set times of", to))
 }

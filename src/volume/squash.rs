@@ -936,7 +936,7 @@ pub fn assemble_active(vol: &Volume) -> Result<u64> {
             }
         }
         sys::fsync(fd.as_fd(), false).map_err(errno_io("fsync", p()))?;
-        let times = times_of(st);
+        let times = sys::times_of(st);
         // SAFETY: futimens on a valid fd with two timespecs.
         if unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) } < 0 {
             return Err(errno_io("set times of", p())(Errno::last()));
@@ -1518,19 +1518,6 @@ struct Builder {
     stats: BuildStats,
 }
 
-fn times_of(st: &Stat) -> [libc::timespec; 2] {
-    [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ]
-}
-
 fn parse_redirect(v: &[u8]) -> Option<LName> {
     if v.starts_with(b"/") {
         let r = RelPath::from_redirect(v)?;
@@ -1657,7 +1644,7 @@ impl Builder {
         .map_err(errno_io("open", &self.out_path))?;
         self.copy_attrs(&top_root, out_root.as_fd(), sys::dot(), &RelPath::root())?;
         self.dir_times
-            .push((RelPath::root(), times_of(&top_root.st)));
+            .push((RelPath::root(), sys::times_of(&top_root.st)));
         self.record(
             out_root.as_fd(),
             sys::dot(),
@@ -1980,7 +1967,7 @@ impl Builder {
             sys::setxattr(out_dir, name, &self.x.redirect, &r, 0)
                 .map_err(errno_io("set the redirect of", p()))?;
         }
-        self.dir_times.push((rel.clone(), times_of(&top.st)));
+        self.dir_times.push((rel.clone(), sys::times_of(&top.st)));
         self.record(out_dir, name, rel, EntryKind::Dir)
     }
 
@@ -2446,7 +2433,7 @@ impl Builder {
     }
 
     fn set_times(&self, h: &Hit, out_dir: BorrowedFd, name: &CStr, rel: &RelPath) -> Result<()> {
-        sys::utimensat(out_dir, name, &times_of(&h.st))
+        sys::utimensat(out_dir, name, &sys::times_of(&h.st))
             .map_err(errno_io("set times of", self.out_file(rel)))
     }
 
