@@ -25,12 +25,10 @@ use crate::sys;
 /// and it forbids some configurations for no benefit here.
 pub const KERNEL_OPTIONS: &str = "redirect_dir=on,index=on,xino=on,metacopy=off";
 
-/// Options of the kernel oracle of the volume variants (`volume::...`): [`KERNEL_OPTIONS`]
-/// with `index=off`. layervol's volume mode has no hard-link index (block-level copy-up
-/// copies one name, like the kernel without index), so a lower hard link is broken by
-/// copy-up on both sides; with `index=on` every hard-link-and-copy-up scenario would
-/// differ by design. `redirect_dir=on` stays (renaming merged dirs must work).
-pub const VOLUME_KERNEL_OPTIONS: &str = "redirect_dir=on,index=off,xino=on,metacopy=off";
+/// Options of the kernel oracle of the volume variants (`volume::...`): the same as
+/// [`KERNEL_OPTIONS`]. Volume mode keeps lower hard links across copy-up too (it links every
+/// name to the one upper copy, see `src/fs/links.rs`), as the kernel does with `index=on`.
+pub const VOLUME_KERNEL_OPTIONS: &str = KERNEL_OPTIONS;
 
 /// How long mounting may take before the scenario fails.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,6 +158,11 @@ impl Stack {
 
     /// Rotation (stack must be unmounted): the upper becomes the top lower layer, a new
     /// empty upper and a fresh work dir take its place.
+    /// The kernel's hard-link index (`work/index`) holds entries.
+    pub fn has_index(&self) -> bool {
+        std::fs::read_dir(self.work.join("index")).is_ok_and(|mut d| d.next().is_some())
+    }
+
     pub fn rotate(&mut self) -> Result<(), String> {
         self.rotations += 1;
         let frozen = self.dir.join(format!("frozen{}", self.rotations));

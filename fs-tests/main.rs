@@ -35,8 +35,8 @@
 //! merged view of the scenario's lowers, with a live snapshot (`layervol snapshot`, no
 //! unmount) wherever the rotation variant rotates, plus up to two live snapshots where
 //! files are open (the kernel does nothing there: a snapshot must be invisible). The oracle
-//! is kernel overlayfs with `index=off` (volume mode has no hard-link index) rotating at
-//! the same points. Compared: the result of every call, the merged views, inode identity
+//! is kernel overlayfs with the same options as in overlay mode, rotating at the same
+//! points. Compared: the result of every call, the merged views, inode identity
 //! and stability, `layervol verify` after every snapshot and at the end, and the view of the
 //! volume mounted again. The upper/layer directories are *not* compared in volume mode: a
 //! volume's layers hold partial files (block-level copy-up) and differ from the kernel's
@@ -111,47 +111,17 @@ fn preflight() -> Result<(), String> {
 /// Scenarios where layervol knowingly differs from the kernel, each with the reason. They
 /// still run: a known deviation that starts to match the kernel fails the trial, so this list
 /// can only shrink. Only layervol runs are affected (`FS_TESTS_IMPL=kernel` must pass all).
-const KNOWN_DEVIATIONS: &[(&str, &str)] = &[
-    (
-        "rotated::hardlink::link_then_write_new_link",
-        "two names hard-linked inside a layer that was rotated down: writing one name keeps the \
+const KNOWN_DEVIATIONS: &[(&str, &str)] = &[(
+    "rotated::hardlink::link_then_write_new_link",
+    "two names hard-linked inside a layer that was rotated down: writing one name keeps the \
          link in layervol (one index copy), while the kernel, whose index was left behind in the \
          old work dir, breaks it",
-    ),
-    (
-        "volume::rename::same_name_and_hardlink_noop",
-        "rename(a, a2) of two names of one lower inode: the volume oracle (index=off) gives each \
-         name of a lower hard link its own overlay inode, so the VFS does not see a rename onto \
-         the same inode and the kernel removes a; layervol sees one inode and does nothing, as \
-         POSIX requires",
-    ),
-];
+)];
 
 /// Known layervol bugs, each with what is wrong. They run like the known deviations (a bug
 /// that gets fixed fails its trial until it is removed from here), but unlike those they are
 /// defects to fix, listed in the issue notes.
-const KNOWN_BUGS: &[(&str, &str)] = &[
-    (
-        "volume::hardlink::write_via_one_name_visible_via_other",
-        HARDLINK_VOLUME,
-    ),
-    ("volume::hardlink::nlink_after_copy_up", HARDLINK_VOLUME),
-    ("volume::hardlink::unlink_one_lower_link", HARDLINK_VOLUME),
-    (
-        "volume::hardlink::link_then_write_new_link",
-        HARDLINK_VOLUME,
-    ),
-    ("volume::hardlink::link_to_upper_file", HARDLINK_VOLUME),
-    (
-        "volume::hardlink::hardlinks_survive_remount",
-        HARDLINK_VOLUME,
-    ),
-    ("volume::random::ops", HARDLINK_VOLUME),
-];
-
-const HARDLINK_VOLUME: &str = "volume mode has no hard-link index: after copy-up the names of \
-     a lower hard link share one node in memory but not on disk, so nlink and sharing differ \
-     from the kernel (index=off)";
+const KNOWN_BUGS: &[(&str, &str)] = &[];
 
 /// The reason a trial is expected to fail, for layervol runs only.
 fn known_for(name: &str, imp: &Impl) -> Option<&'static str> {

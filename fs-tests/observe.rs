@@ -312,12 +312,15 @@ pub const LAYERVOL_XATTR_PREFIX: &str = "trusted.layervol.";
 /// Overlayfs reports `nlink = 1` for a merged directory (one present in several layers)
 /// instead of counting subdirectories. A volume's base layer is the *flattened* merged view
 /// of the scenario's lowers, so a directory merged from several lowers on the kernel is a
-/// plain directory in the volume, with its real link count. Where the oracle says 1 for a
-/// directory, any count is accepted; elsewhere directory link counts are compared.
+/// plain directory in the volume, with its real link count. The other way round, copying
+/// up a lower hard-linked file links all its names into the upper (`src/fs/links.rs`), so
+/// their directories become merged in the volume where the kernel (which finds them through
+/// its index) leaves them lower. Where either side says 1 for a directory, any count is
+/// accepted; elsewhere directory link counts are compared.
 pub fn align_volume_meta(a: &Meta, b: &Meta) -> Meta {
     let mut b = b.clone();
-    if a.ftype == FileType::Dir && b.ftype == FileType::Dir && a.nlink == 1 {
-        b.nlink = 1;
+    if a.ftype == FileType::Dir && b.ftype == FileType::Dir && (a.nlink == 1 || b.nlink == 1) {
+        b.nlink = a.nlink;
     }
     b
 }

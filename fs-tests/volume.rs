@@ -3,8 +3,8 @@
 //! A volume variant runs a scenario's ops on a layervol *volume* (`layervol volume create`,
 //! `layervol mount`) instead of an overlay mount, takes live snapshots (`layervol snapshot
 //! MNT`, no unmount) where the rotation variant rotates, and compares it with kernel
-//! overlayfs (the oracle, mounted with [`crate::harness::VOLUME_KERNEL_OPTIONS`], i.e.
-//! `index=off`) rotating its upper into its lowers at the same points.
+//! overlayfs (the oracle, mounted with [`crate::harness::VOLUME_KERNEL_OPTIONS`])
+//! rotating its upper into its lowers at the same points.
 //!
 //! - Same starting view: a volume has one base layer, a scenario a stack of lower layers
 //!   (whiteouts, opaque dirs, redirects). The base is imported from the merged view of the
@@ -22,8 +22,9 @@
 //!   a squash must not change anything observable either.
 //! - `layervol verify VOL` must succeed after every live snapshot (the volume still
 //!   mounted: it checks the frozen layers) and after the final unmount (all layers).
-//! - Persistence: after the final unmount the volume is mounted again; its view must equal
-//!   the kernel's read-only view of its final layers.
+//! - Persistence: after the final unmount the volume and the kernel's stack are mounted
+//!   again (the kernel with its work dir, whose index keeps lower hard links); the views
+//!   must be equal.
 //! - Not compared: the layer directories. A volume's layers hold partial files (sparse
 //!   files with a `trusted.layervol.partial` block map, whose holes read from the layers
 //!   below) under `VOL/layers/<epoch>/tree`, so they differ from the kernel's upper dirs by

@@ -168,6 +168,10 @@ fn write_history(v: &Vol) -> BTreeMap<String, String> {
     std::fs::rename(m("d/sub"), m("d/moved")).unwrap();
     std::fs::remove_file(m("d/x")).unwrap();
     std::fs::set_permissions(m("big2"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    // A write through one name of a hard-linked base file: every name shows it.
+    let h_ino = std::fs::metadata(m("d/h1")).unwrap().ino();
+    write_at(&m("d/h2"), 0, b"HARD");
+    assert_eq!(std::fs::read(m("d/h1")).unwrap(), b"HARD linked");
     snapshot(v);
     // Epoch 3: a copy-up over a partial file, rename of a partial file, an opaque dir,
     // truncate.
@@ -183,12 +187,21 @@ fn write_history(v: &Vol) -> BTreeMap<String, String> {
         .unwrap()
         .set_len(500_000)
         .unwrap();
+    // Through the other name, now over a frozen partial file.
+    write_at(&m("d/h1"), 5, b"LINKED");
+    assert_eq!(std::fs::read(m("d/h2")).unwrap(), b"HARD LINKED");
+    for h in ["d/h1", "d/h2"] {
+        assert_eq!(std::fs::metadata(m(h)).unwrap().ino(), h_ino, "{h}: st_ino");
+    }
     snapshot(v);
-    // Epoch 4 (stays active): a copy-up over the chain, a new hard-linked file.
+    // Epoch 4 (stays active): a copy-up over the chain, new hard links.
     write_at(&m("big1"), 200_000, &[4; 10_000]);
     write_at(&m("big2-renamed"), 4096, b"active write");
     std::fs::write(m("d/moved/new"), b"active file").unwrap();
     std::fs::hard_link(m("d/moved/new"), m("new-link")).unwrap();
+    std::fs::hard_link(m("d/h1"), m("h3")).unwrap();
+    std::fs::remove_file(m("d/h2")).unwrap();
+    assert_eq!(std::fs::metadata(m("h3")).unwrap().nlink(), 2);
     let view = describe(&v.p("m"));
     v.umount();
     // The mount saw what a remount sees.

@@ -34,24 +34,29 @@ impl Overlay {
             // A hard-linked lower file: every name links the one index copy.
             self.ensure_index(node)?;
             sys::linkat(self.index_dir()?.as_fd(), &hl.index, updir.as_fd(), &name)?;
-        } else if data && node.fmt == libc::S_IFREG && self.partial_enabled() {
-            // Volume mode: copy the metadata only; writes fill in blocks (`partial.rs`).
+        } else {
+            // Without an index, the other names of a hard-linked file link the copy before
+            // it is renamed into place (`links.rs`).
+            let siblings = self.lower_siblings(node)?;
             let work = self.work()?.root.as_fd();
-            let (tmp, ps) = self.make_partial_copy(node)?;
-            if let Err(e) = sys::renameat2(work, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE)
-            {
+            let partial = data && node.fmt == libc::S_IFREG && self.partial_enabled();
+            let (tmp, ps) = if partial {
+                // Volume mode: copy the metadata only; writes fill in blocks (`partial.rs`).
+                let (tmp, ps) = self.make_partial_copy(node)?;
+                (tmp, Some(ps))
+            } else {
+                (self.make_copy(node, data)?, None)
+            };
+            let placed = self.link_siblings(&tmp, &siblings).and_then(|()| {
+                sys::renameat2(work, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE)
+            });
+            if let Err(e) = placed {
                 let _ = remove_tree(work, &tmp);
                 return Err(e);
             }
-            *node.partial.lock() = Some(ps);
-            self.live_partials.insert(node.ino, ());
-        } else {
-            let work = self.work()?.root.as_fd();
-            let tmp = self.make_copy(node, data)?;
-            if let Err(e) = sys::renameat2(work, &tmp, updir.as_fd(), &name, libc::RENAME_NOREPLACE)
-            {
-                let _ = remove_tree(work, &tmp);
-                return Err(e);
+            if let Some(ps) = ps {
+                *node.partial.lock() = Some(ps);
+                self.live_partials.insert(node.ino, ());
             }
         }
         sys::utimensat(updir.as_fd(), sys::dot(), &sys::times_of(&pst))?;
@@ -114,8 +119,9 @@ impl Overlay {
             // Keep the lower copy's own origin when it is the object's identity (see `ino_of`),
             // otherwise the lower object itself is the origin.
             let inherited = sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)?.filter(|o| {
-                self.origin_ino(o)
-                    .is_some_and(|(_, nlink)| nlink <= 1 || fmt == libc::S_IFDIR)
+                self.origin_ino(o).is_some_and(|(_, nlink)| {
+                    nlink <= 1 || fmt == libc::S_IFDIR || !self.has_index()
+                })
             });
             let origin = match inherited {
                 Some(o) => Some(o),

@@ -291,8 +291,7 @@ impl Overlay {
             return Err(Errno::ENOTEMPTY);
         }
         self.upper()?;
-        // The other names of a hard-linked lower file keep its data: move it to the index.
-        self.ensure_index(&node)?;
+        self.keep_other_names(&node)?;
         let whiteout = self.lower_has(&parent, name)?;
         self.copy_up(&parent, true)?;
         let updir = self.upper_dir(&parent)?;
@@ -376,8 +375,7 @@ impl Overlay {
             } else if t.is_dir() && t.has_upper() {
                 self.clear_dir(t)?;
             } else {
-                // The other names of a hard-linked lower file keep its data.
-                self.ensure_index(t)?;
+                self.keep_other_names(t)?;
             }
         }
         let pdir = self.upper_dir(&p)?;

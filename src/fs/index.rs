@@ -87,6 +87,11 @@ impl Overlay {
         Ok(Some((Hardlink { index, lower_nlink }, indexed, merged)))
     }
 
+    /// Hard-linked lower files are shared through `workdir/index` (overlay mode).
+    pub(super) fn has_index(&self) -> bool {
+        self.index.is_some()
+    }
+
     fn nlink_key(&self) -> CString {
         CString::new(format!("{}nlink", self.x.prefix)).expect("no NUL")
     }

@@ -11,6 +11,7 @@ mod dir;
 mod file;
 pub mod fuse;
 mod index;
+mod links;
 mod node;
 mod partial;
 pub mod snapshot;
@@ -419,12 +420,14 @@ impl Overlay {
     /// Stable inode number of an object found in a layer (see `node.rs`): its origin's, if it
     /// was copied up. In a lower layer (an old upper rotated down), the origin is trusted only
     /// if the origin object has no other name that a lower layer could still show: two
-    /// different files must never share a node.
+    /// different files must never share a node. Volume mode guarantees that: its copy-up
+    /// links every name of the origin to the copy (`links.rs`) instead of using an index
+    /// that a snapshot would leave behind.
     fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat, upper: bool) -> u64 {
         if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin)
             && let Some((ino, nlink)) = self.origin_ino(&fb)
             // Directories have no hard links: their origin is always their identity.
-            && (upper || nlink <= 1 || sys::is_dir(st))
+            && (upper || nlink <= 1 || sys::is_dir(st) || !self.has_index())
         {
             return ino;
         }

@@ -89,7 +89,12 @@ pub struct Layer {
     /// A readable fd of the root: `open_by_handle_at` and ioctls refuse O_PATH fds.
     pub root_rd: OwnedFd,
     pub dev: u64,
+    /// Names of the multiply-linked non-directories, by inode number (`link_groups`).
+    links: std::sync::OnceLock<LinkGroups>,
 }
+
+/// Every name of each non-directory with several links in a layer, by inode number.
+pub type LinkGroups = std::collections::HashMap<u64, Vec<RelPath>>;
 
 impl Layer {
     pub fn open(path: &Path) -> std::io::Result<Layer> {
@@ -116,6 +121,26 @@ impl Layer {
             root,
             root_rd,
             dev: st.st_dev,
+            links: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The names of every multiply-linked non-directory of the layer, found by one walk of
+    /// the whole tree on first use and kept: call it only on layers nothing writes to (the
+    /// lower layers). Directories that cannot be read are skipped.
+    pub fn link_groups(&self) -> &LinkGroups {
+        self.links.get_or_init(|| {
+            let mut groups = LinkGroups::new();
+            let started = std::time::Instant::now();
+            collect_links(self.root.as_fd(), &RelPath::root(), &mut groups);
+            groups.retain(|_, names| names.len() > 1);
+            tracing::debug!(
+                layer = %self.path.display(),
+                inodes = groups.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "hard-link groups of a layer"
+            );
+            groups
         })
     }
 
@@ -135,6 +160,34 @@ impl Layer {
     pub fn stat(&self, rel: &RelPath) -> Result<Stat> {
         let (d, n) = self.parent_of(rel)?;
         sys::fstatat(d.as_fd(), &n)
+    }
+}
+
+fn collect_links(dir: BorrowedFd, rel: &RelPath, groups: &mut LinkGroups) {
+    let Ok(entries) = sys::read_dir(dir) else {
+        return;
+    };
+    for (name, _, dtype) in entries {
+        let st = match dtype {
+            libc::DT_DIR => None,
+            _ => match sys::fstatat(dir, &name) {
+                Ok(st) => Some(st),
+                Err(_) => continue,
+            },
+        };
+        match st {
+            Some(st) if !sys::is_dir(&st) => {
+                if st.st_nlink > 1 {
+                    groups.entry(st.st_ino).or_default().push(rel.join(&name));
+                }
+            }
+            _ => {
+                let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+                if let Ok(d) = sys::openat(dir, &name, flags, 0) {
+                    collect_links(d.as_fd(), &rel.join(&name), groups);
+                }
+            }
+        }
     }
 }
 
