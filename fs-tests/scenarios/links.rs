@@ -88,6 +88,24 @@ pub fn hardlinks() -> Vec<Scenario> {
                 unlink("n"),
                 stat("n2"),
             ]),
+        // A directory holding names of a lower hard link moves (a redirect) before the
+        // file is written through a name outside it, and the other way round.
+        Scenario::new("write_after_moving_a_dir_with_a_link")
+            .lower(hardlinked())
+            .ops([
+                ino("c", "d/c"),
+                rename("d", "moved"),
+                append("a", "+a"),
+                read("moved/c"),
+                stat("moved/c"),
+                ino("c_after", "moved/c"),
+                rename("moved", "d"),
+                append("d/c", "+c"),
+                read("b"),
+                stat("b"),
+                unlink("d/c"),
+                stat("a"),
+            ]),
         Scenario::new("link_errors").lower(hardlinked()).ops([
             link("d", "d2"),
             link("a", "b"),

@@ -367,6 +367,10 @@ impl Overlay {
         if same_place {
             return Ok(());
         }
+        self.before_dir_moves(&s)?;
+        if exchange && let Some(t) = &t {
+            self.before_dir_moves(t)?;
+        }
         self.copy_up(&s, true)?;
         self.copy_up(&q, true)?;
         if let Some(t) = &t {

@@ -12,8 +12,9 @@
 //!
 //! The names come from the lower layer's hard-link groups (`Layer::link_groups`, one walk of
 //! the layer on first use). A name is linked when the merged view shows that very lower
-//! object at the same path; a name that a directory rename moved (a redirect) is not found
-//! and keeps the lower object.
+//! object at the same path. Names that a directory rename moves (a redirect) would not be
+//! found there, so before a directory with lower parts moves, the hard-linked lower files
+//! in it are copied up (which links all their names) first.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::AsFd;
@@ -84,6 +85,45 @@ impl Overlay {
         Ok(())
     }
 
+    /// Before directory `dir` moves: copies up the hard-linked lower files below it, whose
+    /// names `lower_siblings` could no longer find at their lower paths afterwards.
+    pub(super) fn before_dir_moves(&self, dir: &Arc<Node>) -> Result<()> {
+        if !dir.is_dir() || self.has_index() || self.upper().is_err() {
+            return Ok(());
+        }
+        let Some(merged) = dir.path() else {
+            return Ok(());
+        };
+        let lower_dirs = dir.layout().lower_dirs.clone();
+        for lr in lower_dirs {
+            let l = self.lower(lr.layer)?;
+            for p in l.link_groups().values().flatten() {
+                let Some(rel) = below(p, &lr.path) else {
+                    continue;
+                };
+                let Some((mdir, name)) = join(&merged, rel).split_last() else {
+                    continue;
+                };
+                let Ok(parent) = self.merged_dir(&mdir) else {
+                    continue;
+                };
+                let Ok((node, _)) = self.lookup_node(&parent, &name) else {
+                    continue;
+                };
+                let same = node.layout().lower.as_ref().is_some_and(|o| {
+                    o == &crate::fs::LowerRef {
+                        layer: lr.layer,
+                        path: p.clone(),
+                    }
+                });
+                if same && !node.is_dir() && !node.has_upper() {
+                    self.copy_up(&node, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The merged directory at `rel`, looked up from the root.
     fn merged_dir(&self, rel: &RelPath) -> Result<Arc<Node>> {
         let mut cur = self.node(ROOT_INO)?;
@@ -115,4 +155,22 @@ impl Overlay {
         }
         Ok(())
     }
+}
+
+/// `p` relative to `dir` if it lies below it.
+fn below<'a>(p: &'a RelPath, dir: &RelPath) -> Option<&'a [u8]> {
+    if dir.is_root() {
+        return Some(p.as_bytes());
+    }
+    p.as_bytes()
+        .strip_prefix(dir.as_bytes())?
+        .strip_prefix(b"/")
+}
+
+/// `base` joined with the relative path `rel` (`/`-separated components).
+fn join(base: &RelPath, rel: &[u8]) -> RelPath {
+    rel.split(|c| *c == b'/')
+        .filter(|c| !c.is_empty())
+        .filter_map(|c| CString::new(c).ok())
+        .fold(base.clone(), |acc, c| acc.join(&c))
 }
