@@ -99,6 +99,17 @@ pub fn scenarios() -> Vec<Scenario> {
             read("a_link"),
             stat("links/y"),
         ])),
+        // A link made in a layer rotated down, written through one name: after a remount
+        // the merged link count must not depend on which name is looked up first (the
+        // copy names the first lower object as its origin, whose own count is 1).
+        sc("rotate_link_write_then_lookup_order").ops([
+            link("a", "f"),
+            rotate(),
+            write("f", ""),
+            remount(),
+            stat("f"),
+            stat("a"),
+        ]),
         sc("rotate_whiteouts_then_recreate").ops([
             unlink("b"),
             unlink("d/top"),

@@ -51,20 +51,25 @@ impl Overlay {
             let Some(fb) = sys::getxattr(d.as_fd(), name, &self.x.origin)? else {
                 return Ok(None);
             };
-            let nlink = self.origin_nlink(&fb).unwrap_or(1);
+            // The merged link count is kept relative to the link count of the lower object
+            // the index copy was made from: the one under this name when it has this
+            // identity (a copy of a copy names the first object as its origin, whose count
+            // may differ), else the origin itself.
+            let below = self
+                .lookup_lower(parent, name, None, None)
+                .ok()
+                .and_then(|lf| lf.nondir)
+                .and_then(|lr| self.lower_identity(&lr).ok())
+                .filter(|(key, _)| *key == fb)
+                .map(|(_, nlink)| nlink);
+            let nlink = below.or_else(|| self.origin_nlink(&fb)).unwrap_or(1);
             (fb, nlink)
         } else {
             let lr = f.lower.as_ref().ok_or(Errno::EIO)?;
-            let l = self.lower(lr.layer)?;
-            let (d, n) = l.parent_of(&lr.path)?;
-            let fb = match sys::getxattr(d.as_fd(), &n, &self.x.origin)? {
-                Some(fb) => fb,
-                None => match crate::layer::encode_origin(d.as_fd(), &n, l.root_rd.as_fd()) {
-                    Ok(fb) => fb,
-                    Err(_) => return Ok(None),
-                },
-            };
-            (fb, f.st.st_nlink as u32)
+            match self.lower_identity(lr) {
+                Ok(id) => id,
+                Err(_) => return Ok(None),
+            }
         };
         let index = hex(&fb);
         let root = ix.dir(&RelPath::root())?;
@@ -85,6 +90,18 @@ impl Overlay {
             .and_then(|v| parse_nlink(&v, lower_nlink, upper_nlink))
             .unwrap_or(lower_nlink);
         Ok(Some((Hardlink { index, lower_nlink }, indexed, merged)))
+    }
+
+    /// The identity (its origin, or its own file handle) and link count of a lower object.
+    fn lower_identity(&self, lr: &crate::fs::LowerRef) -> Result<(Vec<u8>, u32)> {
+        let l = self.lower(lr.layer)?;
+        let (d, n) = l.parent_of(&lr.path)?;
+        let st = sys::fstatat(d.as_fd(), &n)?;
+        let fb = match sys::getxattr(d.as_fd(), &n, &self.x.origin)? {
+            Some(fb) => fb,
+            None => crate::layer::encode_origin(d.as_fd(), &n, l.root_rd.as_fd())?,
+        };
+        Ok((fb, st.st_nlink as u32))
     }
 
     /// Hard-linked lower files are shared through `workdir/index` (overlay mode).
