@@ -561,21 +561,6 @@ impl Daemon {
         else {
             return Ok(json!({ "merged_epochs": [] }));
         };
-        // Layers frozen during the build are caught up without the lock too, until a pass
-        // finds none (snapshots keep coming while a pass runs, so at most a few passes).
-        for _ in 0..4 {
-            let ro = Volume::open_read_only(&path)?;
-            match squash::complete_online(&ro, &mut p) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    p.abandon(&ro);
-                    return Err(
-                        anyhow::Error::from(e).context("squash failed; the volume is unchanged")
-                    );
-                }
-            }
-        }
         let build_micros = t0.elapsed().as_micros() as u64;
         let t1 = Instant::now();
         let mut v = self.vol.lock();

@@ -471,22 +471,18 @@ pub fn prepare_online(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepa
     build(vol, opts)
 }
 
-/// After `prepare_online`: layers frozen during the build whose partial files name data the
-/// squash re-created are rebuilt like the other layers above the range, and the journal is
-/// rewritten to include them. Returns how many layers it looked at. It can be called again:
-/// first with fresh read-only handles to catch up while snapshots go on, finally with the
-/// volume lock, which then finds (almost) nothing left to do.
-pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<usize> {
+/// With the volume lock, after `prepare_online`: layers frozen during the build whose
+/// partial files name data the squash re-created are rebuilt like the other layers above
+/// the range, and the journal is rewritten to include them.
+pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<()> {
     let late: Vec<_> = vol
         .layers()
         .iter()
         .filter(|l| l.state == LayerState::Frozen && !p.known.contains(&l.epoch))
         .cloned()
         .collect();
-    let seen = late.len();
     let mut changed = false;
     for l in late {
-        p.known.push(l.epoch);
         if p.relink.is_empty() || vol.maps(l.epoch).list()?.is_empty() {
             continue;
         }
@@ -522,7 +518,7 @@ pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<usize> {
     if changed {
         write_journal(vol, p)?;
     }
-    Ok(seen)
+    Ok(())
 }
 
 fn write_journal(vol: &Volume, p: &Prepared) -> Result<()> {
