@@ -198,12 +198,13 @@ fn squash_cmd(args: SquashArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "squashed epochs {:?} into epoch {} ({} entries, {} linked, {} copied) in {:.2} s",
+                "squashed epochs {:?} into epoch {} ({} entries, {} linked, {} copied; {} reserved inodes freed) in {:.2} s",
                 st.merged_epochs,
                 st.epoch,
                 st.entries,
                 st.linked_objects,
                 st.copied_files,
+                st.freed_reserved,
                 t0.elapsed().as_secs_f64()
             );
             Ok(())

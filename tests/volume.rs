@@ -659,3 +659,37 @@ fn st_ino_survives_squash_and_remount() {
     v.ok(&["verify", "vol"]);
     assert!(v.p("vol/reserved").is_dir(), "identity inodes kept");
 }
+
+#[test]
+fn an_offline_squash_frees_the_reserved_inodes_of_deleted_objects() {
+    use std::os::unix::fs::MetadataExt;
+    let v = vol();
+    let reserved = |v: &Vol| std::fs::read_dir(v.p("vol/reserved")).map_or(0, |d| d.count());
+    let ino = |v: &Vol, p: &str| std::fs::symlink_metadata(v.p(p)).unwrap().ino();
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    std::fs::create_dir_all(v.p("m/gone/sub")).unwrap();
+    std::fs::write(v.p("m/gone/sub/f"), b"f").unwrap();
+    std::fs::write(v.p("m/d/x"), b"y").unwrap();
+    v.ok(&["snapshot", "m"]);
+    // Every directory of the merged layer is re-created: their identities are reserved.
+    v.ok(&["squash", "m"]);
+    let kept = reserved(&v);
+    assert!(kept >= 3, "{kept} reserved inodes");
+    let inos = (ino(&v, "m/d"), ino(&v, "m/d/x"));
+    std::fs::remove_dir_all(v.p("m/gone")).unwrap();
+    v.ok(&["snapshot", "m"]);
+    v.umount();
+    let out = v.ok(&["squash", "vol"]);
+    assert!(
+        reserved(&v) <= kept - 2,
+        "{out}: {} of {kept} left",
+        reserved(&v)
+    );
+    assert!(!out.contains(" 0 reserved inodes freed"), "{out}");
+    // What still exists keeps its st_ino.
+    v.mount();
+    assert_eq!((ino(&v, "m/d"), ino(&v, "m/d/x")), inos);
+    assert_eq!(std::fs::read(v.p("m/d/x")).unwrap(), b"y");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}

@@ -168,6 +168,8 @@ pub struct SquashStats {
     pub relinked_partials: u64,
     /// Old layer directories removed.
     pub removed_dirs: u64,
+    /// Reserved identity inodes freed (nothing names them any more; offline only).
+    pub freed_reserved: u64,
     pub elapsed_micros: u64,
 }
 
@@ -200,8 +202,9 @@ pub struct FinishStats {
 pub const GHOSTS_DIR: &str = "ghosts";
 
 /// Under the volume: inodes of removed layers that identify objects of the listed ones
-/// (their `overlay.origin` names them; see `Builder::keep_identity`). Kept for good, so that
-/// their numbers are never reused; files are emptied once nothing reads them.
+/// (their `overlay.origin` names them; see `Builder::keep_identity`). Kept while something
+/// names them, so that their numbers are never reused; files are emptied once nothing reads
+/// them, and an offline squash frees those nothing names any more (`gc_reserved`).
 pub const RESERVED_DIR: &str = "reserved";
 
 /// Where the removal of a replaced layer directory keeps inodes instead of freeing them.
@@ -296,6 +299,67 @@ pub fn empty_reserved(vol: &Volume, open: &dyn Fn(u64, u64) -> bool) -> Result<u
     Ok(n)
 }
 
+/// Frees the reserved identity inodes that no object of the volume names as its origin any
+/// more (their objects were deleted since). Needs the volume lock: no mount runs, so no
+/// kernel knows their numbers either. Reads the origin of every object of every layer.
+/// Returns how many it freed.
+pub fn gc_reserved(vol: &Volume) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    vol.require_lock("free reserved inodes")?;
+    let dir = vol.path().join(RESERVED_DIR);
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut unused: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    for e in rd {
+        let p = e.map_err(io("list", &dir))?.path();
+        let md = p.symlink_metadata().map_err(io("stat", &p))?;
+        unused.insert((md.dev(), md.ino()), p);
+    }
+    if unused.is_empty() {
+        return Ok(0);
+    }
+    let key = XattrNames::new(vol.userxattr()).origin;
+    let mount = open_dir(vol.path())?;
+    for l in vol.layers() {
+        let tree = vol.tree_dir(l.epoch);
+        let root = open_dir(&tree)?;
+        let mut stack = vec![(root, tree)];
+        while let Some((d, path)) = stack.pop() {
+            for (name, _, dtype) in sys::read_dir(d.as_fd()).map_err(errno_io("list", &path))? {
+                let at = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                if let Some(fb) = sys::getxattr(d.as_fd(), &name, &key)
+                    .map_err(errno_io("read the origin of", &at))?
+                    && let Ok(fd) = layer::decode_origin(&fb, mount.as_fd())
+                    && let Ok(st) = sys::fstat(fd.as_fd())
+                {
+                    unused.remove(&(st.st_dev, st.st_ino));
+                }
+                if dtype == libc::DT_DIR {
+                    let sub = sys::openat(
+                        d.as_fd(),
+                        &name,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    )
+                    .map_err(errno_io("open directory", &at))?;
+                    stack.push((sub, at));
+                }
+            }
+        }
+    }
+    let mut freed = 0;
+    for p in unused.into_values() {
+        let r = match p.symlink_metadata() {
+            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        r.map_err(io("free reserved inode", &p))?;
+        freed += 1;
+    }
+    Ok(freed)
+}
+
 fn stat_of(md: &std::fs::Metadata) -> Stat {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: `stat` is plain data; all-zero is a valid value.
@@ -339,6 +403,11 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
         stats.relinked_partials = f.relinked_partials;
         stats.removed_dirs = f.removed_dirs;
     }
+    // Committed: a failure to free reserved inodes is only a leftover for the next squash.
+    stats.freed_reserved = gc_reserved(vol).unwrap_or_else(|e| {
+        tracing::warn!("freeing reserved inodes: {e}");
+        0
+    });
     Ok(p.done(stats))
 }
 
