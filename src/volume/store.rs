@@ -68,6 +68,9 @@ pub const LAYERS_DIR: &str = "layers";
 pub const WORK_DIR: &str = "work";
 pub const TREE_DIR: &str = "tree";
 pub const MAPS_DIR: &str = "maps";
+/// Data a crashed mount left in a layer directory `volume.json` never listed (moved aside,
+/// never thrown away; see `clear_unlisted_layer`).
+pub const LOST_DIR: &str = "lost+found";
 
 /// Whether a layer still takes writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -559,7 +562,7 @@ impl Volume {
         meta::stage(&self.root, VOLUME_FILE, &bytes)
     }
 
-    fn require_lock(&self, action: &'static str) -> Result<()> {
+    pub(crate) fn require_lock(&self, action: &'static str) -> Result<()> {
         if self.lock.is_none() {
             return Err(VolumeError::ReadOnly {
                 path: self.root.clone(),
@@ -698,7 +701,10 @@ impl Volume {
     }
 
     /// Makes room for a new layer `epoch` that `volume.json` does not list: an empty
-    /// skeleton left by a crashed freeze is removed; anything holding data is refused.
+    /// skeleton left by a crashed freeze is removed. One holding data is what a mount wrote
+    /// between a live snapshot's switch and its commit before it died (no fsync of it was
+    /// acknowledged: fsyncs wait for the commit), or something put there by hand: it is never
+    /// thrown away, but moved to `VOL/lost+found/`, and the freeze goes on.
     fn clear_unlisted_layer(&self, epoch: u64) -> Result<()> {
         let dir = self.layer_dir(epoch);
         if fs::symlink_metadata(&dir).is_err() {
@@ -712,13 +718,19 @@ impl Volume {
                 })
             });
         if !skeleton {
-            return Err(VolumeError::Inconsistent {
-                path: self.root.clone(),
-                reason: format!(
-                    "{} exists and holds data but volume.json does not list it; move it out of the volume",
-                    dir.display()
-                ),
-            });
+            let lost = self.root.join(LOST_DIR);
+            mkdir(&lost, 0o700)?;
+            let to = lost.join(format!("layer-{epoch}.{}", now_unix_secs()));
+            fs::rename(&dir, &to).map_err(io("move aside leftover", &dir))?;
+            meta::sync_dir(&lost)?;
+            meta::sync_dir(&self.root.join(LAYERS_DIR))?;
+            tracing::warn!(
+                "{} held data that volume.json does not list (a mount that died during a \
+                 snapshot wrote it, unacknowledged); moved to {}",
+                dir.display(),
+                to.display()
+            );
+            return Ok(());
         }
         fs::remove_dir_all(&dir).map_err(io("remove leftover", &dir))
     }
