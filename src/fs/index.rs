@@ -59,16 +59,16 @@ impl Overlay {
                 .lookup_lower(parent, name, None, None)
                 .ok()
                 .and_then(|lf| lf.nondir)
-                .and_then(|lr| self.lower_identity(&lr).ok())
+                .and_then(|lr| self.lower_identity(&lr).ok().flatten())
                 .filter(|(key, _)| *key == fb)
                 .map(|(_, nlink)| nlink);
             let nlink = below.or_else(|| self.origin_nlink(&fb)).unwrap_or(1);
             (fb, nlink)
         } else {
             let lr = f.lower.as_ref().ok_or(Errno::EIO)?;
-            match self.lower_identity(lr) {
-                Ok(id) => id,
-                Err(_) => return Ok(None),
+            match self.lower_identity(lr)? {
+                Some(id) => id,
+                None => return Ok(None),
             }
         };
         let index = hex(&fb);
@@ -92,16 +92,20 @@ impl Overlay {
         Ok(Some((Hardlink { index, lower_nlink }, indexed, merged)))
     }
 
-    /// The identity (its origin, or its own file handle) and link count of a lower object.
-    fn lower_identity(&self, lr: &crate::fs::LowerRef) -> Result<(Vec<u8>, u32)> {
+    /// The identity (its origin, or its own file handle) and link count of a lower object;
+    /// `None` if the filesystem gives it no file handle.
+    fn lower_identity(&self, lr: &crate::fs::LowerRef) -> Result<Option<(Vec<u8>, u32)>> {
         let l = self.lower(lr.layer)?;
         let (d, n) = l.parent_of(&lr.path)?;
         let st = sys::fstatat(d.as_fd(), &n)?;
         let fb = match sys::getxattr(d.as_fd(), &n, &self.x.origin)? {
             Some(fb) => fb,
-            None => crate::layer::encode_origin(d.as_fd(), &n, l.root_rd.as_fd())?,
+            None => match crate::layer::encode_origin(d.as_fd(), &n, l.root_rd.as_fd()) {
+                Ok(fb) => fb,
+                Err(_) => return Ok(None),
+            },
         };
-        Ok((fb, st.st_nlink as u32))
+        Ok(Some((fb, st.st_nlink as u32)))
     }
 
     /// Hard-linked lower files are shared through `workdir/index` (overlay mode).

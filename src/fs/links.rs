@@ -110,12 +110,11 @@ impl Overlay {
                 let Ok((node, _)) = self.lookup_node(&parent, &name) else {
                     continue;
                 };
-                let same = node.layout().lower.as_ref().is_some_and(|o| {
-                    o == &crate::fs::LowerRef {
-                        layer: lr.layer,
-                        path: p.clone(),
-                    }
-                });
+                let same = node
+                    .layout()
+                    .lower
+                    .as_ref()
+                    .is_some_and(|o| o.layer == lr.layer && o.path == *p);
                 if same && !node.is_dir() && !node.has_upper() {
                     self.copy_up(&node, true)?;
                 }
