@@ -321,32 +321,25 @@ pub fn gc_reserved(vol: &Volume) -> Result<u64> {
     }
     let key = XattrNames::new(vol.userxattr()).origin;
     let mount = open_dir(vol.path())?;
+    let mut named = |dir: BorrowedFd, name: &CStr, at: &dyn Fn() -> PathBuf| -> Result<()> {
+        if let Some(fb) =
+            sys::getxattr(dir, name, &key).map_err(errno_io("read the origin of", at()))?
+            && let Ok(fd) = layer::decode_origin(&fb, mount.as_fd())
+            && let Ok(st) = sys::fstat(fd.as_fd())
+        {
+            unused.remove(&(st.st_dev, st.st_ino));
+        }
+        Ok(())
+    };
     for l in vol.layers() {
         let tree = vol.tree_dir(l.epoch);
-        let root = open_dir(&tree)?;
-        let mut stack = vec![(root, tree)];
-        while let Some((d, path)) = stack.pop() {
-            for (name, _, dtype) in sys::read_dir(d.as_fd()).map_err(errno_io("list", &path))? {
-                let at = path.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-                if let Some(fb) = sys::getxattr(d.as_fd(), &name, &key)
-                    .map_err(errno_io("read the origin of", &at))?
-                    && let Ok(fd) = layer::decode_origin(&fb, mount.as_fd())
-                    && let Ok(st) = sys::fstat(fd.as_fd())
-                {
-                    unused.remove(&(st.st_dev, st.st_ino));
-                }
-                if dtype == libc::DT_DIR {
-                    let sub = sys::openat(
-                        d.as_fd(),
-                        &name,
-                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                        0,
-                    )
-                    .map_err(errno_io("open directory", &at))?;
-                    stack.push((sub, at));
-                }
-            }
-        }
+        // The root too: a squash re-creates it like any directory.
+        named(open_dir(&tree)?.as_fd(), sys::dot(), &|| tree.clone())?;
+        for_each_entry(&tree, &mut |dir, name, path, _| {
+            named(dir, name, &|| {
+                tree.join(std::ffi::OsStr::from_bytes(path.as_bytes()))
+            })
+        })?;
     }
     let mut freed = 0;
     for p in unused.into_values() {
@@ -1192,10 +1185,23 @@ fn relink_tree(vol: &Volume, tree: &Path, relink: &HashMap<FhKey, Vec<u8>>) -> R
     Ok(n)
 }
 
-/// Calls `f(dir, name, layer path, stat)` for every regular file of a tree. Directories are
-/// reached from the root without following symlinks, one open at a time (a tree of any
-/// shape costs a few file descriptors).
+/// Calls `f(dir, name, layer path, stat)` for every regular file of a tree.
 fn for_each_file(
+    tree: &Path,
+    f: &mut dyn FnMut(BorrowedFd, &CStr, &RelPath, &Stat) -> Result<()>,
+) -> Result<()> {
+    for_each_entry(tree, &mut |dir, name, path, st| {
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            f(dir, name, path, st)?;
+        }
+        Ok(())
+    })
+}
+
+/// Calls `f(dir, name, layer path, stat)` for every entry of a tree (not the root).
+/// Directories are reached from the root without following symlinks, one open at a time (a
+/// tree of any shape costs a few file descriptors).
+fn for_each_entry(
     tree: &Path,
     f: &mut dyn FnMut(BorrowedFd, &CStr, &RelPath, &Stat) -> Result<()>,
 ) -> Result<()> {
@@ -1208,10 +1214,9 @@ fn for_each_file(
         for (name, _, _) in sys::read_dir(dir.as_fd()).map_err(errno_io("list", p()))? {
             let st = sys::fstatat(dir.as_fd(), &name).map_err(errno_io("stat in", p()))?;
             let path = rel.join(&name);
+            f(dir.as_fd(), &name, &path, &st)?;
             if sys::is_dir(&st) {
                 stack.push(path);
-            } else if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                f(dir.as_fd(), &name, &path, &st)?;
             }
         }
     }
