@@ -734,6 +734,7 @@ fn snapshot(
         "frozen_epoch": f.frozen_epoch,
         "active_epoch": f.active_epoch,
         "barrier_micros": stats.barrier_micros,
+        "barrier_wait_micros": stats.barrier_wait_micros,
         "flush_micros": stats.flush_micros,
         "commit_micros": stats.commit_micros,
         "total_micros": total,

@@ -413,9 +413,15 @@ impl Overlay {
         Ok(())
     }
 
-    /// Before a freeze (writers blocked): every live map is written, then forgotten: the
-    /// files belong to the frozen layer now.
-    pub(super) fn store_all_partials(&self) -> Result<()> {
+    /// Under a freeze's barrier: every live map is taken from its node (the files belong
+    /// to the frozen layer now, their next write copies them up again) and put in the
+    /// frozen-map cache, so the new upper can read through them at once. Returns the maps
+    /// to store (changed since they last were) and where: the caller writes them after the
+    /// barrier with `store_frozen`, before the freeze commits. Costs O(open partial files)
+    /// in memory, no I/O.
+    pub(super) fn take_all_partials(&self) -> Result<(MapStore, Vec<Arc<BlockMap>>)> {
+        let store = self.active_maps()?;
+        let mut to_store = Vec::new();
         let inos: Vec<u64> = self.live_partials.iter().map(|e| *e.key()).collect();
         for ino in inos {
             let Some(n) = self.nodes.get(&ino).map(|n| n.clone()) else {
@@ -426,9 +432,23 @@ impl Overlay {
                 // Open but unlinked: it stays live, outside every layer.
                 continue;
             }
-            self.store_partial(&n)?;
-            *n.partial.lock() = None;
+            if let Some(ps) = n.partial.lock().take() {
+                let map = Arc::new(ps.map);
+                self.frozen_maps.insert(map.id(), map.clone());
+                if ps.dirty {
+                    to_store.push(map);
+                }
+            }
             self.live_partials.remove(&ino);
+        }
+        Ok((store, to_store))
+    }
+
+    /// Stores the maps `take_all_partials` took (each written and fsynced, then renamed
+    /// into place); the freeze's flush makes the renames durable.
+    pub(super) fn store_frozen(store: &MapStore, maps: &[Arc<BlockMap>]) -> Result<()> {
+        for m in maps {
+            store.store(m).map_err(|_| Errno::EIO)?;
         }
         Ok(())
     }

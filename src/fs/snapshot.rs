@@ -28,6 +28,8 @@ pub struct FreezeStats {
     pub layer_id: usize,
     /// Time the write barrier was held (writers were blocked).
     pub barrier_micros: u64,
+    /// Of which waiting for the operations in flight to end.
+    pub barrier_wait_micros: u64,
     /// Time of the flush before the barrier.
     pub flush_micros: u64,
     /// Time of the flush and commit after the barrier (fsyncs waited for it).
@@ -39,10 +41,11 @@ pub struct FreezeStats {
 
 impl Overlay {
     /// Freezes the upper. Writers are blocked only while the block maps of open partial
-    /// files are stored, `under_barrier` runs (e.g. the next upper gets the root's
-    /// attributes) and the stack is swapped: `next_upper` (an empty directory) becomes the
-    /// upper, the old upper the topmost lower layer (its directory fd stays valid wherever
-    /// the directory is). Then the frozen layer is flushed and `commit` makes the switch
+    /// files are taken from their nodes (in memory), `under_barrier` runs (e.g. the next
+    /// upper gets the root's attributes) and the stack is swapped: `next_upper` (an empty
+    /// directory) becomes the upper, the old upper the topmost lower layer (its directory fd
+    /// stays valid wherever the directory is). Then the taken maps are stored, the frozen
+    /// layer is flushed and `commit` makes the switch
     /// durable (the volume's atomic metadata commit, staged before); until it has, every
     /// fsync waits, so that no write to the new upper is acknowledged before the new upper
     /// is the volume's. A failure before the swap changes nothing; a failed commit after it
@@ -65,7 +68,8 @@ impl Overlay {
         let flush = t0.elapsed();
         let t1 = Instant::now();
         let barrier = self.barrier.write();
-        self.store_all_partials().map_err(std::io::Error::from)?;
+        let t_locked = t1.elapsed();
+        let (maps, frozen_maps) = self.take_all_partials().map_err(std::io::Error::from)?;
         under_barrier()?;
         let epoch = self.epoch.load(Ordering::Acquire);
         let (dirty_bytes, dirty_files) = self.dirty_stats();
@@ -92,8 +96,8 @@ impl Overlay {
         drop(barrier);
         let held = t1.elapsed();
         let t2 = Instant::now();
-        let committed = self
-            .syncfs()
+        let committed = Self::store_frozen(&maps, &frozen_maps)
+            .and_then(|()| self.syncfs())
             .map_err(std::io::Error::from)
             .and_then(|()| commit());
         if committed.is_err() {
@@ -107,6 +111,7 @@ impl Overlay {
             epoch: epoch + 1,
             layer_id,
             barrier_micros: held.as_micros() as u64,
+            barrier_wait_micros: t_locked.as_micros() as u64,
             flush_micros: flush.as_micros() as u64,
             dirty_bytes,
             dirty_files,
