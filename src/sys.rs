@@ -327,16 +327,89 @@ fn proc_path(dir: BorrowedFd, name: &CStr) -> CString {
     CString::new(p).expect("no NUL: built from a CStr")
 }
 
+/// The `*xattrat` system calls (Linux 6.13): xattrs of `dir/name` without building a
+/// `/proc/self/fd` path, which costs a procfs walk per call. Older kernels answer ENOSYS
+/// once; from then on the path form is used.
+mod xattrat {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // The same numbers on every architecture (the unified syscall table).
+    pub const SETXATTRAT: libc::c_long = 463;
+    pub const GETXATTRAT: libc::c_long = 464;
+    pub const LISTXATTRAT: libc::c_long = 465;
+    pub const REMOVEXATTRAT: libc::c_long = 466;
+
+    /// `struct xattr_args` of <linux/xattr.h>.
+    #[repr(C)]
+    pub struct Args {
+        pub value: u64,
+        pub size: u32,
+        pub flags: u32,
+    }
+
+    /// `dir/name` without following a symlink; an empty name is `dir` itself.
+    pub fn flags(name: &std::ffi::CStr) -> libc::c_int {
+        if name.is_empty() {
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH
+        } else {
+            libc::AT_SYMLINK_NOFOLLOW
+        }
+    }
+
+    static MISSING: AtomicBool = AtomicBool::new(false);
+
+    /// Tests: behave as on a kernel without the calls.
+    #[cfg(test)]
+    pub fn pretend_missing(missing: bool) {
+        MISSING.store(missing, Ordering::Relaxed);
+    }
+
+    /// Runs `call` unless the kernel lacks the calls; `None` means "use the path form".
+    pub fn run(call: impl FnOnce() -> libc::c_long) -> Option<libc::c_long> {
+        if MISSING.load(Ordering::Relaxed) {
+            return None;
+        }
+        let r = call();
+        if r < 0 && super::Errno::last() == super::Errno::ENOSYS {
+            MISSING.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(r)
+    }
+}
+
 /// Value of xattr `key` on `dir/name`, or `None` if it is not set.
 pub fn getxattr(dir: BorrowedFd, name: &CStr, key: &CStr) -> Result<Option<Vec<u8>>> {
-    let path = proc_path(dir, name);
-    xattr_value(|buf| unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            key.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
+    let mut path = None;
+    xattr_value(|buf| {
+        let at = || unsafe {
+            let mut args = xattrat::Args {
+                value: buf.as_mut_ptr() as u64,
+                size: buf.len() as u32,
+                flags: 0,
+            };
+            libc::syscall(
+                xattrat::GETXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                xattrat::flags(name),
+                key.as_ptr(),
+                &mut args as *mut xattrat::Args,
+                std::mem::size_of::<xattrat::Args>(),
+            )
+        };
+        if let Some(r) = xattrat::run(at) {
+            return r as libc::ssize_t;
+        }
+        let path = path.get_or_insert_with(|| proc_path(dir, name));
+        unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                key.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        }
     })
 }
 
@@ -362,6 +435,25 @@ fn xattr_value(mut get: impl FnMut(&mut [u8]) -> libc::ssize_t) -> Result<Option
 }
 
 pub fn setxattr(dir: BorrowedFd, name: &CStr, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
+    let at = || unsafe {
+        let args = xattrat::Args {
+            value: value.as_ptr() as u64,
+            size: value.len() as u32,
+            flags: flags as u32,
+        };
+        libc::syscall(
+            xattrat::SETXATTRAT,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            xattrat::flags(name),
+            key.as_ptr(),
+            &args as *const xattrat::Args,
+            std::mem::size_of::<xattrat::Args>(),
+        )
+    };
+    if let Some(r) = xattrat::run(at) {
+        return check(r as libc::c_int).map(drop);
+    }
     let path = proc_path(dir, name);
     check(unsafe {
         libc::lsetxattr(
@@ -376,22 +468,51 @@ pub fn setxattr(dir: BorrowedFd, name: &CStr, key: &CStr, value: &[u8], flags: i
 }
 
 pub fn removexattr(dir: BorrowedFd, name: &CStr, key: &CStr) -> Result<()> {
+    let at = || unsafe {
+        libc::syscall(
+            xattrat::REMOVEXATTRAT,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            xattrat::flags(name),
+            key.as_ptr(),
+        )
+    };
+    if let Some(r) = xattrat::run(at) {
+        return check(r as libc::c_int).map(drop);
+    }
     let path = proc_path(dir, name);
     check(unsafe { libc::lremovexattr(path.as_ptr(), key.as_ptr()) }).map(drop)
 }
 
 /// All xattr names of `dir/name`.
 pub fn listxattr(dir: BorrowedFd, name: &CStr) -> Result<Vec<CString>> {
-    let path = proc_path(dir, name);
+    let mut path = None;
+    let mut list = |buf: &mut [u8]| -> libc::ssize_t {
+        let at = || unsafe {
+            libc::syscall(
+                xattrat::LISTXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                xattrat::flags(name),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if let Some(r) = xattrat::run(at) {
+            return r as libc::ssize_t;
+        }
+        let path = path.get_or_insert_with(|| proc_path(dir, name));
+        unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    };
     let mut buf = vec![0u8; 1024];
     let n = loop {
-        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = list(&mut buf);
         if n >= 0 {
             break n as usize;
         }
         match Errno::last() {
             Errno::ERANGE => {
-                let need = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+                let need = list(&mut []);
                 buf.resize(check_size(need)?.max(buf.len() * 2), 0);
             }
             Errno::ENOTSUP => return Ok(Vec::new()),
@@ -472,4 +593,48 @@ pub fn times_of(st: &Stat) -> [libc::timespec; 2] {
             tv_nsec: st.st_mtime_nsec,
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// The `*xattrat` calls and the `/proc/self/fd` path form they replace behave alike,
+    /// on a name in a directory and on the directory itself (empty name).
+    #[test]
+    fn xattr_calls_with_and_without_xattrat() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("f"), b"x").unwrap();
+        let dir = std::fs::File::open(t.path()).unwrap();
+        let key = c"user.layervol-test";
+        for missing in [false, true] {
+            xattrat::pretend_missing(missing);
+            for name in [c"f", c""] {
+                let _ = removexattr(dir.as_fd(), name, key);
+                assert_eq!(
+                    getxattr(dir.as_fd(), name, key),
+                    Ok(None),
+                    "{missing} {name:?}"
+                );
+                let big = vec![7u8; 1000]; // more than the first buffer
+                setxattr(dir.as_fd(), name, key, &big, libc::XATTR_CREATE).unwrap();
+                assert_eq!(
+                    setxattr(dir.as_fd(), name, key, b"v", libc::XATTR_CREATE),
+                    Err(Errno::EEXIST)
+                );
+                assert_eq!(getxattr(dir.as_fd(), name, key), Ok(Some(big)));
+                assert!(
+                    listxattr(dir.as_fd(), name)
+                        .unwrap()
+                        .iter()
+                        .any(|k| &**k == key)
+                );
+                removexattr(dir.as_fd(), name, key).unwrap();
+                assert_eq!(removexattr(dir.as_fd(), name, key), Err(Errno::ENODATA));
+                assert_eq!(getxattr(dir.as_fd(), c"missing", key), Err(Errno::ENOENT));
+            }
+        }
+        xattrat::pretend_missing(false);
+    }
 }
