@@ -628,7 +628,7 @@ mod tests {
                     listxattr(dir.as_fd(), name)
                         .unwrap()
                         .iter()
-                        .any(|k| &**k == key)
+                        .any(|k| **k == *key)
                 );
                 removexattr(dir.as_fd(), name, key).unwrap();
                 assert_eq!(removexattr(dir.as_fd(), name, key), Err(Errno::ENODATA));
