@@ -616,6 +616,116 @@ fn a_full_disk_during_snapshot_or_squash_leaves_the_volume_as_it_was() {
     v.ok(&["verify", "vol"]);
 }
 
+/// Whatever step of a snapshot runs out of space (here tmpfs inodes: 0, 1, 2... free), with
+/// open partial files whose block maps changed, the snapshot either works or fails with
+/// nothing changed: the mount goes on (fsync works: it is not left failed), nothing is lost.
+#[test]
+fn a_snapshot_short_of_space_at_any_step_changes_nothing() {
+    assert!(nix::unistd::geteuid().is_root());
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().to_path_buf();
+    let _tmpfs = common::Tmpfs::mount(&root, "64m,nr_inodes=2000");
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    std::fs::create_dir(root.join("m")).unwrap();
+    // Six files, so that the block maps a freeze writes need more than one inode.
+    const FILES: usize = 6;
+    let mut want: Vec<Vec<u8>> = (0..FILES)
+        .map(|n| (0..512 << 10).map(|i| ((i + n) % 251) as u8).collect())
+        .collect();
+    for (n, w) in want.iter().enumerate() {
+        std::fs::write(root.join(format!("src/f{n}")), w).unwrap();
+    }
+    let v = Vol::at(root.clone());
+    v.ok(&["volume", "create", "vol", "--from", "src"]);
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    let files: Vec<std::fs::File> = (0..FILES)
+        .map(|n| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(v.p(&format!("m/f{n}")))
+                .unwrap()
+        })
+        .collect();
+    let write_blocks = |want: &mut Vec<Vec<u8>>, blk: usize| {
+        let data = vec![blk as u8 + 1; 4096];
+        for (f, w) in files.iter().zip(want.iter_mut()) {
+            f.write_all_at(&data, (blk * 4096) as u64).unwrap();
+            w[blk * 4096..(blk + 1) * 4096].copy_from_slice(&data);
+        }
+    };
+    let check = |want: &Vec<Vec<u8>>| {
+        for (n, w) in want.iter().enumerate() {
+            assert!(
+                std::fs::read(v.p(&format!("m/f{n}"))).unwrap() == *w,
+                "f{n}"
+            );
+        }
+    };
+    write_blocks(&mut want, 0); // the partial files exist from here on
+    for f in &files {
+        f.sync_all().unwrap();
+    }
+    let epoch = v.json(&["status", "m", "--json"])["active_epoch"].clone();
+    // Leaves `k` free inodes; returns the files that take the others.
+    let fill = root.join("fill");
+    std::fs::create_dir(&fill).unwrap();
+    let take_all_but = |k: usize| {
+        let mut fillers = Vec::new();
+        while std::fs::File::create(fill.join(fillers.len().to_string())).is_ok() {
+            fillers.push(fill.join(fillers.len().to_string()));
+        }
+        for p in fillers.drain(fillers.len() - k..) {
+            std::fs::remove_file(p).unwrap();
+        }
+        fillers
+    };
+    // Each k three times: a failed attempt may leave directories the next one reuses, which
+    // moves the step that runs out of space.
+    let mut failures = 0;
+    for attempt in 0..90 {
+        let k = attempt / 3;
+        write_blocks(&mut want, attempt + 1);
+        let fillers = take_all_but(k);
+        let out = v.run(&["snapshot", "m"]);
+        for p in fillers {
+            std::fs::remove_file(p).unwrap();
+        }
+        if out.status.success() {
+            break;
+        }
+        failures += 1;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("No space left"), "{k} free inodes: {err}");
+        for f in &files {
+            f.sync_all()
+                .unwrap_or_else(|e| panic!("fsync after a snapshot failed with {k} free: {e}"));
+        }
+        assert_eq!(v.json(&["status", "m", "--json"])["active_epoch"], epoch);
+        check(&want);
+    }
+    assert!(
+        failures > 1,
+        "a snapshot found enough space with {failures} free inodes"
+    );
+    assert_ne!(
+        v.json(&["status", "m", "--json"])["active_epoch"],
+        epoch,
+        "no snapshot worked with 30 free inodes"
+    );
+    write_blocks(&mut want, 91);
+    for f in &files {
+        f.sync_all().unwrap();
+    }
+    v.ok(&["snapshot", "m"]);
+    check(&want);
+    drop(files);
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    v.ok(&["mount", "vol", "m"]);
+    check(&want);
+    v.umount();
+}
+
 #[test]
 fn st_ino_survives_squash_and_remount() {
     use std::os::unix::fs::MetadataExt;

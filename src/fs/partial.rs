@@ -22,6 +22,7 @@ use crate::layer;
 use crate::sys::{self, Errno, Result};
 use crate::volume::MapId;
 use crate::volume::blockmap::{self, BlockMap, CLUSTER_GAP, MapStore, Source, will_need};
+use crate::volume::meta;
 
 /// The live map of an active layer's partial file.
 #[derive(Debug)]
@@ -203,7 +204,7 @@ impl Overlay {
             let id = MapId::random().map_err(|_| Errno::EIO)?;
             let map = BlockMap::new(id, self.cfg.block_size as u32, st.st_size as u64)
                 .map_err(|_| Errno::EINVAL)?;
-            self.active_maps()?.store(&map).map_err(|_| Errno::EIO)?;
+            self.active_maps()?.store(&map).map_err(|e| e.errno())?;
             blockmap::write_marker(wdir, &tmp, id, self.cfg.userxattr)?;
             let lfd = sys::openat(ldir.as_fd(), &lname, libc::O_RDONLY, 0)?;
             let mut below = Vec::new();
@@ -407,7 +408,7 @@ impl Overlay {
         if let Some(ps) = g.as_mut()
             && ps.dirty
         {
-            self.active_maps()?.store(&ps.map).map_err(|_| Errno::EIO)?;
+            self.active_maps()?.store(&ps.map).map_err(|e| e.errno())?;
             ps.dirty = false;
         }
         Ok(())
@@ -415,40 +416,51 @@ impl Overlay {
 
     /// Under a freeze's barrier: every live map is taken from its node (the files belong
     /// to the frozen layer now, their next write copies them up again) and put in the
-    /// frozen-map cache, so the new upper can read through them at once. Returns the maps
-    /// to store (changed since they last were) and where: the caller writes them after the
-    /// barrier with `store_frozen`, before the freeze commits. Costs O(open partial files)
-    /// in memory, no I/O.
-    pub(super) fn take_all_partials(&self) -> Result<(MapStore, Vec<Arc<BlockMap>>)> {
+    /// frozen-map cache, so the new upper can read through them at once. The maps changed
+    /// since they were last stored are first written to temporary files without an fsync,
+    /// which takes their space (a full disk fails the freeze here, with nothing changed) but
+    /// not the time of a disk flush; the caller commits them with `store_frozen` after the
+    /// barrier, before the freeze commits. O(open partial files).
+    pub(super) fn take_all_partials(&self) -> std::io::Result<Vec<meta::Staged>> {
         let store = self.active_maps()?;
-        let mut to_store = Vec::new();
+        let mut live = Vec::new();
         let inos: Vec<u64> = self.live_partials.iter().map(|e| *e.key()).collect();
         for ino in inos {
-            let Some(n) = self.nodes.get(&ino).map(|n| n.clone()) else {
-                self.live_partials.remove(&ino);
-                continue;
-            };
-            if n.path().is_none() {
-                // Open but unlinked: it stays live, outside every layer.
-                continue;
-            }
-            if let Some(ps) = n.partial.lock().take() {
-                let map = Arc::new(ps.map);
-                self.frozen_maps.insert(map.id(), map.clone());
-                if ps.dirty {
-                    to_store.push(map);
+            match self.nodes.get(&ino).map(|n| n.clone()) {
+                None => {
+                    self.live_partials.remove(&ino);
                 }
+                // Open but unlinked: it stays live, outside every layer.
+                Some(n) if n.path().is_none() => {}
+                Some(n) => live.push(n),
             }
-            self.live_partials.remove(&ino);
         }
-        Ok((store, to_store))
+        let mut staged = Vec::new();
+        for n in &live {
+            if let Some(ps) = n.partial.lock().as_ref()
+                && ps.dirty
+            {
+                staged.push(
+                    store
+                        .stage_unsynced(&ps.map)
+                        .map_err(std::io::Error::other)?,
+                );
+            }
+        }
+        for n in live {
+            if let Some(ps) = n.partial.lock().take() {
+                self.frozen_maps.insert(ps.map.id(), Arc::new(ps.map));
+            }
+            self.live_partials.remove(&n.ino);
+        }
+        Ok(staged)
     }
 
-    /// Stores the maps `take_all_partials` took (each written and fsynced, then renamed
-    /// into place); the freeze's flush makes the renames durable.
-    pub(super) fn store_frozen(store: &MapStore, maps: &[Arc<BlockMap>]) -> Result<()> {
-        for m in maps {
-            store.store(m).map_err(|_| Errno::EIO)?;
+    /// Stores the maps `take_all_partials` staged (each fsynced, then renamed into place);
+    /// the freeze's flush makes the renames durable.
+    pub(super) fn store_frozen(staged: Vec<meta::Staged>) -> std::io::Result<()> {
+        for s in staged {
+            s.commit_in_batch().map_err(std::io::Error::other)?;
         }
         Ok(())
     }

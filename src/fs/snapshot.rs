@@ -69,7 +69,7 @@ impl Overlay {
         let t1 = Instant::now();
         let barrier = self.barrier.write();
         let t_locked = t1.elapsed();
-        let (maps, frozen_maps) = self.take_all_partials().map_err(std::io::Error::from)?;
+        let staged_maps = self.take_all_partials()?;
         under_barrier()?;
         let epoch = self.epoch.load(Ordering::Acquire);
         let (dirty_bytes, dirty_files) = self.dirty_stats();
@@ -96,9 +96,8 @@ impl Overlay {
         drop(barrier);
         let held = t1.elapsed();
         let t2 = Instant::now();
-        let committed = Self::store_frozen(&maps, &frozen_maps)
-            .and_then(|()| self.syncfs())
-            .map_err(std::io::Error::from)
+        let committed = Self::store_frozen(staged_maps)
+            .and_then(|()| self.syncfs().map_err(std::io::Error::from))
             .and_then(|()| commit());
         if committed.is_err() {
             self.commit.failed.store(true, Ordering::Release);

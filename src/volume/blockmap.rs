@@ -857,6 +857,13 @@ impl MapStore {
         ))
     }
 
+    /// Writes `map` under a temporary name without waiting for the disk (see
+    /// `meta::stage_unsynced`): `Staged::commit_in_batch` fsyncs and renames it into place.
+    pub fn stage_unsynced(&self, map: &BlockMap) -> Result<meta::Staged> {
+        let name = format!("{}{MAP_FILE_SUFFIX}", map.id);
+        meta::stage_unsynced(&self.dir, &name, &map.encode())
+    }
+
     /// fsyncs the directory: makes every stored map's rename durable.
     pub fn sync(&self) -> Result<()> {
         meta::sync_dir(&self.dir)

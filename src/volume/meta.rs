@@ -44,6 +44,8 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync_dir_after: bool) 
 pub struct Staged {
     tmp: PathBuf,
     dst: PathBuf,
+    /// Written by `stage_unsynced`: fsynced at commit, before the rename.
+    unsynced: Option<File>,
     done: bool,
 }
 
@@ -51,9 +53,19 @@ pub struct Staged {
 /// `dir`. The slow and fallible part (space, data fsync) is done; `Staged::commit` is a
 /// rename and a directory fsync.
 pub fn stage(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged> {
+    stage_with(dir, name, bytes, true)
+}
+
+/// `stage` without the data fsync, for a caller that must not wait for the disk now: the
+/// file and its space are taken (a full disk fails here), the fsync runs at `commit`.
+pub fn stage_unsynced(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged> {
+    stage_with(dir, name, bytes, false)
+}
+
+fn stage_with(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<Staged> {
     let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}{TMP_INFIX}{}.{seq}", std::process::id()));
-    let written = (|| -> Result<()> {
+    let written = (|| -> Result<Option<File>> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -62,18 +74,24 @@ pub fn stage(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged> {
             .open(&tmp)
             .map_err(io("create", &tmp))?;
         f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        Ok(())
+        if sync {
+            f.sync_all().map_err(io("fsync", &tmp))?;
+            return Ok(None);
+        }
+        Ok(Some(f))
     })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    match written {
+        Ok(unsynced) => Ok(Staged {
+            tmp,
+            dst: dir.join(name),
+            unsynced,
+            done: false,
+        }),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    Ok(Staged {
-        tmp,
-        dst: dir.join(name),
-        done: false,
-    })
 }
 
 impl Staged {
@@ -82,7 +100,16 @@ impl Staged {
         self.commit_with(true)
     }
 
+    /// Renames the staged file into place without fsyncing the directory: for a caller that
+    /// makes a batch of renames durable at once (`sync_dir`, `syncfs`).
+    pub fn commit_in_batch(self) -> Result<()> {
+        self.commit_with(false)
+    }
+
     fn commit_with(mut self, sync_dir_after: bool) -> Result<()> {
+        if let Some(f) = self.unsynced.take() {
+            f.sync_all().map_err(io("fsync", &self.tmp))?;
+        }
         if let Err(e) = crash_point("write_atomic:before-rename") {
             // A crash leaves the temporary file behind: so does its simulation.
             self.done = true;
