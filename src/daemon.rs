@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -123,6 +123,9 @@ fn serve(
     // The kernel applied the caller's umask already; ours must not apply a second one.
     unsafe { libc::umask(0) };
     raise_nofile();
+    // Blocked in every thread (they inherit the mask): `unmount_on_signal` waits for them.
+    let signals = stop_signals();
+    signals.thread_block().context("cannot block signals")?;
     let fs = Arc::new(Overlay::new(plan.cfg.clone()).context("cannot open the layers")?);
     let adapter = FuseAdapter::new(fs.clone());
     let mut config = fuser::Config::default();
@@ -153,10 +156,59 @@ fn serve(
         after(&fs, mnt)?;
     }
     on_ready();
-    let ran = session.run().context("FUSE session ended with an error");
+    // fuser unmounts the mountpoint when its session ends, also when the session ended
+    // because the filesystem was unmounted: `umount` returns before this daemon has exited,
+    // so by then a new mount may be there, and it would go. The session runs with that
+    // guard forgotten instead: the kernel ends it on unmount, and a signal unmounts this
+    // mount only (`unmount_on_signal`).
+    let mut bg = session.spawn().context("cannot start the FUSE session")?;
+    let session_thread = std::mem::replace(&mut bg.guard, std::thread::spawn(|| Ok(())));
+    std::mem::forget(bg);
+    unmount_on_signal(signals, mnt.to_path_buf())?;
+    let ran = session_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?
+        .context("FUSE session ended with an error");
     // Unmounted: no inode number is in use any more.
     fs.drop_ghosts();
     ran
+}
+
+/// SIGINT, SIGTERM and SIGHUP end the daemon by unmounting its filesystem, as with libfuse.
+fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Waits for one of `signals` (blocked in every thread) and unmounts `mnt` if this daemon's
+/// filesystem is still the one mounted there; the session then ends like on `umount`.
+fn unmount_on_signal(signals: nix::sys::signal::SigSet, mnt: PathBuf) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            // Our device, while the session serves: compared before unmounting, so a mount
+            // stacked over ours, or made after ours went, is never touched.
+            let ours = std::fs::metadata(&mnt).map(|m| m.dev()).ok();
+            loop {
+                let Ok(sig) = signals.wait() else { continue };
+                let top = std::fs::metadata(&mnt).map(|m| m.dev()).ok();
+                if ours.is_none() || top != ours {
+                    tracing::warn!("{sig}: `{}` is not our mount any more", mnt.display());
+                    continue;
+                }
+                tracing::info!("{sig}: unmounting `{}`", mnt.display());
+                if let Err(e) = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH) {
+                    tracing::error!("{sig}: cannot unmount `{}`: {e}", mnt.display());
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 fn detach_stdio() {

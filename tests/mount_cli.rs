@@ -278,3 +278,116 @@ fn kernel_written_relative_redirects() {
     assert!(!s.p("m/p").exists());
     umount(&s);
 }
+
+/// The pids of running layervol daemons whose command line contains `needle`.
+fn daemons_with(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("layervol") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Unmounting and mounting again at once, as tools that rotate layers do: the new mount must
+/// survive the old daemon's exit. (The old daemon, slow to exit, used to unmount the
+/// mountpoint once more on its way out, taking the new mount with it.) The old daemon is
+/// stopped across the umount and the new mount to make it slow.
+#[test]
+fn remount_while_the_old_daemon_exits_stays_mounted() {
+    let s = Stack::new();
+    let tag = format!("fsname=remount-race-{}", std::process::id());
+    let opts = format!("lowerdir=l1:l2,upperdir=u,workdir=w,{tag}");
+    let out = s.mount(&opts);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old = daemons_with(&tag);
+    assert_eq!(old.len(), 1, "one daemon: {old:?}");
+    let old = nix::unistd::Pid::from_raw(old[0]);
+    nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // umount(8) would stat the mountpoint first and wait for the stopped daemon.
+    nix::mount::umount2(&s.p("m"), nix::mount::MntFlags::empty()).unwrap();
+    let out = s.mount(&opts);
+    nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemons_with(&tag).contains(&old.as_raw()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old daemon did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(s.mounted(), "the old daemon's exit unmounted the new mount");
+    assert_eq!(std::fs::read(s.p("m/a")).unwrap(), b"top");
+    umount(&s);
+}
+
+/// Like kernel overlayfs, a finished mount does not keep its layers busy: the filesystem a
+/// layer lives on can be unmounted right after the overlay was, even while the daemon is
+/// still on its way out (stopped here across both unmounts to make that certain).
+#[test]
+fn layers_are_not_busy_after_umount() {
+    let s = Stack::new();
+    let fsdir = s.p("fs");
+    std::fs::create_dir(&fsdir).unwrap();
+    let tmpfs = common::Tmpfs::mount(&fsdir, "16m");
+    for d in ["l", "u", "w"] {
+        std::fs::create_dir(fsdir.join(d)).unwrap();
+    }
+    std::fs::write(fsdir.join("l/f"), b"x").unwrap();
+    let tag = format!("fsname=busy-layers-{}", std::process::id());
+    let out = s.mount(&format!("lowerdir=fs/l,upperdir=fs/u,workdir=fs/w,{tag}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(s.p("m/g"), b"y").unwrap();
+    assert_eq!(std::fs::read(s.p("m/f")).unwrap(), b"x");
+    let daemon = daemons_with(&tag);
+    assert_eq!(daemon.len(), 1, "one daemon: {daemon:?}");
+    let daemon = nix::unistd::Pid::from_raw(daemon[0]);
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    nix::mount::umount2(&s.p("m"), nix::mount::MntFlags::empty()).unwrap();
+    let layers = nix::mount::umount2(&fsdir, nix::mount::MntFlags::empty());
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(layers, Ok(()), "umount of the layers' filesystem");
+    std::mem::forget(tmpfs);
+}
+
+/// SIGTERM (and SIGINT, SIGHUP) unmount the filesystem and end the daemon cleanly, as with
+/// libfuse filesystems: no dead mount is left behind.
+#[test]
+fn sigterm_unmounts_and_ends_the_daemon() {
+    let s = Stack::new();
+    let mut child = Command::new(BIN)
+        .current_dir(&s.root)
+        .args(["-f", "-o", "lowerdir=l1,upperdir=u,workdir=w", "m"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.mounted() {
+        assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(s.p("m/a")).unwrap(), b"top");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let code = child.wait().unwrap();
+    assert!(code.success(), "daemon exit: {code:?}");
+    assert!(!s.mounted(), "still mounted after SIGTERM");
+}

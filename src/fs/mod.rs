@@ -19,7 +19,7 @@ pub use partial::MapDirs;
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -271,42 +271,84 @@ struct LowerFound {
 /// Attributes of a node as reported to the kernel.
 pub type Attr = Stat;
 
+/// Opens the upper and work directories. In overlay mode both are reached through one
+/// private clone of the mount they share (renames between them must stay on one mount), like
+/// the lower layers; a volume reopens its upper by path at every snapshot, so it uses the
+/// mount as it is.
+fn open_upper_and_work(cfg: &Config) -> std::io::Result<(Option<Layer>, Option<Layer>)> {
+    let (Some(u), Some(w)) = (&cfg.upper, &cfg.work) else {
+        return Ok((cfg.upper.as_deref().map(Layer::open).transpose()?, None));
+    };
+    if cfg.maps.is_none() {
+        let common: PathBuf = u
+            .components()
+            .zip(w.components())
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| a)
+            .collect();
+        let id = crate::layer::mount_id(&common);
+        if id.is_some()
+            && id == crate::layer::mount_id(u)
+            && id == crate::layer::mount_id(w)
+            && let Some(clone) = crate::layer::clone_mount(&common)
+        {
+            let within = |p: &Path| -> std::io::Result<Layer> {
+                let rel = p.strip_prefix(&common).map_err(std::io::Error::other)?;
+                let rel = if rel.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    rel
+                };
+                Layer::open_in(Some(clone.as_fd()), rel, p)
+            };
+            return Ok((Some(within(u)?), Some(within(w)?)));
+        }
+    }
+    Ok((Some(Layer::open(u)?), Some(Layer::open(w)?)))
+}
+
 impl Overlay {
     pub fn new(cfg: Config) -> std::io::Result<Overlay> {
+        // `cfg.lowers` is top first; ids count from the bottom.
+        // Every layer is read through a private clone of its mount (see `clone_mount`).
         // `cfg.lowers` is top first; ids count from the bottom.
         let lowers = cfg
             .lowers
             .iter()
             .rev()
             .enumerate()
-            .map(|(i, p)| Ok((i, Arc::new(Layer::open(p)?))))
+            .map(|(i, p)| Ok((i, Arc::new(Layer::open_cloned(p)?))))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let upper = cfg
-            .upper
-            .as_deref()
-            .map(Layer::open)
-            .transpose()?
-            .map(Arc::new);
-        let work = match (&cfg.work, &upper) {
-            (Some(w), Some(_)) => {
-                let wl = Layer::open(w)?;
+        let (upper, work_base) = open_upper_and_work(&cfg)?;
+        let upper = upper.map(Arc::new);
+        let work = match (&work_base, &upper) {
+            (Some(wl), Some(_)) => {
                 // Like the kernel: temporary objects live in workdir/work.
                 match sys::mkdirat(wl.root.as_fd(), c"work", 0o700) {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => return Err(e.into()),
                 }
-                Some(Layer::open(&w.join("work"))?)
+                let p = wl.path.join("work");
+                Some(Layer::open_in(
+                    Some(wl.root.as_fd()),
+                    Path::new("work"),
+                    &p,
+                )?)
             }
             _ => None,
         };
-        let index = match (&cfg.work, &work) {
-            (Some(w), Some(_)) if cfg.index => {
-                match std::fs::create_dir(w.join("index")) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
+        let index = match (&work_base, &work) {
+            (Some(wl), Some(_)) if cfg.index => {
+                match sys::mkdirat(wl.root.as_fd(), c"index", 0o700) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
                 }
-                Some(Layer::open(&w.join("index"))?)
+                let p = wl.path.join("index");
+                Some(Layer::open_in(
+                    Some(wl.root.as_fd()),
+                    Path::new("index"),
+                    &p,
+                )?)
             }
             _ => None,
         };

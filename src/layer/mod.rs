@@ -81,6 +81,35 @@ impl XattrNames {
     }
 }
 
+/// A private, detached clone of the mount `dir` is on, rooted at `dir`
+/// (`open_tree(OPEN_TREE_CLONE)`), as kernel overlayfs clones its layers' mounts: what is
+/// opened through it keeps only the clone busy, so the caller's mount can be unmounted as
+/// soon as `umount` of the layervol mount has returned, even while the daemon is still on
+/// its way out (tools that rotate layers unmount the layers' filesystems right away).
+/// `None` without the privilege (CAP_SYS_ADMIN) or on kernels before 5.2.
+pub fn clone_mount(dir: &Path) -> Option<OwnedFd> {
+    const SYS_OPEN_TREE: libc::c_long = 428; // the same on every architecture
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let c = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let fd = unsafe {
+        libc::syscall(
+            SYS_OPEN_TREE,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The id of the mount `path` is on.
+pub fn mount_id(path: &Path) -> Option<u64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
+    (r == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
 /// One layer directory, opened once. All access goes through `root`.
 #[derive(Debug)]
 pub struct Layer {
@@ -98,17 +127,42 @@ pub type LinkGroups = std::collections::HashMap<u64, Vec<RelPath>>;
 
 impl Layer {
     pub fn open(path: &Path) -> std::io::Result<Layer> {
-        let c = CString::new(path.as_os_str().as_bytes())?;
+        Self::open_in(None, path, path)
+    }
+
+    /// Opens `rel` below `dir` (or `rel` itself without `dir`) as the layer known as `path`,
+    /// without leaving the mount `dir` is on.
+    pub fn open_in(dir: Option<BorrowedFd>, rel: &Path, path: &Path) -> std::io::Result<Layer> {
+        let c = CString::new(rel.as_os_str().as_bytes())?;
         let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
+            match dir {
+                Some(d) => libc::openat(
+                    d.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                ),
+                None => libc::open(
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                ),
+            }
         };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        Self::from_root(unsafe { OwnedFd::from_raw_fd(fd) }, path)
+    }
+
+    /// A layer read through a private clone of its mount (`clone_mount`), or opened as it is
+    /// when no clone can be made.
+    pub fn open_cloned(path: &Path) -> std::io::Result<Layer> {
+        match clone_mount(path) {
+            Some(root) => Self::from_root(root, path),
+            None => Self::open(path),
+        }
+    }
+
+    fn from_root(root: OwnedFd, path: &Path) -> std::io::Result<Layer> {
         let st = sys::fstat(root.as_fd())?;
         let root_rd = sys::openat(
             root.as_fd(),
