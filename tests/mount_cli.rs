@@ -391,3 +391,31 @@ fn sigterm_unmounts_and_ends_the_daemon() {
     assert!(code.success(), "daemon exit: {code:?}");
     assert!(!s.mounted(), "still mounted after SIGTERM");
 }
+
+/// `chown(f, -1, -1)` changes nothing but the ctime, as on kernel overlayfs (which copies
+/// up and chowns the upper): on a lower file and on an upper one.
+#[test]
+fn chown_to_the_same_ids_moves_ctime() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Stack::new();
+    let out = s.mount("lowerdir=l1,upperdir=u,workdir=w");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(s.p("m/new"), b"n").unwrap();
+    for name in ["m/a", "m/new"] {
+        let p = s.p(name);
+        let before = std::fs::symlink_metadata(&p).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::os::unix::fs::lchown(&p, None, None).unwrap();
+        let after = std::fs::symlink_metadata(&p).unwrap();
+        assert!(
+            (after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()),
+            "{name}: ctime did not move"
+        );
+        assert_eq!(after.ino(), before.ino(), "{name}");
+    }
+    umount(&s);
+}

@@ -66,6 +66,18 @@ pub struct SetAttr {
     pub mtime: SetTime,
 }
 
+impl SetAttr {
+    /// Changes nothing: what the kernel sends for `chown(f, -1, -1)`, which only moves the
+    /// ctime (FUSE sends no ctime unless it caches writes).
+    fn only_ctime(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && matches!((self.atime, self.mtime), (SetTime::Omit, SetTime::Omit))
+    }
+}
+
 impl Overlay {
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         self.handles.get(&fh).map(|h| h.clone()).ok_or(Errno::EBADF)
@@ -433,6 +445,11 @@ impl Overlay {
             if !matches!((a.atime, a.mtime), (SetTime::Omit, SetTime::Omit)) {
                 sys::utimensat(d.as_fd(), &n, &[a.atime.timespec(), a.mtime.timespec()])?;
             }
+        } else if a.only_ctime() {
+            // Nothing else to change: what the kernel does for `chown(f, -1, -1)` on the
+            // upper (after the copy-up above), which moves ctime like on any filesystem.
+            let (d, n) = self.locate(&node)?;
+            sys::fchownat(d.as_fd(), &n, u32::MAX, u32::MAX)?;
         }
         self.getattr(ino, fh)
     }
@@ -452,7 +469,7 @@ impl Overlay {
         if let Some(size) = a.size {
             sys::ftruncate(fd.as_fd(), size)?;
         }
-        if a.uid.is_some() || a.gid.is_some() {
+        if a.uid.is_some() || a.gid.is_some() || a.only_ctime() {
             let r =
                 unsafe { libc::fchown(raw, a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX)) };
             if r < 0 {
