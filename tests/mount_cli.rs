@@ -44,6 +44,15 @@ impl Stack {
             .unwrap()
     }
 
+    fn mount_ok(&self, opts: &str) {
+        let out = self.mount(opts);
+        assert!(
+            out.status.success(),
+            "mount -o {opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn mounted(&self) -> bool {
         let mnt = self.p("m");
         std::fs::read_to_string("/proc/mounts")
@@ -304,12 +313,7 @@ fn remount_while_the_old_daemon_exits_stays_mounted() {
     let s = Stack::new();
     let tag = format!("fsname=remount-race-{}", std::process::id());
     let opts = format!("lowerdir=l1:l2,upperdir=u,workdir=w,{tag}");
-    let out = s.mount(&opts);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.mount_ok(&opts);
     let old = daemons_with(&tag);
     assert_eq!(old.len(), 1, "one daemon: {old:?}");
     let old = nix::unistd::Pid::from_raw(old[0]);
@@ -350,12 +354,7 @@ fn layers_are_not_busy_after_umount() {
     }
     std::fs::write(fsdir.join("l/f"), b"x").unwrap();
     let tag = format!("fsname=busy-layers-{}", std::process::id());
-    let out = s.mount(&format!("lowerdir=fs/l,upperdir=fs/u,workdir=fs/w,{tag}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.mount_ok(&format!("lowerdir=fs/l,upperdir=fs/u,workdir=fs/w,{tag}"));
     std::fs::write(s.p("m/g"), b"y").unwrap();
     assert_eq!(std::fs::read(s.p("m/f")).unwrap(), b"x");
     let daemon = daemons_with(&tag);
@@ -398,12 +397,7 @@ fn sigterm_unmounts_and_ends_the_daemon() {
 fn chown_to_the_same_ids_moves_ctime() {
     use std::os::unix::fs::MetadataExt;
     let s = Stack::new();
-    let out = s.mount("lowerdir=l1,upperdir=u,workdir=w");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.mount_ok("lowerdir=l1,upperdir=u,workdir=w");
     std::fs::write(s.p("m/new"), b"n").unwrap();
     for name in ["m/a", "m/new"] {
         let p = s.p(name);

@@ -322,34 +322,12 @@ impl Overlay {
         let (upper, work_base) = open_upper_and_work(&cfg)?;
         let upper = upper.map(Arc::new);
         let work = match (&work_base, &upper) {
-            (Some(wl), Some(_)) => {
-                // Like the kernel: temporary objects live in workdir/work.
-                match sys::mkdirat(wl.root.as_fd(), c"work", 0o700) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                let p = wl.path.join("work");
-                Some(Layer::open_in(
-                    Some(wl.root.as_fd()),
-                    Path::new("work"),
-                    &p,
-                )?)
-            }
+            // Like the kernel: temporary objects live in workdir/work.
+            (Some(wl), Some(_)) => Some(wl.subdir(c"work")?),
             _ => None,
         };
         let index = match (&work_base, &work) {
-            (Some(wl), Some(_)) if cfg.index => {
-                match sys::mkdirat(wl.root.as_fd(), c"index", 0o700) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                let p = wl.path.join("index");
-                Some(Layer::open_in(
-                    Some(wl.root.as_fd()),
-                    Path::new("index"),
-                    &p,
-                )?)
-            }
+            (Some(wl), Some(_)) if cfg.index => Some(wl.subdir(c"index")?),
             _ => None,
         };
         let mut devs: Vec<u64> = Vec::new();

@@ -162,6 +162,17 @@ impl Layer {
         }
     }
 
+    /// The directory `name` of this layer (made if missing, mode 0700) as a layer of its own,
+    /// on the same mount.
+    pub fn subdir(&self, name: &CStr) -> std::io::Result<Layer> {
+        match sys::mkdirat(self.root.as_fd(), name, 0o700) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let rel = Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        Self::open_in(Some(self.root.as_fd()), rel, &self.path.join(rel))
+    }
+
     fn from_root(root: OwnedFd, path: &Path) -> std::io::Result<Layer> {
         let st = sys::fstat(root.as_fd())?;
         let root_rd = sys::openat(
