@@ -718,6 +718,9 @@ fn snapshot(
         )
         .context("snapshot failed")?;
     let f = done.context("freeze did not run")?;
+    if let Err(e) = v.remove_frozen_work_dir(f.frozen_epoch, fs.cfg.work.as_deref()) {
+        tracing::warn!("{e:#}");
+    }
     // The manifest reads the whole frozen layer: write it outside the barrier.
     let seal_error = v.seal(f.frozen_epoch).err().map(|e| {
         tracing::error!("sealing epoch {}: {e:#}", f.frozen_epoch);

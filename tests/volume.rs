@@ -803,3 +803,27 @@ fn an_offline_squash_frees_the_reserved_inodes_of_deleted_objects() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+/// Snapshots do not pile up work dirs: a mount keeps the one it started with and the next
+/// mount's is ready; those prepared for epochs that froze since are removed.
+#[test]
+fn snapshots_leave_no_work_dirs_behind() {
+    let v = vol();
+    v.mount();
+    let work_dirs = || std::fs::read_dir(v.p("vol/work")).unwrap().count();
+    for i in 0..5 {
+        std::fs::write(v.p("m/a"), format!("{i}")).unwrap();
+        v.ok(&["snapshot", "m"]);
+        assert!(
+            work_dirs() <= 2,
+            "after snapshot {i}: {} work dirs",
+            work_dirs()
+        );
+    }
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    v.mount();
+    assert_eq!(work_dirs(), 1);
+    assert_eq!(std::fs::read(v.p("m/a")).unwrap(), b"4");
+    v.umount();
+}

@@ -538,8 +538,10 @@ impl Volume {
             }
             prev = Some(l.epoch);
         }
+        // Only a writer uses the work dir. A reader (no lock) may also have read
+        // `volume.json` just before a snapshot committed and removed the one it names.
         let work = self.work_dir();
-        if !work.is_dir() {
+        if self.lock.is_some() && !work.is_dir() {
             return Err(bad(format!("the work dir {} is missing", work.display())));
         }
         Ok(())
@@ -719,8 +721,17 @@ impl Volume {
             });
         if !skeleton {
             let lost = self.root.join(LOST_DIR);
-            mkdir(&lost, 0o700)?;
-            let to = lost.join(format!("layer-{epoch}.{}", now_unix_secs()));
+            if !lost.is_dir() {
+                mkdir(&lost, 0o700)?;
+            }
+            let stem = format!("layer-{epoch}.{}", now_unix_secs());
+            let to = (0..)
+                .map(|n| match n {
+                    0 => lost.join(&stem),
+                    n => lost.join(format!("{stem}.{n}")),
+                })
+                .find(|p| !p.exists())
+                .expect("an unused name");
             fs::rename(&dir, &to).map_err(io("move aside leftover", &dir))?;
             meta::sync_dir(&lost)?;
             meta::sync_dir(&self.root.join(LAYERS_DIR))?;
@@ -931,6 +942,23 @@ impl Volume {
         }
         crash_point("squash:before-commit")?;
         self.commit(new)
+    }
+
+    /// After a freeze committed: removes the work dir prepared for the epoch that froze,
+    /// unless it is `in_use` (the mount's own, kept until it ends): no mount uses it any more
+    /// (the next one starts with the active epoch's), and every snapshot would leave one.
+    pub fn remove_frozen_work_dir(&self, frozen: u64, in_use: Option<&Path>) -> Result<()> {
+        self.require_lock("remove a work dir")?;
+        let p = self.work_dir_of(frozen);
+        if frozen >= self.active_epoch() || in_use == Some(p.as_path()) {
+            return Ok(());
+        }
+        match fs::remove_dir_all(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io("remove the work dir", &p)(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Removes work dirs of epochs other than the active one (left by freezes). Call when no
