@@ -110,6 +110,26 @@ pub fn scenarios() -> Vec<Scenario> {
             stat("f"),
             stat("a"),
         ]),
+        // Both names of a link made in a layer rotated down, each renamed in a later layer
+        // (unionmount-testsuite rename-mass-5): after a remount, removing one name must
+        // leave the other with its data and a link count of one.
+        sc("rotate_links_renamed_in_later_layers").ops([
+            link("a", "h"),
+            rotate(),
+            rename("h", "h2"),
+            rotate(),
+            rename("h2", "h3"),
+            rename("a", "a2"),
+            remount(),
+            stat("a2"),
+            stat("h3"),
+            unlink("h3"),
+            stat("a2"),
+            read("a2"),
+            remount(),
+            stat("a2"),
+            read("a2"),
+        ]),
         sc("rotate_whiteouts_then_recreate").ops([
             unlink("b"),
             unlink("d/top"),
