@@ -309,8 +309,7 @@ fn open_upper_and_work(cfg: &Config) -> std::io::Result<(Option<Layer>, Option<L
 
 impl Overlay {
     pub fn new(cfg: Config) -> std::io::Result<Overlay> {
-        // `cfg.lowers` is top first; ids count from the bottom.
-        // Every layer is read through a private clone of its mount (see `clone_mount`).
+        // Lower layers are read through private clones of their mounts (see `clone_mount`).
         // `cfg.lowers` is top first; ids count from the bottom.
         let lowers = cfg
             .lowers

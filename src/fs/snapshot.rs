@@ -69,8 +69,9 @@ impl Overlay {
         let t1 = Instant::now();
         let barrier = self.barrier.write();
         let t_locked = t1.elapsed();
-        let staged_maps = self.take_all_partials()?;
         under_barrier()?;
+        // Last before the swap: it fails (e.g. on a full disk) before it takes anything.
+        let staged_maps = self.take_all_partials()?;
         let epoch = self.epoch.load(Ordering::Acquire);
         let (dirty_bytes, dirty_files) = self.dirty_stats();
         self.dirty.clear();

@@ -130,8 +130,8 @@ impl Layer {
         Self::open_in(None, path, path)
     }
 
-    /// Opens `rel` below `dir` (or `rel` itself without `dir`) as the layer known as `path`,
-    /// without leaving the mount `dir` is on.
+    /// Opens `rel` below `dir` (or `rel` itself without `dir`) as the layer known as `path`;
+    /// below a mount clone (`clone_mount`) it stays on the clone.
     pub fn open_in(dir: Option<BorrowedFd>, rel: &Path, path: &Path) -> std::io::Result<Layer> {
         let c = CString::new(rel.as_os_str().as_bytes())?;
         let fd = unsafe {
