@@ -53,6 +53,21 @@ impl Stack {
         );
     }
 
+    /// `layervol -f -o OPTS m`, once the mount is listed.
+    fn mount_foreground(&self, opts: &str) -> std::process::Child {
+        let child = Command::new(BIN)
+            .current_dir(&self.root)
+            .args(["-f", "-o", opts, "m"])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.mounted() {
+            assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    }
+
     fn mounted(&self) -> bool {
         let mnt = self.p("m");
         std::fs::read_to_string("/proc/mounts")
@@ -175,16 +190,7 @@ fn squash_to_uid() {
 #[test]
 fn foreground_daemon_ends_on_fusermount_u() {
     let s = Stack::new();
-    let mut child = Command::new(BIN)
-        .current_dir(&s.root)
-        .args(["-f", "-o", "lowerdir=l1,upperdir=u,workdir=w", "m"])
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.mounted() {
-        assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = s.mount_foreground("lowerdir=l1,upperdir=u,workdir=w");
     // The mount is listed before the FUSE handshake ends; the first request waits for it.
     // (Unmounted during the handshake, the daemon rightly reports that the mount failed.)
     std::fs::read_dir(s.p("m")).unwrap();
@@ -373,16 +379,7 @@ fn layers_are_not_busy_after_umount() {
 #[test]
 fn sigterm_unmounts_and_ends_the_daemon() {
     let s = Stack::new();
-    let mut child = Command::new(BIN)
-        .current_dir(&s.root)
-        .args(["-f", "-o", "lowerdir=l1,upperdir=u,workdir=w", "m"])
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.mounted() {
-        assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = s.mount_foreground("lowerdir=l1,upperdir=u,workdir=w");
     assert_eq!(std::fs::read(s.p("m/a")).unwrap(), b"top");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
