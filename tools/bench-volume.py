@@ -15,6 +15,7 @@ chain   sequential read of a 64 MiB file after 200 snapshots with writes between
 
 Prints a markdown table at the end. Env: LAYERVOL (binary), BENCH_WORKDIR (/var/tmp/...).
 """
+import argparse
 import json
 import os
 import random
@@ -28,10 +29,18 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 LV = os.environ.get("LAYERVOL", os.path.join(HERE, "..", "target", "release", "layervol"))
 WORK = os.environ.get("BENCH_WORKDIR", "/var/tmp/layervol-bench-volume")
-QUICK = "--quick" in sys.argv
-ONLY = None
-if "--only" in sys.argv:
-    ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(","))
+_parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+)
+_parser.add_argument("--quick", action="store_true", help="fewer snapshots and rounds (a smoke run)")
+_parser.add_argument(
+    "--only", metavar="LIST", help="comma-separated subset of: delta,freeze,chain (default: all)"
+)
+_args = _parser.parse_args()
+QUICK = _args.quick
+ONLY = set(_args.only.split(",")) if _args.only else None
+if ONLY and not ONLY <= {"delta", "freeze", "chain"}:
+    _parser.error(f"--only: unknown measurement(s) {', '.join(sorted(ONLY - {'delta', 'freeze', 'chain'}))}")
 ENV = dict(os.environ, LAYERVOL_RUN_DIR=os.path.join(WORK, "run"))
 rows = []
 
