@@ -52,9 +52,15 @@ def volume(name, src_file):
 
 
 def main():
-    args = [int(a) for a in sys.argv[1:]]
-    if not args or len(args) % 2:
-        sys.exit(__doc__)
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return
+    try:
+        args = [int(a) for a in sys.argv[1:]]
+    except ValueError:
+        args = []
+    if not args or len(args) % 2 or min(args) < 1:
+        sys.exit("usage: bench-partial-read.py LEVELS BLOCKS [LEVELS BLOCKS ...] (positive numbers; --help)")
     os.makedirs(WORK, exist_ok=True)
     base = os.path.join(WORK, "base.dat")
     with open(base, "wb") as f:

@@ -6,7 +6,11 @@
 # Env:   LAYERVOL (default <script dir>/../target/release/layervol),
 #        BENCH_WORKDIR (default /var/tmp/layervol-rss; the tree is cached there)
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 files=${1:-100000}
+[[ $files =~ ^[1-9][0-9]*$ ]] || { echo "bench-rss: FILES must be a positive number, not '$files' (--help)" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 lv=${LAYERVOL:-$here/../target/release/layervol}
 w=${BENCH_WORKDIR:-/var/tmp/layervol-rss}
