@@ -187,16 +187,15 @@ fn stop_signals() -> nix::sys::signal::SigSet {
 /// Waits for one of `signals` (blocked in every thread) and unmounts `mnt` if this daemon's
 /// filesystem is still the one mounted there; the session then ends like on `umount`.
 fn unmount_on_signal(signals: nix::sys::signal::SigSet, mnt: PathBuf) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    // Our device, compared before unmounting, so that a mount stacked over ours, or made
+    // after ours went, is never touched.
+    let ours = crate::sys::dev_no_sync(&mnt).ok();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            // Our device, while the session serves: compared before unmounting, so a mount
-            // stacked over ours, or made after ours went, is never touched.
-            let ours = std::fs::metadata(&mnt).map(|m| m.dev()).ok();
             loop {
                 let Ok(sig) = signals.wait() else { continue };
-                let top = std::fs::metadata(&mnt).map(|m| m.dev()).ok();
+                let top = crate::sys::dev_no_sync(&mnt).ok();
                 if ours.is_none() || top != ours {
                     tracing::warn!("{sig}: `{}` is not our mount any more", mnt.display());
                     continue;

@@ -53,6 +53,26 @@ pub fn fstatat(dir: BorrowedFd, name: &CStr) -> Result<Stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// The device of the filesystem at `path`, from cached attributes (`AT_STATX_DONT_SYNC`):
+/// never a request to a FUSE server. A daemon asking about its own mount must not: while
+/// the request waits (the daemon stopped, or not serving yet) the lookup holds the mount
+/// busy, and `umount` fails.
+pub fn dev_no_sync(path: &std::path::Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    check(unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            0,
+            &mut stx,
+        )
+    })?;
+    Ok(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor))
+}
+
 pub fn fstat(fd: BorrowedFd) -> Result<Stat> {
     let mut st = std::mem::MaybeUninit::<Stat>::uninit();
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
