@@ -704,13 +704,17 @@ fn snapshot(
         .stage_freeze()
         .context("cannot prepare the next layer; the volume is unchanged")?;
     let next = v.tree_dir(staged.active_epoch);
+    // The new layer's root takes the attributes the root has at the barrier: copied now,
+    // and again under the barrier if they changed meanwhile.
     let root_attrs = v.next_root_attrs();
+    let copied = root_attrs
+        .copy()
+        .context("cannot prepare the next layer; the volume is unchanged")?;
     let mut done = None;
     let stats = fs
         .freeze(
             &next,
-            // The new layer's root takes the attributes the root has now.
-            || root_attrs().map_err(std::io::Error::other),
+            || root_attrs.refresh(copied).map_err(std::io::Error::other),
             || {
                 done = Some(v.commit_freeze(staged).map_err(std::io::Error::other)?);
                 Ok(())
@@ -738,6 +742,8 @@ fn snapshot(
         "active_epoch": f.active_epoch,
         "barrier_micros": stats.barrier_micros,
         "barrier_wait_micros": stats.barrier_wait_micros,
+        "barrier_attrs_micros": stats.barrier_attrs_micros,
+        "barrier_maps_micros": stats.barrier_maps_micros,
         "flush_micros": stats.flush_micros,
         "commit_micros": stats.commit_micros,
         "total_micros": total,

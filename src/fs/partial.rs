@@ -414,15 +414,9 @@ impl Overlay {
         Ok(())
     }
 
-    /// Under a freeze's barrier: every live map is taken from its node (the files belong
-    /// to the frozen layer now, their next write copies them up again) and put in the
-    /// frozen-map cache, so the new upper can read through them at once. The maps changed
-    /// since they were last stored are first written to temporary files without an fsync,
-    /// which takes their space (a full disk fails the freeze here, with nothing changed) but
-    /// not the time of a disk flush; the caller commits them with `store_frozen` after the
-    /// barrier, before the freeze commits. O(open partial files).
-    pub(super) fn take_all_partials(&self) -> std::io::Result<Vec<meta::Staged>> {
-        let store = self.active_maps()?;
+    /// The open partial files of the active layer (not the unlinked ones: they are in no
+    /// layer); forgets the ones no longer known.
+    fn live_partial_nodes(&self) -> Vec<Arc<Node>> {
         let mut live = Vec::new();
         let inos: Vec<u64> = self.live_partials.iter().map(|e| *e.key()).collect();
         for ino in inos {
@@ -435,33 +429,197 @@ impl Overlay {
                 Some(n) => live.push(n),
             }
         }
-        let mut staged = Vec::new();
+        live
+    }
+
+    /// Before a freeze's barrier: a temporary file and space for the map of each open
+    /// partial file, as large as the map is now plus room for the writes until the barrier,
+    /// so that the barrier itself need not touch the disk (`take_all_partials`). A full disk
+    /// fails the freeze here, with nothing changed.
+    pub(super) fn reserve_partial_maps(&self) -> std::io::Result<Vec<(MapId, meta::Staged)>> {
+        let store = self.active_maps()?;
+        let mut out = Vec::new();
+        for n in self.live_partial_nodes() {
+            let Some((id, len)) = n
+                .partial
+                .lock()
+                .as_ref()
+                .map(|ps| (ps.map.id(), ps.map.encoded_len()))
+            else {
+                continue;
+            };
+            let room = len + len / 4 + MAP_SLACK;
+            out.push((id, store.reserve(id, room).map_err(std::io::Error::other)?));
+        }
+        Ok(out)
+    }
+
+    /// Under a freeze's barrier: every live map is taken from its node (the files belong
+    /// to the frozen layer now, their next write copies them up again) and put in the
+    /// frozen-map cache, so the new upper can read through them at once. The maps changed
+    /// since they were last stored go to the space `reserve_partial_maps` took for them,
+    /// written after the barrier by `store_frozen`; one that outgrew its space (or has none)
+    /// is written now to a temporary file, without an fsync, which takes its space (a full
+    /// disk fails the freeze here, with nothing changed). O(open partial files).
+    pub(super) fn take_all_partials(
+        &self,
+        mut reserved: Vec<(MapId, meta::Staged)>,
+    ) -> std::io::Result<Vec<FrozenMap>> {
+        let store = self.active_maps()?;
+        let live = self.live_partial_nodes();
+        let mut out = Vec::new();
+        let mut fits = Vec::with_capacity(live.len());
         for n in &live {
+            let mut fit = false;
             if let Some(ps) = n.partial.lock().as_ref()
                 && ps.dirty
             {
-                staged.push(
-                    store
-                        .stage_unsynced(&ps.map)
-                        .map_err(std::io::Error::other)?,
-                );
+                let id = ps.map.id();
+                let len = ps.map.encoded_len();
+                fit = reserved
+                    .iter()
+                    .any(|(r, s)| *r == id && len <= s.reserved());
+                if !fit {
+                    out.push(FrozenMap::Written(
+                        store
+                            .stage_unsynced(&ps.map)
+                            .map_err(std::io::Error::other)?,
+                    ));
+                }
             }
+            fits.push(fit);
         }
-        for n in live {
+        for (n, fit) in live.into_iter().zip(fits) {
             if let Some(ps) = n.partial.lock().take() {
-                self.frozen_maps.insert(ps.map.id(), Arc::new(ps.map));
+                let id = ps.map.id();
+                let map = Arc::new(ps.map);
+                if fit && let Some(i) = reserved.iter().position(|(r, _)| *r == id) {
+                    let (_, space) = reserved.swap_remove(i);
+                    out.push(FrozenMap::Reserved(space, map.clone()));
+                }
+                self.frozen_maps.insert(id, map);
             }
             self.live_partials.remove(&n.ino);
         }
-        Ok(staged)
+        // The reservations not used are removed after the barrier.
+        out.extend(reserved.into_iter().map(|(_, s)| FrozenMap::Unused(s)));
+        Ok(out)
     }
 
-    /// Stores the maps `take_all_partials` staged (each fsynced, then renamed into place);
-    /// the freeze's flush makes the renames durable.
-    pub(super) fn store_frozen(staged: Vec<meta::Staged>) -> std::io::Result<()> {
-        for s in staged {
-            s.commit_in_batch().map_err(std::io::Error::other)?;
+    /// Stores the maps `take_all_partials` took (each written if not yet, fsynced, then
+    /// renamed into place); the freeze's flush makes the renames durable.
+    pub(super) fn store_frozen(maps: Vec<FrozenMap>) -> std::io::Result<()> {
+        for m in maps {
+            let staged = match m {
+                FrozenMap::Written(s) => s,
+                FrozenMap::Reserved(mut s, map) => {
+                    let written = MapStore::fill(&mut s, &map).map_err(std::io::Error::other)?;
+                    debug_assert!(written, "checked under the barrier");
+                    s
+                }
+                FrozenMap::Unused(s) => {
+                    drop(s);
+                    continue;
+                }
+            };
+            staged.commit_in_batch().map_err(std::io::Error::other)?;
         }
         Ok(())
+    }
+}
+
+/// Room left in a map's reserved space for the writes between the reservation and the
+/// barrier (each random 4 KiB write adds at most 20 bytes: an extent and a CRC).
+const MAP_SLACK: u64 = 64 << 10;
+
+/// A block map a freeze took, on its way to the frozen layer's `maps/`.
+pub(super) enum FrozenMap {
+    /// Written to a temporary file under the barrier.
+    Written(meta::Staged),
+    /// To be written into the space reserved for it.
+    Reserved(meta::Staged, Arc<BlockMap>),
+    /// A reservation the map did not need (clean, or it outgrew it): removed when dropped.
+    Unused(meta::Staged),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::{Config, MapDirs, ROOT_INO};
+    use crate::volume::Volume;
+
+    /// A freeze takes each open partial file's map into the space reserved before its
+    /// barrier when it fits, and writes a map that outgrew it under the barrier; either way
+    /// the stored map is the one taken. Needs root (trusted.* xattrs).
+    #[test]
+    fn a_freeze_stores_maps_in_their_reserved_space_or_beside_it() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for name in ["fits", "grows"] {
+            let f = std::fs::File::create(src.join(name)).unwrap();
+            f.set_len(64 << 20).unwrap();
+        }
+        let vol = Volume::create(&t.path().join("vol"), 4096, Some(&src)).unwrap();
+        let ov = Overlay::new(Config {
+            lowers: vol.lower_dirs(),
+            upper: Some(vol.upper_dir()),
+            work: Some(vol.work_dir()),
+            block_size: 4096,
+            index: false,
+            maps: Some(MapDirs {
+                layers: vol.path().join("layers"),
+            }),
+            passthrough: false,
+            ..Config::default()
+        })
+        .unwrap();
+        let block = vec![7u8; 4096];
+        let open = |name: &str| {
+            let (node, _) = ov.lookup(ROOT_INO, &CString::new(name).unwrap()).unwrap();
+            let (fh, _, _) = ov.open(node.ino, libc::O_WRONLY).unwrap();
+            ov.write(fh, 0, &block).unwrap();
+            fh
+        };
+        let (fits, grows) = (open("fits"), open("grows"));
+        let reserved = ov.reserve_partial_maps().unwrap();
+        assert_eq!(reserved.len(), 2);
+        ov.write(fits, 2 * 4096, &block).unwrap();
+        // Non-adjacent blocks: 20 bytes of map each, well past the reserved slack.
+        for i in 0..(MAP_SLACK / 20 + 1000) {
+            ov.write(grows, (2 * i + 4) * 4096, &block).unwrap();
+        }
+        let taken = ov.take_all_partials(reserved).unwrap();
+        let kinds: Vec<&str> = taken
+            .iter()
+            .map(|m| match m {
+                FrozenMap::Written(_) => "written",
+                FrozenMap::Reserved(..) => "reserved",
+                FrozenMap::Unused(_) => "unused",
+            })
+            .collect();
+        let mut sorted = kinds.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["reserved", "unused", "written"], "{kinds:?}");
+        let store = ov.active_maps().unwrap();
+        Overlay::store_frozen(taken).unwrap();
+        let frozen: Vec<Arc<BlockMap>> = ov.frozen_maps.iter().map(|e| e.value().clone()).collect();
+        assert_eq!(frozen.len(), 2);
+        for m in frozen {
+            assert_eq!(store.load(m.id()).unwrap(), *m);
+        }
+        // Nothing else is left in maps/: no temporary file of either path.
+        let mut names: Vec<String> =
+            std::fs::read_dir(vol.upper_dir().parent().unwrap().join("maps"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+        names.sort();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(
+            names
+                .iter()
+                .all(|n| n.ends_with(".lvmap") && !n.starts_with('.'))
+        );
     }
 }

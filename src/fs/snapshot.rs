@@ -28,8 +28,12 @@ pub struct FreezeStats {
     pub layer_id: usize,
     /// Time the write barrier was held (writers were blocked).
     pub barrier_micros: u64,
-    /// Of which waiting for the operations in flight to end.
+    /// Of which waiting for the operations in flight to end,
     pub barrier_wait_micros: u64,
+    /// copying the root's attributes to the next upper (`under_barrier`),
+    pub barrier_attrs_micros: u64,
+    /// and taking (and staging) the open partial files' block maps.
+    pub barrier_maps_micros: u64,
     /// Time of the flush before the barrier.
     pub flush_micros: u64,
     /// Time of the flush and commit after the barrier (fsyncs waited for it).
@@ -40,12 +44,15 @@ pub struct FreezeStats {
 }
 
 impl Overlay {
-    /// Freezes the upper. Writers are blocked only while the block maps of open partial
-    /// files are taken from their nodes (in memory), `under_barrier` runs (e.g. the next
-    /// upper gets the root's attributes) and the stack is swapped: `next_upper` (an empty
-    /// directory) becomes the upper, the old upper the topmost lower layer (its directory fd
-    /// stays valid wherever the directory is). Then the taken maps are stored, the frozen
-    /// layer is flushed and `commit` makes the switch
+    /// Freezes the upper. Before writers are blocked, the data is flushed and space is
+    /// reserved for the block maps of the open partial files. Writers are blocked only while
+    /// those maps are taken from their nodes (in memory; a map that outgrew its reserved
+    /// space is written to a temporary file), `under_barrier` runs (e.g. the next upper's
+    /// root gets the root's attributes, if they changed since they were copied) and the
+    /// stack is swapped: `next_upper` (an empty directory) becomes the upper, the old upper
+    /// the topmost lower layer (its directory fd stays valid wherever the directory is).
+    /// Then the taken maps are stored, the frozen layer is flushed and `commit` makes the
+    /// switch
     /// durable (the volume's atomic metadata commit, staged before); until it has, every
     /// fsync waits, so that no write to the new upper is acknowledged before the new upper
     /// is the volume's. A failure before the swap changes nothing; a failed commit after it
@@ -65,13 +72,16 @@ impl Overlay {
         // Flush most dirty data before blocking writers, so the barrier stays short.
         self.syncfs().map_err(std::io::Error::from)?;
         let next_upper = Arc::new(Layer::open(next_upper)?);
+        let reserved = self.reserve_partial_maps()?;
         let flush = t0.elapsed();
         let t1 = Instant::now();
         let barrier = self.barrier.write();
         let t_locked = t1.elapsed();
         under_barrier()?;
+        let t_attrs = t1.elapsed();
         // Last before the swap: it fails (e.g. on a full disk) before it takes anything.
-        let staged_maps = self.take_all_partials()?;
+        let staged_maps = self.take_all_partials(reserved)?;
+        let t_maps = t1.elapsed();
         let epoch = self.epoch.load(Ordering::Acquire);
         let (dirty_bytes, dirty_files) = self.dirty_stats();
         self.dirty.clear();
@@ -112,6 +122,8 @@ impl Overlay {
             layer_id,
             barrier_micros: held.as_micros() as u64,
             barrier_wait_micros: t_locked.as_micros() as u64,
+            barrier_attrs_micros: (t_attrs - t_locked).as_micros() as u64,
+            barrier_maps_micros: (t_maps - t_attrs).as_micros() as u64,
             flush_micros: flush.as_micros() as u64,
             dirty_bytes,
             dirty_files,

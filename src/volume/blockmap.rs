@@ -646,6 +646,12 @@ impl BlockMap {
     }
 
     /// The sidecar encoding (see the module doc).
+    /// The length of `encode`'s result, without encoding.
+    pub fn encoded_len(&self) -> u64 {
+        let e = self.present.extent_count() as u64;
+        HEADER_LEN_V1 as u64 + e * 16 + self.present.count_blocks() * 4 + 4
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let e = self.present.extent_count();
         let nb = self.present.count_blocks() as usize;
@@ -862,6 +868,22 @@ impl MapStore {
     pub fn stage_unsynced(&self, map: &BlockMap) -> Result<meta::Staged> {
         let name = format!("{}{MAP_FILE_SUFFIX}", map.id);
         meta::stage_unsynced(&self.dir, &name, &map.encode())
+    }
+
+    /// Takes a temporary file and `len` bytes of space for map `id` (see `meta::reserve`),
+    /// to be written by `fill` and made durable by `Staged::commit_in_batch`.
+    pub fn reserve(&self, id: MapId, len: u64) -> Result<meta::Staged> {
+        meta::reserve(&self.dir, &format!("{id}{MAP_FILE_SUFFIX}"), len)
+    }
+
+    /// Writes `map` into the space `reserve` took for it: false (nothing written) if it
+    /// does not fit.
+    pub fn fill(staged: &mut meta::Staged, map: &BlockMap) -> Result<bool> {
+        if map.encoded_len() > staged.reserved() {
+            return Ok(false);
+        }
+        staged.fill(&map.encode())?;
+        Ok(true)
     }
 
     /// fsyncs the directory: makes every stored map's rename durable.

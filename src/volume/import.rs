@@ -355,29 +355,82 @@ fn copy_userspace(src: BorrowedFd, dst: BorrowedFd, mut pos: u64, end: u64) -> s
 /// mode, times and user-visible xattrs (not overlay or layervol format xattrs). The merged
 /// root takes its attributes from the topmost layer, as in kernel overlayfs, so a fresh
 /// empty upper must not change them.
-pub(crate) fn copy_root_attrs(from: &Path, to: &Path, userxattr: bool) -> Result<()> {
+pub(crate) fn copy_root_attrs(from: &Path, to: &Path, userxattr: bool) -> Result<RootStamp> {
     let s = open_dir(from)?;
     let d = open_dir(to)?;
     let dot = sys::dot();
     let st = sys::fstat(s.as_fd()).map_err(errno_io("stat", from))?;
-    sys::fchownat(d.as_fd(), dot, st.st_uid, st.st_gid).map_err(errno_io("chown", to))?;
+    let dst = sys::fstat(d.as_fd()).map_err(errno_io("stat", to))?;
+    // Only what differs is written: a freeze copies the attributes again under its barrier
+    // when the root changed, where each write may wait for the filesystem's journal.
+    let chowned = (st.st_uid, st.st_gid) != (dst.st_uid, dst.st_gid);
+    if chowned {
+        sys::fchownat(d.as_fd(), dot, st.st_uid, st.st_gid).map_err(errno_io("chown", to))?;
+    }
     let prefix = overlay_prefix(userxattr).as_bytes();
-    let keys = sys::listxattr(s.as_fd(), dot).map_err(errno_io("list xattrs of", from))?;
-    for key in keys {
-        let k = key.to_bytes();
+    let copied = |k: &[u8]| {
         let format_xattr = k
             .strip_prefix(prefix)
             .is_some_and(|rest| !rest.starts_with(b"overlay."));
-        if format_xattr || is_private_layervol(k) {
+        !format_xattr && !is_private_layervol(k)
+    };
+    let keys = sys::listxattr(s.as_fd(), dot).map_err(errno_io("list xattrs of", from))?;
+    // Copied earlier and removed from the source since.
+    for key in sys::listxattr(d.as_fd(), dot).map_err(errno_io("list xattrs of", to))? {
+        if copied(key.to_bytes()) && !keys.contains(&key) {
+            sys::removexattr(d.as_fd(), dot, &key).map_err(errno_io("remove xattrs of", to))?;
+        }
+    }
+    for key in keys {
+        if !copied(key.to_bytes()) {
             continue;
         }
-        if let Some(v) =
-            sys::getxattr(s.as_fd(), dot, &key).map_err(errno_io("read xattrs of", from))?
+        let v = sys::getxattr(s.as_fd(), dot, &key).map_err(errno_io("read xattrs of", from))?;
+        if let Some(v) = v
+            && sys::getxattr(d.as_fd(), dot, &key).map_err(errno_io("read xattrs of", to))?
+                != Some(v.clone())
         {
             sys::setxattr(d.as_fd(), dot, &key, &v, 0).map_err(errno_io("set xattrs of", to))?;
         }
     }
-    sys::fchmodat(d.as_fd(), dot, st.st_mode & 0o7777).map_err(errno_io("chmod", to))?;
+    // After a chown, which may have cleared set-id bits.
+    if chowned || (st.st_mode ^ dst.st_mode) & 0o7777 != 0 {
+        sys::fchmodat(d.as_fd(), dot, st.st_mode & 0o7777).map_err(errno_io("chmod", to))?;
+    }
     let times = sys::times_of(&st);
-    sys::utimensat(d.as_fd(), dot, &times).map_err(errno_io("set times of", to))
+    let same =
+        |a: &libc::timespec, b: &libc::timespec| (a.tv_sec, a.tv_nsec) == (b.tv_sec, b.tv_nsec);
+    let had = sys::times_of(&dst);
+    if !same(&times[0], &had[0]) || !same(&times[1], &had[1]) {
+        sys::utimensat(d.as_fd(), dot, &times).map_err(errno_io("set times of", to))?;
+    }
+    Ok(RootStamp::of(&st))
+}
+
+/// What `copy_root_attrs` copied from, as far as a change of the source root would show:
+/// every attribute change moves its ctime (and owner, mode and mtime are compared as well,
+/// against a coarse clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootStamp([i64; 7]);
+
+impl RootStamp {
+    fn of(st: &libc::stat) -> Self {
+        RootStamp([
+            st.st_ctime,
+            st.st_ctime_nsec,
+            st.st_mtime,
+            st.st_mtime_nsec,
+            st.st_mode as i64,
+            st.st_uid as i64,
+            st.st_gid as i64,
+        ])
+    }
+
+    /// The stamp of directory `dir` now.
+    pub fn now(dir: &Path) -> Result<Self> {
+        let s = open_dir(dir)?;
+        Ok(Self::of(
+            &sys::fstat(s.as_fd()).map_err(errno_io("stat", dir))?,
+        ))
+    }
 }

@@ -44,8 +44,10 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync_dir_after: bool) 
 pub struct Staged {
     tmp: PathBuf,
     dst: PathBuf,
-    /// Written by `stage_unsynced`: fsynced at commit, before the rename.
+    /// Written by `stage_unsynced` or `reserve`: fsynced at commit, before the rename.
     unsynced: Option<File>,
+    /// Made by `reserve`: the space allocated for `fill`.
+    reserved: u64,
     done: bool,
 }
 
@@ -85,6 +87,47 @@ fn stage_with(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<Staged
             tmp,
             dst: dir.join(name),
             unsynced,
+            reserved: 0,
+            done: false,
+        }),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Takes a temporary file for `dir/name` and `len` bytes of space for it, to be written by
+/// `Staged::fill` later: for a caller that must not touch the disk at the moment it knows the
+/// contents (a freeze's barrier), yet must fail before it if there is no room.
+pub fn reserve(dir: &Path, name: &str, len: u64) -> Result<Staged> {
+    let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}{TMP_INFIX}{}.{seq}", std::process::id()));
+    let made = (|| -> Result<File> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        use std::os::fd::AsFd;
+        match crate::sys::fallocate(f.as_fd(), 0, 0, len) {
+            Ok(()) => {}
+            // No fallocate here: writing zeros takes the space as well.
+            Err(crate::sys::Errno::EOPNOTSUPP) => (&f)
+                .write_all(&vec![0; len as usize])
+                .map_err(io("write", &tmp))?,
+            Err(e) => return Err(io("allocate space for", &tmp)(e.into())),
+        }
+        Ok(f)
+    })();
+    match made {
+        Ok(f) => Ok(Staged {
+            tmp,
+            dst: dir.join(name),
+            unsynced: Some(f),
+            reserved: len,
             done: false,
         }),
         Err(e) => {
@@ -95,6 +138,25 @@ fn stage_with(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<Staged
 }
 
 impl Staged {
+    /// The space `reserve` took.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Writes the contents of a file made by `reserve`, into its reserved space (so it
+    /// needs no new space); `bytes` must fit in it.
+    pub fn fill(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = self.unsynced.as_ref().expect("fill: made by reserve");
+        assert!(
+            bytes.len() as u64 <= self.reserved,
+            "fill: past the reserved space"
+        );
+        f.write_all_at(bytes, 0).map_err(io("write", &self.tmp))?;
+        f.set_len(bytes.len() as u64)
+            .map_err(io("truncate", &self.tmp))
+    }
+
     /// Renames the staged file into place and fsyncs its directory.
     pub fn commit(self) -> Result<()> {
         self.commit_with(true)

@@ -835,14 +835,17 @@ impl Volume {
     /// The next layer's root gets the attributes of the active layer's root (as they are
     /// now: under the engine's barrier). Made durable by the flush before `commit_freeze`.
     pub fn set_next_root_attrs(&self) -> Result<()> {
-        self.next_root_attrs()()
+        self.next_root_attrs().copy().map(drop)
     }
 
     /// `set_next_root_attrs` as a task that does not borrow the volume.
-    pub fn next_root_attrs(&self) -> impl Fn() -> Result<()> + use<> {
+    pub fn next_root_attrs(&self) -> NextRootAttrs {
         let n = self.active_epoch();
-        let (cur, next, ux) = (self.tree_dir(n), self.tree_dir(n + 1), self.userxattr());
-        move || import::copy_root_attrs(&cur, &next, ux)
+        NextRootAttrs {
+            cur: self.tree_dir(n),
+            next: self.tree_dir(n + 1),
+            userxattr: self.userxattr(),
+        }
     }
 
     /// Second half: the atomic switch (a rename and a directory fsync). The engine has
@@ -1132,5 +1135,29 @@ impl Volume {
             }
         }
         Ok(rep)
+    }
+}
+
+/// Copies the active layer's root attributes to the next layer's root (see
+/// `Volume::next_root_attrs`). A freeze copies them before it blocks writers and, under its
+/// barrier, again only if the root changed meanwhile.
+pub struct NextRootAttrs {
+    cur: PathBuf,
+    next: PathBuf,
+    userxattr: bool,
+}
+
+impl NextRootAttrs {
+    /// Copies them; returns what they were copied from.
+    pub fn copy(&self) -> Result<import::RootStamp> {
+        import::copy_root_attrs(&self.cur, &self.next, self.userxattr)
+    }
+
+    /// Copies them again unless the active root is still as `copied` describes.
+    pub fn refresh(&self, copied: import::RootStamp) -> Result<()> {
+        if import::RootStamp::now(&self.cur)? != copied {
+            self.copy()?;
+        }
+        Ok(())
     }
 }
