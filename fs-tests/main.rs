@@ -111,25 +111,12 @@ fn preflight() -> Result<(), String> {
 /// Scenarios where layervol knowingly differs from the kernel, each with the reason. They
 /// still run: a known deviation that starts to match the kernel fails the trial, so this list
 /// can only shrink. Only layervol runs are affected (`FS_TESTS_IMPL=kernel` must pass all).
-const KNOWN_DEVIATIONS: &[(&str, &str)] = &[(
-    "rotated::hardlink::link_then_write_new_link",
-    "two names hard-linked inside a layer that was rotated down: writing one name keeps the \
-         link in layervol (one index copy), while the kernel, whose index was left behind in the \
-         old work dir, breaks it",
-)];
+const KNOWN_DEVIATIONS: &[(&str, &str)] = &[];
 
 /// Known layervol bugs, each with what is wrong. They run like the known deviations (a bug
 /// that gets fixed fails its trial until it is removed from here), but unlike those they are
 /// defects to fix, listed in the issue notes.
-const KNOWN_BUGS: &[(&str, &str)] = &[(
-    "mount::rotate_links_renamed_in_later_layers",
-    "two names of one lower hard link renamed in later layers (one copied up in a middle \
-         layer first, the other from the bottom one) get the same st_ino (same origin) but a \
-         link count of 1 each; the kernel's FUSE inode for that st_ino then drops to nlink 0 \
-         when one is unlinked, and the other fails with ENOENT until looked up again \
-         (unionmount-testsuite rename-mass-5 with --ov=N). The kernel itself breaks the link at \
-         the rotation (known deviation class)",
-)];
+const KNOWN_BUGS: &[(&str, &str)] = &[];
 
 /// The reason a trial is expected to fail, for layervol runs only.
 fn known_for(name: &str, imp: &Impl) -> Option<&'static str> {

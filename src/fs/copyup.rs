@@ -34,6 +34,7 @@ impl Overlay {
             // A hard-linked lower file: every name links the one index copy.
             self.ensure_index(node)?;
             sys::linkat(self.index_dir()?.as_fd(), &hl.index, updir.as_fd(), &name)?;
+            self.store_nlink(node)?;
         } else {
             // Without an index, the other names of a hard-linked file link the copy before
             // it is renamed into place (`links.rs`).
@@ -116,13 +117,11 @@ impl Overlay {
                 sys::fchmodat(wdir, &tmp, st.st_mode)?;
             }
             self.copy_xattrs(ldir.as_fd(), &lname, wdir, &tmp)?;
-            // Keep the lower copy's own origin when it is the object's identity (see `ino_of`),
-            // otherwise the lower object itself is the origin.
-            let inherited = sys::getxattr(ldir.as_fd(), &lname, &self.x.origin)?.filter(|o| {
-                self.origin_ino(o).is_some_and(|(_, nlink)| {
-                    nlink <= 1 || fmt == libc::S_IFDIR || !self.has_index()
-                })
-            });
+            // Keep the lower copy's own origin when it is the object's identity, otherwise
+            // the lower object itself is the origin (`identity_origin`).
+            let inherited = self
+                .identity_origin(ldir.as_fd(), &lname, &st, false)
+                .map(|(o, _)| o);
             let origin = match inherited {
                 Some(o) => Some(o),
                 None => {

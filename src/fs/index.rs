@@ -3,8 +3,13 @@
 //! A lower file with several names is copied up once, into `workdir/index/<hex of its
 //! origin>`; each name that needs an upper object becomes a hard link to that copy. A name
 //! removed before any copy-up still moves the data to the index first, so the other names
-//! keep it. The link count of the merged view is kept in the index file's `overlay.nlink`
-//! (kernel format: `L+N` relative to the lower link count).
+//! keep it. The link count of the merged view is kept in the index file's `overlay.nlink`,
+//! in the kernel's format, relative to the index file's own link count (`U-1`: one less than
+//! the index copy has, i.e. every name is linked to it). Relative to the upper, not to a lower
+//! object: after layers rotate, the names of one identity can sit on different lower objects
+//! with different link counts, while the index copy's count changes exactly with the names
+//! linked to it. Values relative to the lower (`L+N`, older layervol and some kernel paths)
+//! are still read.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::AsFd;
@@ -98,8 +103,8 @@ impl Overlay {
         let l = self.lower(lr.layer)?;
         let (d, n) = l.parent_of(&lr.path)?;
         let st = sys::fstatat(d.as_fd(), &n)?;
-        let fb = match sys::getxattr(d.as_fd(), &n, &self.x.origin)? {
-            Some(fb) => fb,
+        let fb = match self.identity_origin(d.as_fd(), &n, &st, false) {
+            Some((fb, _)) => fb,
             None => match crate::layer::encode_origin(d.as_fd(), &n, l.root_rd.as_fd()) {
                 Ok(fb) => fb,
                 Err(_) => return Ok(None),
@@ -148,28 +153,41 @@ impl Overlay {
             }
         }
         node.state.lock().indexed = true;
-        Ok(())
+        self.store_nlink(node)
     }
 
-    /// Records a change of the merged link count of a hard-linked lower file.
+    /// Records a change of the merged link count of a hard-linked lower file, after the
+    /// upper operation that made it.
     pub(super) fn nlink_changed(&self, node: &Node, delta: i32) -> Result<()> {
-        let Some(hl) = &node.hardlink else {
+        if node.hardlink.is_none() {
             return Ok(());
-        };
-        let merged = {
+        }
+        {
             let mut s = node.state.lock();
             s.merged_nlink = (s.merged_nlink as i64 + delta as i64).max(0) as u32;
-            s.merged_nlink
-        };
-        if let Some(ix) = &self.index {
-            let root = ix.dir(&RelPath::root())?;
-            let v = format!("L{:+}", merged as i64 - hl.lower_nlink as i64);
-            match sys::setxattr(root.as_fd(), &hl.index, &self.nlink_key(), v.as_bytes(), 0) {
-                Ok(()) | Err(Errno::ENOENT) => {}
-                Err(e) => return Err(e),
-            }
         }
-        Ok(())
+        self.store_nlink(node)
+    }
+
+    /// Stores the merged link count in the index copy, relative to its own link count (see
+    /// the module doc). Call after each change of either: the index copy made, a name linked
+    /// to it, a link, unlink or rename. Nothing to do before the index copy exists.
+    pub(super) fn store_nlink(&self, node: &Node) -> Result<()> {
+        let (Some(hl), Some(ix)) = (&node.hardlink, &self.index) else {
+            return Ok(());
+        };
+        let root = ix.dir(&RelPath::root())?;
+        let upper = match sys::fstatat(root.as_fd(), &hl.index) {
+            Ok(st) => st.st_nlink as i64,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let merged = node.state.lock().merged_nlink as i64;
+        let v = format!("U{:+}", merged - upper);
+        match sys::setxattr(root.as_fd(), &hl.index, &self.nlink_key(), v.as_bytes(), 0) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The index copy's name in `workdir/index`, for linking it into the upper.

@@ -437,20 +437,34 @@ impl Overlay {
     }
 
     /// Stable inode number of an object found in a layer (see `node.rs`): its origin's, if it
-    /// was copied up. In a lower layer (an old upper rotated down), the origin is trusted only
-    /// if the origin object has no other name that a lower layer could still show: two
-    /// different files must never share a node. Volume mode guarantees that: its copy-up
-    /// links every name of the origin to the copy (`links.rs`) instead of using an index
-    /// that a snapshot would leave behind.
+    /// was copied up and the origin is its identity (`identity_origin`), else its own.
     fn ino_of(&self, dir: BorrowedFd, name: &CStr, st: &Stat, upper: bool) -> u64 {
-        if let Ok(Some(fb)) = sys::getxattr(dir, name, &self.x.origin)
-            && let Some((ino, nlink)) = self.origin_ino(&fb)
-            // Directories have no hard links: their origin is always their identity.
-            && (upper || nlink <= 1 || sys::is_dir(st) || !self.has_index())
-        {
-            return ino;
+        match self.identity_origin(dir, name, st, upper) {
+            Some((_, ino)) => ino,
+            None => self.map_ino(st.st_dev, st.st_ino),
         }
-        self.map_ino(st.st_dev, st.st_ino)
+    }
+
+    /// The origin of `dir/name` (its file handle and inode number) if that is the object's
+    /// identity: always in the upper, and for directories (they have no hard links). In a
+    /// lower layer (an old upper rotated down) with an index, only if neither the origin
+    /// nor the object has another name: a hard link made or copied up through the index
+    /// of an earlier mount is broken once that index is left behind (as with kernel
+    /// overlayfs, which does not follow a lower layer's origins at all), and two different
+    /// files must never share a node. Volume mode has no index: its copy-up links every
+    /// name of the origin to the copy (`links.rs`), so the origin stays the identity.
+    pub(super) fn identity_origin(
+        &self,
+        dir: BorrowedFd,
+        name: &CStr,
+        st: &Stat,
+        upper: bool,
+    ) -> Option<(Vec<u8>, u64)> {
+        let fb = sys::getxattr(dir, name, &self.x.origin).ok().flatten()?;
+        let (ino, nlink) = self.origin_ino(&fb)?;
+        let trusted =
+            upper || sys::is_dir(st) || !self.has_index() || (nlink <= 1 && st.st_nlink <= 1);
+        trusted.then_some((fb, ino))
     }
 
     pub(super) fn origin_ino(&self, fb: &[u8]) -> Option<(u64, u64)> {
