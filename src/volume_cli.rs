@@ -704,17 +704,22 @@ fn snapshot(
         .stage_freeze()
         .context("cannot prepare the next layer; the volume is unchanged")?;
     let next = v.tree_dir(staged.active_epoch);
-    // The new layer's root takes the attributes the root has at the barrier: copied now,
-    // and again under the barrier if they changed meanwhile.
+    // The new layer's root takes the attributes the root has at the barrier: copied just
+    // before it, and again under it only if they changed meanwhile.
     let root_attrs = v.next_root_attrs();
-    let copied = root_attrs
-        .copy()
-        .context("cannot prepare the next layer; the volume is unchanged")?;
+    let copied = std::cell::Cell::new(None);
     let mut done = None;
     let stats = fs
         .freeze(
             &next,
-            || root_attrs.refresh(copied).map_err(std::io::Error::other),
+            || {
+                copied.set(Some(root_attrs.copy().map_err(std::io::Error::other)?));
+                Ok(())
+            },
+            || {
+                let c = copied.get().expect("copied before the barrier");
+                root_attrs.refresh(c).map_err(std::io::Error::other)
+            },
             || {
                 done = Some(v.commit_freeze(staged).map_err(std::io::Error::other)?);
                 Ok(())

@@ -44,8 +44,10 @@ pub struct FreezeStats {
 }
 
 impl Overlay {
-    /// Freezes the upper. Before writers are blocked, the data is flushed and space is
-    /// reserved for the block maps of the open partial files. Writers are blocked only while
+    /// Freezes the upper. Before writers are blocked, the data is flushed, space is
+    /// reserved for the block maps of the open partial files and `before_barrier` runs
+    /// (e.g. a first copy of the root's attributes, as late as possible so that they rarely
+    /// change before the barrier). Writers are blocked only while
     /// those maps are taken from their nodes (in memory; a map that outgrew its reserved
     /// space is written to a temporary file), `under_barrier` runs (e.g. the next upper's
     /// root gets the root's attributes, if they changed since they were copied) and the
@@ -60,6 +62,7 @@ impl Overlay {
     pub fn freeze(
         &self,
         next_upper: &std::path::Path,
+        before_barrier: impl FnOnce() -> std::io::Result<()>,
         under_barrier: impl FnOnce() -> std::io::Result<()>,
         commit: impl FnOnce() -> std::io::Result<()>,
     ) -> std::io::Result<FreezeStats> {
@@ -73,6 +76,7 @@ impl Overlay {
         self.syncfs().map_err(std::io::Error::from)?;
         let next_upper = Arc::new(Layer::open(next_upper)?);
         let reserved = self.reserve_partial_maps()?;
+        before_barrier()?;
         let flush = t0.elapsed();
         let t1 = Instant::now();
         let barrier = self.barrier.write();

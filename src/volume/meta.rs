@@ -65,76 +65,61 @@ pub fn stage_unsynced(dir: &Path, name: &str, bytes: &[u8]) -> Result<Staged> {
 }
 
 fn stage_with(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<Staged> {
-    let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}{TMP_INFIX}{}.{seq}", std::process::id()));
-    let written = (|| -> Result<Option<File>> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        if sync {
-            f.sync_all().map_err(io("fsync", &tmp))?;
-            return Ok(None);
-        }
-        Ok(Some(f))
-    })();
-    match written {
-        Ok(unsynced) => Ok(Staged {
-            tmp,
-            dst: dir.join(name),
-            unsynced,
-            reserved: 0,
-            done: false,
-        }),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
+    let mut s = temp_for(dir, name, |f, tmp| {
+        (&*f).write_all(bytes).map_err(io("write", tmp))
+    })?;
+    if sync {
+        let f = s.unsynced.take().expect("made by temp_for");
+        f.sync_all().map_err(io("fsync", &s.tmp))?;
     }
+    Ok(s)
 }
 
 /// Takes a temporary file for `dir/name` and `len` bytes of space for it, to be written by
 /// `Staged::fill` later: for a caller that must not touch the disk at the moment it knows the
 /// contents (a freeze's barrier), yet must fail before it if there is no room.
 pub fn reserve(dir: &Path, name: &str, len: u64) -> Result<Staged> {
-    let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}{TMP_INFIX}{}.{seq}", std::process::id()));
-    let made = (|| -> Result<File> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
+    let mut s = temp_for(dir, name, |f, tmp| {
         use std::os::fd::AsFd;
         match crate::sys::fallocate(f.as_fd(), 0, 0, len) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             // No fallocate here: writing zeros takes the space as well.
-            Err(crate::sys::Errno::EOPNOTSUPP) => (&f)
+            Err(crate::sys::Errno::EOPNOTSUPP) => (&*f)
                 .write_all(&vec![0; len as usize])
-                .map_err(io("write", &tmp))?,
-            Err(e) => return Err(io("allocate space for", &tmp)(e.into())),
+                .map_err(io("write", tmp)),
+            Err(e) => Err(io("allocate space for", tmp)(e.into())),
         }
-        Ok(f)
-    })();
-    match made {
-        Ok(f) => Ok(Staged {
-            tmp,
-            dst: dir.join(name),
-            unsynced: Some(f),
-            reserved: len,
-            done: false,
-        }),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    })?;
+    s.reserved = len;
+    Ok(s)
+}
+
+/// Creates the temporary file for `dir/name` (`.<name>.tmp.<pid>.<seq>`) and lets `init`
+/// write it; removes it again if that fails. The file stays open in `unsynced`.
+fn temp_for(
+    dir: &Path,
+    name: &str,
+    init: impl FnOnce(&File, &Path) -> Result<()>,
+) -> Result<Staged> {
+    let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}{TMP_INFIX}{}.{seq}", std::process::id()));
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    // From here on, dropping the result removes the file.
+    let s = Staged {
+        dst: dir.join(name),
+        unsynced: Some(f),
+        reserved: 0,
+        done: false,
+        tmp,
+    };
+    init(s.unsynced.as_ref().expect("just made"), &s.tmp)?;
+    Ok(s)
 }
 
 impl Staged {
