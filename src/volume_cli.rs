@@ -749,6 +749,7 @@ fn snapshot(
         "barrier_wait_micros": stats.barrier_wait_micros,
         "barrier_attrs_micros": stats.barrier_attrs_micros,
         "barrier_maps_micros": stats.barrier_maps_micros,
+        "maps_written_under_barrier": stats.maps_written_under_barrier,
         "flush_micros": stats.flush_micros,
         "commit_micros": stats.commit_micros,
         "total_micros": total,

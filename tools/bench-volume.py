@@ -141,7 +141,7 @@ def freeze_run(name, size, n):
 
     t = threading.Thread(target=writer)
     t.start()
-    total, barrier, wait, attrs, maps = [], [], [], [], []
+    total, barrier, wait, attrs, maps, written = [], [], [], [], [], []
     for _ in range(n):
         s = json.loads(lv("snapshot", mnt, "--json"))
         total.append(s["total_micros"] / 1000)
@@ -149,13 +149,14 @@ def freeze_run(name, size, n):
         wait.append(s.get("barrier_wait_micros", 0) / 1000)
         attrs.append(s.get("barrier_attrs_micros", 0) / 1000)
         maps.append(s.get("barrier_maps_micros", 0) / 1000)
+        written.append(s.get("maps_written_under_barrier", 0))
         time.sleep(0.02)
     stop.set()
     t.join()
     sh("umount", mnt)
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]
     return (q(total, 50), q(total, 99), q(barrier, 50), q(barrier, 99), q(wait, 99),
-            q(attrs, 99), q(maps, 99))
+            q(attrs, 99), q(maps, 99), sum(written), n)
 
 
 def freeze():
@@ -164,11 +165,11 @@ def freeze():
     big = freeze_run("freeze-big", (256 << 20) if QUICK else (4 << 30), n)
     rows.append(("freeze, 64 MiB volume, writer running (ms)",
                  f"total p50 {small[0]:.1f} p99 {small[1]:.1f}",
-                 f"barrier p50 {small[2]:.2f} p99 {small[3]:.2f} (p99 of: waiting {small[4]:.2f}, root attrs {small[5]:.2f}, maps {small[6]:.2f})",
+                 f"barrier p50 {small[2]:.2f} p99 {small[3]:.2f} (p99 of: waiting {small[4]:.2f}, root attrs {small[5]:.2f}, maps {small[6]:.2f}; maps written under it in {small[7]} of {small[8]} snapshots)",
                  ""))
     rows.append(("freeze, %s volume, writer running (ms)" % ("256 MiB" if QUICK else "4 GiB"),
                  f"total p50 {big[0]:.1f} p99 {big[1]:.1f}",
-                 f"barrier p50 {big[2]:.2f} p99 {big[3]:.2f} (p99 of: waiting {big[4]:.2f}, root attrs {big[5]:.2f}, maps {big[6]:.2f})",
+                 f"barrier p50 {big[2]:.2f} p99 {big[3]:.2f} (p99 of: waiting {big[4]:.2f}, root attrs {big[5]:.2f}, maps {big[6]:.2f}; maps written under it in {big[7]} of {big[8]} snapshots)",
                  f"ratio big/small total p50 {big[0] / small[0]:.2f} (target <= 1.5)"))
 
 

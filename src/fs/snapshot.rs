@@ -32,8 +32,10 @@ pub struct FreezeStats {
     pub barrier_wait_micros: u64,
     /// copying the root's attributes to the next upper (`under_barrier`),
     pub barrier_attrs_micros: u64,
-    /// and taking (and staging) the open partial files' block maps.
+    /// and taking the open partial files' block maps,
     pub barrier_maps_micros: u64,
+    /// of which this many were written under the barrier (no space reserved, or outgrown).
+    pub maps_written_under_barrier: u64,
     /// Time of the flush before the barrier.
     pub flush_micros: u64,
     /// Time of the flush and commit after the barrier (fsyncs waited for it).
@@ -85,6 +87,10 @@ impl Overlay {
         let t_attrs = t1.elapsed();
         // Last before the swap: it fails (e.g. on a full disk) before it takes anything.
         let staged_maps = self.take_all_partials(reserved)?;
+        let maps_written_under_barrier = staged_maps
+            .iter()
+            .filter(|m| matches!(m, super::partial::FrozenMap::Written(_)))
+            .count() as u64;
         let t_maps = t1.elapsed();
         let epoch = self.epoch.load(Ordering::Acquire);
         let (dirty_bytes, dirty_files) = self.dirty_stats();
@@ -128,6 +134,7 @@ impl Overlay {
             barrier_wait_micros: t_locked.as_micros() as u64,
             barrier_attrs_micros: (t_attrs - t_locked).as_micros() as u64,
             barrier_maps_micros: (t_maps - t_attrs).as_micros() as u64,
+            maps_written_under_barrier,
             flush_micros: flush.as_micros() as u64,
             dirty_bytes,
             dirty_files,
