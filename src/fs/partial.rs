@@ -436,9 +436,16 @@ impl Overlay {
     /// partial file, as large as the map is now plus room for the writes until the barrier,
     /// so that the barrier itself need not touch the disk (`take_all_partials`). A full disk
     /// fails the freeze here, with nothing changed.
-    pub(super) fn reserve_partial_maps(&self) -> std::io::Result<Vec<(MapId, meta::Staged)>> {
+    /// A few spare reservations (`None`) serve the files that become partial in between.
+    pub(super) fn reserve_partial_maps(
+        &self,
+    ) -> std::io::Result<Vec<(Option<MapId>, meta::Staged)>> {
         let store = self.active_maps()?;
         let mut out = Vec::new();
+        for _ in 0..SPARE_MAPS {
+            let spare = store.reserve_spare(MAP_SLACK);
+            out.push((None, spare.map_err(std::io::Error::other)?));
+        }
         for n in self.live_partial_nodes() {
             let Some((id, len)) = n
                 .partial
@@ -449,7 +456,10 @@ impl Overlay {
                 continue;
             };
             let room = len + len / 4 + MAP_SLACK;
-            out.push((id, store.reserve(id, room).map_err(std::io::Error::other)?));
+            out.push((
+                Some(id),
+                store.reserve(id, room).map_err(std::io::Error::other)?,
+            ));
         }
         Ok(out)
     }
@@ -463,7 +473,7 @@ impl Overlay {
     /// disk fails the freeze here, with nothing changed). O(open partial files).
     pub(super) fn take_all_partials(
         &self,
-        mut reserved: Vec<(MapId, meta::Staged)>,
+        mut reserved: Vec<(Option<MapId>, meta::Staged)>,
     ) -> std::io::Result<Vec<FrozenMap>> {
         let store = self.active_maps()?;
         let live = self.live_partial_nodes();
@@ -476,9 +486,22 @@ impl Overlay {
             {
                 let id = ps.map.id();
                 let len = ps.map.encoded_len();
-                fit = reserved
-                    .iter()
-                    .any(|(r, s)| *r == id && len <= s.reserved());
+                let own = reserved.iter().position(|(r, _)| *r == Some(id));
+                fit = own.is_some_and(|i| len <= reserved[i].1.reserved());
+                if !fit {
+                    if let Some(i) = own {
+                        // Too small for this map: a spare for another one.
+                        reserved[i].0 = None;
+                    }
+                    let spare = reserved
+                        .iter()
+                        .position(|(r, s)| r.is_none() && len <= s.reserved());
+                    if let Some(i) = spare {
+                        reserved[i].0 = Some(id);
+                        reserved[i].1.retarget(store.path_of(id));
+                        fit = true;
+                    }
+                }
                 if !fit {
                     out.push(FrozenMap::Written(
                         store
@@ -493,7 +516,7 @@ impl Overlay {
             if let Some(ps) = n.partial.lock().take() {
                 let id = ps.map.id();
                 let map = Arc::new(ps.map);
-                if fit && let Some(i) = reserved.iter().position(|(r, _)| *r == id) {
+                if fit && let Some(i) = reserved.iter().position(|(r, _)| *r == Some(id)) {
                     let (_, space) = reserved.swap_remove(i);
                     out.push(FrozenMap::Reserved(space, map.clone()));
                 }
@@ -532,6 +555,10 @@ impl Overlay {
 /// barrier (each random 4 KiB write adds at most 20 bytes: an extent and a CRC).
 const MAP_SLACK: u64 = 64 << 10;
 
+/// Spare reservations of `MAP_SLACK` each, for the maps of files that become partial between
+/// the reservation and the barrier.
+const SPARE_MAPS: usize = 2;
+
 /// A block map a freeze took, on its way to the frozen layer's `maps/`.
 pub(super) enum FrozenMap {
     /// Written to a temporary file under the barrier.
@@ -549,14 +576,15 @@ mod tests {
     use crate::volume::Volume;
 
     /// A freeze takes each open partial file's map into the space reserved before its
-    /// barrier when it fits, and writes a map that outgrew it under the barrier; either way
-    /// the stored map is the one taken. Needs root (trusted.* xattrs).
+    /// barrier when it fits (a file that became partial after the reservation: into a
+    /// spare), and writes a map that outgrew it under the barrier; either way the stored map
+    /// is the one taken. Needs root (trusted.* xattrs).
     #[test]
     fn a_freeze_stores_maps_in_their_reserved_space_or_beside_it() {
         let t = tempfile::tempdir().unwrap();
         let src = t.path().join("src");
         std::fs::create_dir(&src).unwrap();
-        for name in ["fits", "grows"] {
+        for name in ["fits", "grows", "late"] {
             let f = std::fs::File::create(src.join(name)).unwrap();
             f.set_len(64 << 20).unwrap();
         }
@@ -577,14 +605,17 @@ mod tests {
         let block = vec![7u8; 4096];
         let open = |name: &str| {
             let (node, _) = ov.lookup(ROOT_INO, &CString::new(name).unwrap()).unwrap();
-            let (fh, _, _) = ov.open(node.ino, libc::O_WRONLY).unwrap();
-            ov.write(fh, 0, &block).unwrap();
-            fh
+            ov.open(node.ino, libc::O_WRONLY).unwrap().0
         };
         let (fits, grows) = (open("fits"), open("grows"));
+        ov.write(fits, 0, &block).unwrap();
+        ov.write(grows, 0, &block).unwrap();
         let reserved = ov.reserve_partial_maps().unwrap();
-        assert_eq!(reserved.len(), 2);
+        assert_eq!(reserved.len(), 2 + SPARE_MAPS);
         ov.write(fits, 2 * 4096, &block).unwrap();
+        // Opened for writing (copied up as a partial file) after the reservation.
+        let late = open("late");
+        ov.write(late, 0, &block).unwrap();
         // Non-adjacent blocks: 20 bytes of map each, well past the reserved slack.
         for i in 0..(MAP_SLACK / 20 + 1000) {
             ov.write(grows, (2 * i + 4) * 4096, &block).unwrap();
@@ -600,11 +631,17 @@ mod tests {
             .collect();
         let mut sorted = kinds.clone();
         sorted.sort();
-        assert_eq!(sorted, ["reserved", "unused", "written"], "{kinds:?}");
+        // fits and late (a spare) reserved, grows written; grows' own reservation (too
+        // small) and the other spare unused.
+        assert_eq!(
+            sorted,
+            ["reserved", "reserved", "unused", "unused", "written"],
+            "{kinds:?}"
+        );
         let store = ov.active_maps().unwrap();
         Overlay::store_frozen(taken).unwrap();
         let frozen: Vec<Arc<BlockMap>> = ov.frozen_maps.iter().map(|e| e.value().clone()).collect();
-        assert_eq!(frozen.len(), 2);
+        assert_eq!(frozen.len(), 3);
         for m in frozen {
             assert_eq!(store.load(m.id()).unwrap(), *m);
         }
@@ -615,7 +652,7 @@ mod tests {
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
                 .collect();
         names.sort();
-        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(names.len(), 3, "{names:?}");
         assert!(
             names
                 .iter()

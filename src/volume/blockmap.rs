@@ -876,6 +876,11 @@ impl MapStore {
         meta::reserve(&self.dir, &format!("{id}{MAP_FILE_SUFFIX}"), len)
     }
 
+    /// `reserve` for a map not known yet: `Staged::retarget` names it.
+    pub fn reserve_spare(&self, len: u64) -> Result<meta::Staged> {
+        meta::reserve(&self.dir, "spare", len)
+    }
+
     /// Writes `map` into the space `reserve` took for it: false (nothing written) if it
     /// does not fit.
     pub fn fill(staged: &mut meta::Staged, map: &BlockMap) -> Result<bool> {

@@ -128,6 +128,16 @@ impl Staged {
         self.reserved
     }
 
+    /// Makes `dst` (in the same directory) the name the file will take at commit.
+    pub fn retarget(&mut self, dst: PathBuf) {
+        assert_eq!(
+            dst.parent(),
+            self.dst.parent(),
+            "retarget within the directory"
+        );
+        self.dst = dst;
+    }
+
     /// Writes the contents of a file made by `reserve`, into its reserved space (so it
     /// needs no new space); `bytes` must fit in it.
     pub fn fill(&mut self, bytes: &[u8]) -> Result<()> {
