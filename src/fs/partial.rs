@@ -478,45 +478,41 @@ impl Overlay {
         let store = self.active_maps()?;
         let live = self.live_partial_nodes();
         let mut out = Vec::new();
-        let mut fits = Vec::with_capacity(live.len());
+        // Each dirty map gets a reservation keyed by its id (its own if large enough, else
+        // a spare), or is written now; unneeded reservations become spares.
         for n in &live {
-            let mut fit = false;
-            if let Some(ps) = n.partial.lock().as_ref()
-                && ps.dirty
+            let g = n.partial.lock();
+            let Some(ps) = g.as_ref() else { continue };
+            let (id, len) = (ps.map.id(), ps.map.encoded_len());
+            let own = reserved.iter().position(|(r, _)| *r == Some(id));
+            if let Some(i) = own
+                && (!ps.dirty || len > reserved[i].1.reserved())
             {
-                let id = ps.map.id();
-                let len = ps.map.encoded_len();
-                let own = reserved.iter().position(|(r, _)| *r == Some(id));
-                fit = own.is_some_and(|i| len <= reserved[i].1.reserved());
-                if !fit {
-                    if let Some(i) = own {
-                        // Too small for this map: a spare for another one.
-                        reserved[i].0 = None;
-                    }
-                    let spare = reserved
-                        .iter()
-                        .position(|(r, s)| r.is_none() && len <= s.reserved());
-                    if let Some(i) = spare {
-                        reserved[i].0 = Some(id);
-                        reserved[i].1.retarget(store.path_of(id));
-                        fit = true;
-                    }
-                }
-                if !fit {
-                    out.push(FrozenMap::Written(
-                        store
-                            .stage_unsynced(&ps.map)
-                            .map_err(std::io::Error::other)?,
-                    ));
-                }
+                reserved[i].0 = None;
             }
-            fits.push(fit);
+            if !ps.dirty || reserved.iter().any(|(r, _)| *r == Some(id)) {
+                continue;
+            }
+            match reserved
+                .iter()
+                .position(|(r, s)| r.is_none() && len <= s.reserved())
+            {
+                Some(i) => {
+                    reserved[i].0 = Some(id);
+                    reserved[i].1.retarget(store.path_of(id));
+                }
+                None => out.push(FrozenMap::Written(
+                    store
+                        .stage_unsynced(&ps.map)
+                        .map_err(std::io::Error::other)?,
+                )),
+            }
         }
-        for (n, fit) in live.into_iter().zip(fits) {
+        for n in live {
             if let Some(ps) = n.partial.lock().take() {
                 let id = ps.map.id();
                 let map = Arc::new(ps.map);
-                if fit && let Some(i) = reserved.iter().position(|(r, _)| *r == Some(id)) {
+                if let Some(i) = reserved.iter().position(|(r, _)| *r == Some(id)) {
                     let (_, space) = reserved.swap_remove(i);
                     out.push(FrozenMap::Reserved(space, map.clone()));
                 }
