@@ -49,14 +49,13 @@ impl Overlay {
     /// Freezes the upper. Before writers are blocked, the data is flushed, space is
     /// reserved for the block maps of the open partial files and `before_barrier` runs
     /// (e.g. a first copy of the root's attributes, as late as possible so that they rarely
-    /// change before the barrier). Writers are blocked only while
-    /// those maps are taken from their nodes (in memory; a map that outgrew its reserved
-    /// space is written to a temporary file), `under_barrier` runs (e.g. the next upper's
-    /// root gets the root's attributes, if they changed since they were copied) and the
-    /// stack is swapped: `next_upper` (an empty directory) becomes the upper, the old upper
-    /// the topmost lower layer (its directory fd stays valid wherever the directory is).
-    /// Then the taken maps are stored, the frozen layer is flushed and `commit` makes the
-    /// switch
+    /// change before the barrier). Writers are blocked only while those maps are taken from
+    /// their nodes (in memory; a map that outgrew its reserved space is written to a
+    /// temporary file), `under_barrier` runs (e.g. the next upper's root gets the root's
+    /// attributes, if they changed since they were copied) and the stack is swapped:
+    /// `next_upper` (an empty directory) becomes the upper, the old upper the topmost lower
+    /// layer (its directory fd stays valid wherever the directory is). Then the taken maps
+    /// are stored, the frozen layer is flushed and `commit` makes the switch
     /// durable (the volume's atomic metadata commit, staged before); until it has, every
     /// fsync waits, so that no write to the new upper is acknowledged before the new upper
     /// is the volume's. A failure before the swap changes nothing; a failed commit after it

@@ -645,13 +645,13 @@ impl BlockMap {
         Ok(out)
     }
 
-    /// The sidecar encoding (see the module doc).
     /// The length of `encode`'s result, without encoding.
     pub fn encoded_len(&self) -> u64 {
         let e = self.present.extent_count() as u64;
         HEADER_LEN_V1 as u64 + e * 16 + self.present.count_blocks() * 4 + 4
     }
 
+    /// The sidecar encoding (see the module doc).
     pub fn encode(&self) -> Vec<u8> {
         let e = self.present.extent_count();
         let nb = self.present.count_blocks() as usize;

@@ -387,8 +387,10 @@ pub(crate) fn copy_root_attrs(from: &Path, to: &Path, userxattr: bool) -> Result
         }
         let v = sys::getxattr(s.as_fd(), dot, &key).map_err(errno_io("read xattrs of", from))?;
         if let Some(v) = v
-            && sys::getxattr(d.as_fd(), dot, &key).map_err(errno_io("read xattrs of", to))?
-                != Some(v.clone())
+            && sys::getxattr(d.as_fd(), dot, &key)
+                .map_err(errno_io("read xattrs of", to))?
+                .as_ref()
+                != Some(&v)
         {
             sys::setxattr(d.as_fd(), dot, &key, &v, 0).map_err(errno_io("set xattrs of", to))?;
         }

@@ -1106,3 +1106,32 @@ fn userxattr_volume_uses_user_namespace() {
     // What was moved aside is not a stray of the volume's layers.
     assert!(v.verify().unwrap().strays.is_empty());
 }
+
+/// A freeze copies the root's attributes to the next layer before its barrier and again
+/// under it if the root changed: the second copy must follow every change, a removed xattr
+/// and a new mode included, and the stamp must tell a changed root from an unchanged one.
+#[test]
+fn root_attrs_copied_again_follow_the_root() {
+    use super::import::{RootStamp, copy_root_attrs};
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    set_xattr(&a, "user.keep", b"1");
+    set_xattr(&a, "user.gone", b"2");
+    fs::set_permissions(&a, fs::Permissions::from_mode(0o751)).unwrap();
+    let stamp = copy_root_attrs(&a, &b, false).unwrap();
+    assert_eq!(xattrs(&b), xattrs(&a));
+    assert_eq!(RootStamp::now(&a).unwrap(), stamp, "nothing changed");
+
+    let parent = dir_fd(t.path());
+    sys::removexattr(parent.as_fd(), &c("a"), &c("user.gone")).unwrap();
+    fs::set_permissions(&a, fs::Permissions::from_mode(0o700)).unwrap();
+    assert_ne!(RootStamp::now(&a).unwrap(), stamp, "the root changed");
+    copy_root_attrs(&a, &b, false).unwrap();
+    assert_eq!(xattrs(&b), xattrs(&a));
+    let (ma, mb) = (fs::metadata(&a).unwrap(), fs::metadata(&b).unwrap());
+    assert_eq!(mb.mode() & 0o7777, 0o700);
+    assert_eq!((mb.mtime(), mb.mtime_nsec()), (ma.mtime(), ma.mtime_nsec()));
+}
