@@ -939,28 +939,12 @@ pub const CLUSTER_GAP: u64 = 32 << 10;
 
 /// Reads `buf.len()` bytes at `off` through `levels` (zeros past every level's data).
 pub fn read_chain<L: ChainLevel>(levels: &[L], off: u64, buf: &mut [u8]) -> sys::Result<()> {
-    let Some((top, rest)) = levels.split_first() else {
-        buf.fill(0);
-        return Ok(());
-    };
-    match top.map() {
-        None => {
-            let n = sys::pread_full(top.data(), buf, off)?;
-            buf[n..].fill(0);
-            Ok(())
-        }
-        Some(map) => read_mapped(map, top.data(), rest, off, buf),
-    }
+    let end = off + buf.len() as u64;
+    let plan = resolve_chain(levels, off..end);
+    read_resolved(levels, &plan, off, buf)
 }
 
 /// Reads through one partial file's map: its own blocks from `fd`, the rest from `below`.
-///
-/// I/O pattern (measured with a cold cache, see README): spans below less than
-/// `CLUSTER_GAP` apart are read with one call (superseded blocks are read and dropped), so
-/// that the data below a file with scattered written blocks is read sequentially and the
-/// kernel's readahead keeps working; the file's own spans are read exactly (reading
-/// through its holes would only cost page-cache work) after a prefetch of all of them, so
-/// that scattered blocks are fetched in parallel rather than one by one.
 pub fn read_mapped<L: ChainLevel>(
     map: &BlockMap,
     fd: BorrowedFd,
@@ -968,51 +952,143 @@ pub fn read_mapped<L: ChainLevel>(
     off: u64,
     buf: &mut [u8],
 ) -> sys::Result<()> {
-    let end = off + buf.len() as u64;
-    buf.fill(0);
-    let plan = map.read_plan(off, buf.len() as u64);
-    for src in [Source::Here, Source::Below] {
-        // Clusters: (start, end, spans in it).
-        let gap = if src == Source::Here { 0 } else { CLUSTER_GAP };
-        let mut clusters: Vec<(u64, u64, Vec<Range<u64>>)> = Vec::new();
-        for span in plan.iter().filter(|s| s.source == src) {
-            let r = span.range.start..span.range.end.min(end);
-            match clusters.last_mut() {
-                Some(c) if r.start <= c.1 + gap => {
-                    c.1 = r.end;
-                    c.2.push(r);
-                }
-                _ => clusters.push((r.start, r.end, vec![r])),
+    struct Top<'a>(BorrowedFd<'a>, &'a BlockMap);
+    enum Any<'a, L> {
+        Top(Top<'a>),
+        Below(&'a L),
+    }
+    impl<L: ChainLevel> ChainLevel for Any<'_, L> {
+        fn data(&self) -> BorrowedFd<'_> {
+            match self {
+                Any::Top(t) => t.0,
+                Any::Below(l) => l.data(),
             }
         }
-        if src == Source::Here && clusters.len() > 1 {
-            for (start, stop, _) in &clusters {
-                will_need(fd, *start, *stop);
+        fn map(&self) -> Option<&BlockMap> {
+            match self {
+                Any::Top(t) => Some(t.1),
+                Any::Below(l) => l.map(),
             }
         }
-        let read = |piece: &mut [u8], at: u64| -> sys::Result<()> {
-            if src == Source::Here {
-                let n = sys::pread_full(fd, piece, at)?;
-                piece[n..].fill(0);
-                Ok(())
-            } else {
-                read_chain(below, at, piece)
-            }
+    }
+    let levels: Vec<Any<L>> = std::iter::once(Any::Top(Top(fd, map)))
+        .chain(below.iter().map(Any::Below))
+        .collect();
+    read_chain(&levels, off, buf)
+}
+
+/// Which level of a chain supplies each byte of a range: `(Some(level index), span)` or
+/// `(None, span)` for zeros. The spans are disjoint and cover the range.
+///
+/// Resolved once for the whole chain, top-down, so that each byte is read exactly once from
+/// the level that holds it however deep the chain is (reading level by level, each through
+/// the next, copied every byte once per level: a 16-level chain read at half the speed of a
+/// single level).
+pub fn resolve_chain<L: ChainLevel>(
+    levels: &[L],
+    range: Range<u64>,
+) -> Vec<(Option<usize>, Range<u64>)> {
+    let mut out = Vec::new();
+    let mut pending = vec![range];
+    for (i, level) in levels.iter().enumerate() {
+        if pending.is_empty() {
+            break;
+        }
+        let Some(map) = level.map() else {
+            // A whole file: it has every byte (zeros past its end, as a short read gives).
+            out.extend(pending.drain(..).map(|r| (Some(i), r)));
+            break;
         };
-        for (start, stop, spans) in clusters {
-            if spans.len() == 1 {
-                read(
-                    &mut buf[(start - off) as usize..(stop - off) as usize],
-                    start,
-                )?;
-                continue;
+        let mut next: Vec<Range<u64>> = Vec::new();
+        for r in pending.drain(..) {
+            let mut pos = r.start;
+            for span in map.read_plan(r.start, r.end - r.start) {
+                pos = span.range.end;
+                match span.source {
+                    Source::Here => out.push((Some(i), span.range)),
+                    Source::Zero => out.push((None, span.range)),
+                    Source::Below => match next.last_mut() {
+                        Some(last) if last.end == span.range.start => {
+                            *last = last.start..span.range.end
+                        }
+                        _ => next.push(span.range),
+                    },
+                }
             }
-            let mut tmp = vec![0u8; (stop - start) as usize];
-            read(&mut tmp, start)?;
-            for r in spans {
-                buf[(r.start - off) as usize..(r.end - off) as usize]
-                    .copy_from_slice(&tmp[(r.start - start) as usize..(r.end - start) as usize]);
+            // Past this level's logical size.
+            if pos < r.end {
+                out.push((None, pos..r.end));
             }
+        }
+        pending = next;
+    }
+    // Past the bottom of the chain.
+    out.extend(pending.into_iter().map(|r| (None, r)));
+    out
+}
+
+/// Fills `buf` (at file offset `off`) from a plan of `resolve_chain`, reading each span
+/// straight into place.
+///
+/// I/O pattern (measured with a cold cache, see README): a whole file's spans less than
+/// `CLUSTER_GAP` apart are read with one call, so that the data below scattered written
+/// blocks is read sequentially and the kernel's readahead keeps working; what such a call
+/// reads over belongs to other levels and is written over afterwards. A partial file's own
+/// spans are read exactly (reading through its holes would only cost page-cache work), after
+/// a prefetch of all of them, so that scattered blocks are fetched in parallel rather than
+/// one by one.
+fn read_resolved<L: ChainLevel>(
+    levels: &[L],
+    plan: &[(Option<usize>, Range<u64>)],
+    off: u64,
+    buf: &mut [u8],
+) -> sys::Result<()> {
+    let at = |r: &Range<u64>| (r.start - off) as usize..(r.end - off) as usize;
+    let mut by_level: Vec<Vec<Range<u64>>> = vec![Vec::new(); levels.len()];
+    let mut zeros = Vec::new();
+    for (src, r) in plan {
+        match src {
+            Some(i) => by_level[*i].push(r.clone()),
+            None => zeros.push(r.clone()),
+        }
+    }
+    let read_level = |buf: &mut [u8], i: usize, spans: &mut Vec<Range<u64>>| {
+        spans.sort_by_key(|r| r.start);
+        let fd = levels[i].data();
+        let whole = levels[i].map().is_none();
+        let gap = if whole { CLUSTER_GAP } else { 0 };
+        let mut clusters: Vec<Range<u64>> = Vec::new();
+        for r in spans.iter() {
+            match clusters.last_mut() {
+                Some(c) if r.start <= c.end + gap => c.end = r.end,
+                _ => clusters.push(r.clone()),
+            }
+        }
+        if !whole && clusters.len() > 1 {
+            for c in &clusters {
+                will_need(fd, c.start, c.end);
+            }
+        }
+        for c in &clusters {
+            let piece = &mut buf[at(c)];
+            let n = sys::pread_full(fd, piece, c.start)?;
+            piece[n..].fill(0);
+        }
+        Ok(())
+    };
+    // Whole files first: they may read over other levels' spans. Then zeros and partial
+    // files' blocks, which are disjoint.
+    for (i, spans) in by_level.iter_mut().enumerate() {
+        if levels[i].map().is_none() && !spans.is_empty() {
+            read_level(buf, i, spans)?;
+        }
+    }
+    for r in &zeros {
+        buf[at(r)].fill(0);
+    }
+    for (i, spans) in by_level.iter_mut().enumerate() {
+        if levels[i].map().is_some() && !spans.is_empty() {
+            read_level(buf, i, spans)?;
         }
     }
     Ok(())
@@ -1644,6 +1720,56 @@ mod tests {
             }
             let (back, _) = BlockMap::decode(&f.map.encode()).unwrap();
             prop_assert_eq!(back, f.map.clone());
+        }
+
+        /// A chain of partial files over a whole file reads what writes and truncates, level
+        /// by level, left: every byte from the topmost level that has it, zeros past each
+        /// level's data (whole files' reads over other levels' spans are written over).
+        #[test]
+        fn read_chain_matches_model(
+            base_len in 0usize..120_000,
+            levels in proptest::collection::vec(
+                proptest::collection::vec((0u64..130_000, 1u64..3_000, 1u8..255, any::<bool>()), 0..10),
+                0..6),
+            windows in proptest::collection::vec((0u64..140_000, 0u64..70_000), 1..6),
+        ) {
+            struct L(fs::File, Option<BlockMap>);
+            impl ChainLevel for L {
+                fn data(&self) -> BorrowedFd<'_> { self.0.as_fd() }
+                fn map(&self) -> Option<&BlockMap> { self.1.as_ref() }
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let base: Vec<u8> = (0..base_len).map(|i| (i % 89) as u8 + 1).collect();
+            std::fs::write(dir.path().join("base"), &base).unwrap();
+            let mut chain = vec![L(fs::File::open(dir.path().join("base")).unwrap(), None)];
+            let mut model = base;
+            let mut fixtures = Vec::new();
+            for (n, ops) in levels.iter().enumerate() {
+                let mut f = Fixture { map: BlockMap::new(id(n as u8), 512, model.len() as u64).unwrap(), ..Fixture::new(model.clone()) };
+                for &(off, len, byte, truncate) in ops {
+                    if truncate {
+                        let n = off.min(model.len() as u64 + 5_000);
+                        f.map.truncate_file(f.data.as_fd(), n).unwrap();
+                        model.resize(n as usize, 0);
+                    } else {
+                        f.write(off, &vec![byte; len as usize]);
+                        let end = (off + len) as usize;
+                        if model.len() < end { model.resize(end, 0); }
+                        model[off as usize..end].fill(byte);
+                    }
+                }
+                fixtures.push(f);
+            }
+            for f in fixtures {
+                chain.insert(0, L(f.data, Some(f.map)));
+                drop(f._dir);
+            }
+            for (off, len) in windows {
+                let mut buf = vec![0xEEu8; len as usize];
+                read_chain(&chain, off, &mut buf).unwrap();
+                let want: Vec<u8> = (off..off + len).map(|o| model.get(o as usize).copied().unwrap_or(0)).collect();
+                prop_assert_eq!(buf, want);
+            }
         }
     }
 }
