@@ -176,29 +176,32 @@ def freeze():
 REPS = 3 if QUICK else 7
 
 
-def timed_read(path):
-    """Median of REPS cold-cache sequential reads (this machine's timings are noisy)."""
-    times = []
-    for _ in range(REPS):
-        drop_caches()
-        t0 = time.monotonic()
-        with open(path, "rb") as f:
-            while f.read(1 << 20):
-                pass
-        times.append(time.monotonic() - t0)
-    return statistics.median(times)
+def read_once(path):
+    drop_caches()
+    t0 = time.monotonic()
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    return time.monotonic() - t0
 
 
-def timed_stats(d, names):
-    """Median of REPS cold-cache lstat passes."""
-    times = []
+def stat_once(d, names):
+    drop_caches()
+    t0 = time.monotonic()
+    for n in names:
+        os.lstat(os.path.join(d, n))
+    return time.monotonic() - t0
+
+
+def medians(fn, *subjects):
+    """Median of REPS cold-cache runs of `fn` on each subject, the subjects taken in turn in
+    each round so that drift on this noisy machine (writeback, a squash's aftermath) falls on
+    all of them alike."""
+    times = [[] for _ in subjects]
     for _ in range(REPS):
-        drop_caches()
-        t0 = time.monotonic()
-        for n in names:
-            os.lstat(os.path.join(d, n))
-        times.append(time.monotonic() - t0)
-    return statistics.median(times)
+        for t, s in zip(times, subjects):
+            t.append(fn(*s))
+    return [statistics.median(t) for t in times]
 
 
 def chain_volume(name, size, names, snaps, opts):
@@ -239,36 +242,32 @@ def chain():
         if (n <= 16 and not st.get("squash_running")) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    auto = timed_read(os.path.join(mnt, "big"))
-    auto_stat = timed_stats(os.path.join(mnt, "files"), names)
     last = st.get("last_squash") or {}
+    # The same data in a single-layer volume, measured in turn with the squash-on mount.
+    f = fresh("chain-flat")
+    shutil.copytree(os.path.join(p, "src/files"), os.path.join(f, "src/files"))
+    shutil.copyfile(os.path.join(mnt, "big"), os.path.join(f, "src/big"))
+    lv("volume", "create", os.path.join(f, "vol"), "--from", os.path.join(f, "src"))
+    fm = os.path.join(f, "m")
+    lv("mount", os.path.join(f, "vol"), fm)
+    auto, flat = medians(read_once, (os.path.join(mnt, "big"),), (os.path.join(fm, "big"),))
+    auto_stat, flat_stat = medians(
+        stat_once, (os.path.join(mnt, "files"), names), (os.path.join(fm, "files"), names))
     sh("umount", mnt)
     # The same workload with squash off: 200 layers, partial files chained 200 deep.
     q, qm, _ = chain_volume("chain-off", size, names, snaps, ["-o", "max_layers=0"])
     sh("umount", qm)
     lv("mount", os.path.join(q, "vol"), qm)
-    deep = timed_read(os.path.join(qm, "big"))
-    deep_stat = timed_stats(os.path.join(qm, "files"), names)
-    sh("umount", qm)
     t0 = time.monotonic()
     lv("volume", "squash", os.path.join(p, "vol"))
     squash_s = time.monotonic() - t0
     lv("mount", os.path.join(p, "vol"), mnt)
-    squashed = timed_read(os.path.join(mnt, "big"))
-    squashed_stat = timed_stats(os.path.join(mnt, "files"), names)
-    sh("umount", mnt)
-    # the same data in a single-layer volume
-    f = fresh("chain-flat")
-    shutil.copytree(os.path.join(p, "src/files"), os.path.join(f, "src/files"))
-    lv("mount", os.path.join(p, "vol"), mnt)
-    shutil.copyfile(os.path.join(mnt, "big"), os.path.join(f, "src/big"))
-    sh("umount", mnt)
-    lv("volume", "create", os.path.join(f, "vol"), "--from", os.path.join(f, "src"))
-    fm = os.path.join(f, "m")
-    lv("mount", os.path.join(f, "vol"), fm)
-    flat = timed_read(os.path.join(fm, "big"))
-    flat_stat = timed_stats(os.path.join(fm, "files"), names)
-    sh("umount", fm)
+    deep, squashed, flat2 = medians(
+        read_once, (os.path.join(qm, "big"),), (os.path.join(mnt, "big"),), (os.path.join(fm, "big"),))
+    deep_stat, squashed_stat, flat2_stat = medians(
+        stat_once, *((os.path.join(m, "files"), names) for m in (qm, mnt, fm)))
+    for m in (qm, mnt, fm):
+        sh("umount", m)
     rows.append((f"sequential read of 64 MiB after {snaps} snapshots, squash on (default max_layers=16) (s)",
                  f"{auto:.3f} with {n} frozen layers; single layer {flat:.3f}",
                  f"throughput ratio {flat / auto:.2f} (target >= 0.8)",
@@ -280,8 +279,9 @@ def chain():
                  f"{auto_stat:.3f}; single layer {flat_stat:.3f}",
                  f"slowdown {auto_stat / flat_stat:.2f} (target <= 1.2)", ""))
     rows.append((f"same, squash off (max_layers=0, {snaps} layers) / after an offline squash (s)",
-                 f"read {deep:.3f} / {squashed:.3f}; lstat {deep_stat:.3f} / {squashed_stat:.3f}",
-                 f"read ratio {flat / deep:.2f} / {flat / squashed:.2f}; lstat {deep_stat / flat_stat:.2f} / {squashed_stat / flat_stat:.2f}",
+                 f"read {deep:.3f} / {squashed:.3f}; lstat {deep_stat:.3f} / {squashed_stat:.3f}; "
+                 f"single layer {flat2:.3f}, {flat2_stat:.3f}",
+                 f"read ratio {flat2 / deep:.2f} / {flat2 / squashed:.2f}; lstat {deep_stat / flat2_stat:.2f} / {squashed_stat / flat2_stat:.2f}",
                  f"offline squash of the squash-on volume: {squash_s:.2f} s"))
 
 
