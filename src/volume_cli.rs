@@ -343,7 +343,7 @@ fn mount(
             squash_lock: Mutex::new(()),
             max_layers,
             auto_running: Default::default(),
-            layer_bytes: Mutex::default(),
+            sealed: Mutex::default(),
         });
         {
             let d = d.clone();
@@ -396,8 +396,8 @@ struct Daemon {
     max_layers: usize,
     /// The automatic squash thread runs.
     auto_running: std::sync::atomic::AtomicBool,
-    /// (data bytes, partial-file bytes) of sealed layers, by layer directory.
-    layer_bytes: Mutex<std::collections::HashMap<std::path::PathBuf, (u64, u64)>>,
+    /// What the manifests of sealed layers say, by layer directory.
+    sealed: Mutex<std::collections::HashMap<std::path::PathBuf, SealedStats>>,
 }
 
 /// How long a squash waits after switching the engine to the new layers before removing
@@ -435,7 +435,9 @@ impl Daemon {
     }
 
     fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let mut r = status(&self.fs, &self.vol, &self.last)?;
+        let mut r = status(&self.fs, &self.vol, &self.last, &|dir| {
+            self.sealed_stats(dir)
+        })?;
         r["max_layers"] = json!(self.max_layers);
         r["ghost_inodes"] = json!(self.fs.ghost_count());
         r["last_squash"] = json!(*self.last_squash.lock());
@@ -444,6 +446,18 @@ impl Daemon {
                 || self.auto_running.load(std::sync::atomic::Ordering::Acquire)
         );
         Ok(r)
+    }
+
+    /// What a sealed layer's manifest says (cached: a sealed layer never changes); `None`
+    /// if the layer has no readable manifest.
+    fn sealed_stats(&self, dir: &Path) -> Option<SealedStats> {
+        if let Some(st) = self.sealed.lock().get(dir) {
+            return Some(*st);
+        }
+        let m = crate::volume::manifest::Manifest::load_optional(dir).ok()??;
+        let st = SealedStats::of(&m);
+        self.sealed.lock().insert(dir.to_path_buf(), st);
+        Some(st)
     }
 
     /// Starts a background squash if the mount has more frozen layers than `max_layers`:
@@ -510,31 +524,14 @@ impl Daemon {
         {
             let live: std::collections::HashSet<_> =
                 frozen.iter().map(|l| v.layer_dir(l.epoch)).collect();
-            self.layer_bytes.lock().retain(|d, _| live.contains(d));
+            self.sealed.lock().retain(|d, _| live.contains(d));
         }
-        // (data bytes, bytes in partial files) of a sealed layer, from its manifest.
-        let bytes = |epoch: u64| -> (u64, u64) {
-            let dir = v.layer_dir(epoch);
-            let mut cache = self.layer_bytes.lock();
-            *cache.entry(dir.clone()).or_insert_with(|| {
-                let Ok(Some(m)) = crate::volume::manifest::Manifest::load_optional(&dir) else {
-                    return (0, 0);
-                };
-                let partial = m
-                    .entries
-                    .iter()
-                    .map(|e| match e.kind {
-                        crate::volume::manifest::EntryKind::Partial { present_blocks, .. } => {
-                            present_blocks * m.block_size as u64
-                        }
-                        _ => 0,
-                    })
-                    .sum();
-                (m.data_bytes, partial)
-            })
-        };
-        let base = bytes(frozen[0].epoch).0;
-        let above: u64 = frozen[1..].iter().map(|l| bytes(l.epoch).1).sum();
+        let stats = |epoch: u64| self.sealed_stats(&v.layer_dir(epoch)).unwrap_or_default();
+        let base = stats(frozen[0].epoch).data_bytes;
+        let above: u64 = frozen[1..]
+            .iter()
+            .map(|l| stats(l.epoch).partial_bytes)
+            .sum();
         let fold = above >= FOLD_MIN && above.saturating_mul(8) >= base;
         if frozen.len() <= self.max_layers && !fold {
             return None;
@@ -802,12 +799,49 @@ fn recover_active(vol: &Volume) -> anyhow::Result<usize> {
     Ok(fixed)
 }
 
-/// Entries, data bytes and allocated blocks of one layer tree.
-fn layer_usage(tree: &Path) -> (u64, u64, u64) {
-    let (mut entries, mut bytes, mut blocks) = (0, 0, 0);
+/// What `status` reports of a sealed layer, from its manifest.
+#[derive(Debug, Clone, Copy, Default)]
+struct SealedStats {
+    entries: u64,
+    /// Whole files' sizes plus partial files' present bytes (hard links counted once).
+    data_bytes: u64,
+    blocks: u64,
+    partial_files: u64,
+    /// The part of `data_bytes` in partial files.
+    partial_bytes: u64,
+}
+
+impl SealedStats {
+    fn of(m: &crate::volume::manifest::Manifest) -> SealedStats {
+        use crate::volume::manifest::EntryKind;
+        let partial_bytes = m
+            .entries
+            .iter()
+            .map(|e| match e.kind {
+                EntryKind::Partial { present_blocks, .. } => present_blocks * m.block_size as u64,
+                _ => 0,
+            })
+            .sum();
+        SealedStats {
+            entries: m.entry_count,
+            data_bytes: m.data_bytes,
+            blocks: m.block_count,
+            partial_files: m.partial_files,
+            partial_bytes,
+        }
+    }
+}
+
+/// What `status` reports of the active layer, from its tree: entries, data bytes (whole
+/// files' sizes plus the space partial files take; hard links counted once), partial files.
+fn active_usage(tree: &Path, userxattr: bool) -> (u64, u64, u64) {
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    let (mut entries, mut bytes, mut partial) = (0, 0, 0);
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![tree.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
+        let (Ok(rd), Ok(dfd)) = (std::fs::read_dir(&d), std::fs::File::open(&d)) else {
             continue;
         };
         for e in rd.flatten() {
@@ -817,33 +851,61 @@ fn layer_usage(tree: &Path) -> (u64, u64, u64) {
             entries += 1;
             if md.is_dir() {
                 stack.push(e.path());
-            } else if md.is_file() {
-                bytes += md.size();
-                blocks += md.blocks();
+            } else if md.is_file() && (md.nlink() == 1 || seen.insert(md.ino())) {
+                let is_partial = std::ffi::CString::new(e.file_name().as_bytes())
+                    .ok()
+                    .and_then(|n| {
+                        crate::volume::blockmap::read_marker(dfd.as_fd(), &n, userxattr).ok()
+                    })
+                    .flatten()
+                    .is_some();
+                if is_partial {
+                    partial += 1;
+                    bytes += md.blocks() * 512;
+                } else {
+                    bytes += md.size();
+                }
             }
         }
     }
-    (entries, bytes, blocks)
+    (entries, bytes, partial)
 }
 
 fn status(
     fs: &Overlay,
     vol: &Mutex<Volume>,
     last: &Mutex<Option<LastSnapshot>>,
+    sealed: &dyn Fn(&Path) -> Option<SealedStats>,
 ) -> anyhow::Result<serde_json::Value> {
     let v = vol.lock();
+    let bs = v.block_size() as u64;
     let layers: Vec<_> = v
         .layers()
         .iter()
         .map(|l| {
-            let (entries, data_bytes, blocks) = layer_usage(&v.tree_dir(l.epoch));
+            let st = match l.state {
+                crate::volume::LayerState::Frozen => sealed(&v.layer_dir(l.epoch)),
+                _ => None,
+            }
+            .unwrap_or_else(|| {
+                let (entries, data_bytes, partial_files) =
+                    active_usage(&v.tree_dir(l.epoch), v.userxattr());
+                SealedStats {
+                    entries,
+                    data_bytes,
+                    blocks: data_bytes.div_ceil(bs),
+                    partial_files,
+                    partial_bytes: 0,
+                }
+            });
             json!({
                 "epoch": l.epoch,
                 "state": l.state.to_string(),
                 "pinned": l.pinned,
-                "entries": entries,
-                "data_bytes": data_bytes,
-                "allocated_bytes": blocks * 512,
+                "entries": st.entries,
+                "data_bytes": st.data_bytes,
+                "blocks": st.blocks,
+                "partial_files": st.partial_files,
                 "created_unix_secs": l.created_unix_secs,
                 "frozen_unix_secs": l.frozen_unix_secs,
             })
@@ -863,6 +925,27 @@ fn status(
     }))
 }
 
+/// `1.5 GiB`-style, exact below 1 KiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// `2026-12-01T05:59:01Z` from seconds since the epoch.
+fn utc_time(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 fn print_status(r: &serde_json::Value) {
     println!(
         "volume {} (block size {}), active epoch {}",
@@ -870,25 +953,32 @@ fn print_status(r: &serde_json::Value) {
         r["block_size"],
         r["active_epoch"]
     );
-    println!("  epoch  state   pinned  entries  data bytes");
+    println!("  epoch  state   pinned  entries  data bytes  blocks  partial files");
     for l in r["layers"].as_array().into_iter().flatten() {
         println!(
-            "  {:>5}  {:<6}  {:<6}  {:>7}  {:>10}",
-            l["epoch"],
+            "  {:>5}  {:<6}  {:<6}  {:>7}  {:>10}  {:>6}  {:>13}",
+            l["epoch"].as_u64().unwrap_or(0),
             l["state"].as_str().unwrap_or("?"),
-            l["pinned"],
-            l["entries"],
-            l["data_bytes"]
+            l["pinned"].as_bool().unwrap_or(false),
+            l["entries"].as_u64().unwrap_or(0),
+            human_bytes(l["data_bytes"].as_u64().unwrap_or(0)),
+            l["blocks"].as_u64().unwrap_or(0),
+            l["partial_files"].as_u64().unwrap_or(0)
         );
     }
     println!(
-        "  dirty in the active epoch: {} bytes in {} file(s); open handles: {}",
-        r["dirty_bytes"], r["dirty_files"], r["open_handles"]
+        "  dirty in the active epoch: {} in {} file(s); open handles: {}",
+        human_bytes(r["dirty_bytes"].as_u64().unwrap_or(0)),
+        r["dirty_files"],
+        r["open_handles"]
     );
     match r["last_snapshot"].as_object() {
         Some(s) => println!(
-            "  last snapshot: epoch {} at {} (unix), took {} us, writers paused {} us",
-            s["frozen_epoch"], s["unix_secs"], s["total_micros"], s["barrier_micros"]
+            "  last snapshot: epoch {} at {}, took {:.1} ms, writers paused {:.2} ms",
+            s["frozen_epoch"],
+            utc_time(s["unix_secs"].as_u64().unwrap_or(0)),
+            s["total_micros"].as_u64().unwrap_or(0) as f64 / 1e3,
+            s["barrier_micros"].as_u64().unwrap_or(0) as f64 / 1e3
         ),
         None => println!("  no snapshot since mount"),
     }

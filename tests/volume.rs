@@ -272,6 +272,25 @@ fn a_snapshot_holds_only_the_written_blocks() {
         held <= written * 12 / 10,
         "the layer holds {held} bytes for {written} bytes written"
     );
+    // Status counts what each layer holds, not the sizes its partial files show.
+    let st = v.json(&["status", "m", "--json"]);
+    let layer = |e: u64| {
+        st["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["epoch"].as_u64() == Some(e))
+            .unwrap_or_else(|| panic!("no layer {e} in {st}"))
+            .clone()
+    };
+    let l = layer(frozen);
+    assert_eq!(l["data_bytes"].as_u64().unwrap(), written, "{l}");
+    assert_eq!(l["blocks"].as_u64().unwrap(), 200, "{l}");
+    assert_eq!(l["partial_files"].as_u64().unwrap(), 1, "{l}");
+    let a = layer(frozen + 1);
+    assert_eq!(a["data_bytes"].as_u64().unwrap(), 0, "{a}");
+    let text = v.ok(&["status", "m"]);
+    assert!(text.contains("800.0 KiB"), "{text}");
     v.umount();
     v.ok(&["verify", "vol"]);
 }
