@@ -218,15 +218,25 @@ impl Overlay {
     }
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let h = self.handle(fh)?;
-        let fd = self.read_fd(&h)?;
-        if h.partial.load(Ordering::Acquire) {
-            return self.read_partial(&h.node, fd.as_fd(), &h.chain, &h.ra, off, size);
-        }
-        let mut buf = vec![0u8; size as usize];
-        let n = sys::pread_full(fd.as_fd(), &mut buf, off)?;
+        let mut buf = Vec::new();
+        let n = self.read_into(fh, off, size, &mut buf)?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Reads into `buf` (grown to `size` if shorter; a caller that keeps it across reads
+    /// saves zeroing a new buffer each time). Returns the bytes read, short at end of file.
+    pub fn read_into(&self, fh: u64, off: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
+        let h = self.handle(fh)?;
+        let fd = self.read_fd(&h)?;
+        if buf.len() < size as usize {
+            buf.resize(size as usize, 0);
+        }
+        let buf = &mut buf[..size as usize];
+        if h.partial.load(Ordering::Acquire) {
+            return self.read_partial(&h.node, fd.as_fd(), &h.chain, &h.ra, off, buf);
+        }
+        sys::pread_full(fd.as_fd(), buf, off)
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {

@@ -322,7 +322,8 @@ impl Overlay {
         }
     }
 
-    /// A read from a partial file (live or frozen). Returns the bytes up to the file's size.
+    /// A read from a partial file (live or frozen) into `buf`, every byte of which it writes
+    /// up to the file's size. Returns how many that is.
     pub(super) fn read_partial(
         &self,
         node: &Node,
@@ -330,9 +331,9 @@ impl Overlay {
         cache: &parking_lot::Mutex<Option<Arc<FrozenChain>>>,
         ra: &ReadAhead,
         off: u64,
-        size: u32,
-    ) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; size as usize];
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let size = buf.len() as u64;
         // A live map (the active layer's file, or an open unlinked one) is the truth.
         let live = if node.partial.lock().is_some() || node.has_upper() {
             self.live_partial(node, fd)?
@@ -342,12 +343,11 @@ impl Overlay {
         if let Some(g) = live
             && let Some(ps) = g.as_ref()
         {
-            let n = (ps.map.size().saturating_sub(off)).min(size as u64) as usize;
-            buf.truncate(n);
+            let n = (ps.map.size().saturating_sub(off)).min(size) as usize;
             Self::touch_atime(ra, fd);
             Self::read_ahead(ra, (fd, &ps.map), &ps.below, off, n as u64);
-            blockmap::read_mapped(&ps.map, fd, &ps.below, off, &mut buf)?;
-            return Ok(buf);
+            blockmap::read_mapped(&ps.map, fd, &ps.below, off, &mut buf[..n])?;
+            return Ok(n);
         }
         // A frozen partial file (the node lives in a lower layer now): immutable, so its
         // chain is resolved once per handle.
@@ -366,12 +366,11 @@ impl Overlay {
                 }
             }
         };
-        let n = (chain.map.size().saturating_sub(off)).min(size as u64) as usize;
-        buf.truncate(n);
+        let n = (chain.map.size().saturating_sub(off)).min(size) as usize;
         Self::touch_atime(ra, fd);
         Self::read_ahead(ra, (fd, &chain.map), &chain.below, off, n as u64);
-        blockmap::read_mapped(&chain.map, fd, &chain.below, off, &mut buf)?;
-        Ok(buf)
+        blockmap::read_mapped(&chain.map, fd, &chain.below, off, &mut buf[..n])?;
+        Ok(n)
     }
 
     /// A write into the node's upper partial file. Returns the offset written at.
