@@ -953,28 +953,28 @@ pub fn read_mapped<L: ChainLevel>(
     buf: &mut [u8],
 ) -> sys::Result<()> {
     struct Top<'a>(BorrowedFd<'a>, &'a BlockMap);
-    enum Any<'a, L> {
-        Top(Top<'a>),
-        Below(&'a L),
-    }
-    impl<L: ChainLevel> ChainLevel for Any<'_, L> {
+    impl ChainLevel for Top<'_> {
         fn data(&self) -> BorrowedFd<'_> {
-            match self {
-                Any::Top(t) => t.0,
-                Any::Below(l) => l.data(),
-            }
+            self.0
         }
         fn map(&self) -> Option<&BlockMap> {
-            match self {
-                Any::Top(t) => Some(t.1),
-                Any::Below(l) => l.map(),
-            }
+            Some(self.1)
         }
     }
-    let levels: Vec<Any<L>> = std::iter::once(Any::Top(Top(fd, map)))
-        .chain(below.iter().map(Any::Below))
+    let top = Top(fd, map);
+    let levels: Vec<&dyn ChainLevel> = std::iter::once(&top as &dyn ChainLevel)
+        .chain(below.iter().map(|l| l as &dyn ChainLevel))
         .collect();
     read_chain(&levels, off, buf)
+}
+
+impl<T: ChainLevel + ?Sized> ChainLevel for &T {
+    fn data(&self) -> BorrowedFd<'_> {
+        (**self).data()
+    }
+    fn map(&self) -> Option<&BlockMap> {
+        (**self).map()
+    }
 }
 
 /// Which level of a chain supplies each byte of a range: `(Some(level index), span)` or
@@ -984,7 +984,7 @@ pub fn read_mapped<L: ChainLevel>(
 /// the level that holds it however deep the chain is (reading level by level, each through
 /// the next, copied every byte once per level: a 16-level chain read at half the speed of a
 /// single level).
-pub fn resolve_chain<L: ChainLevel>(
+fn resolve_chain<L: ChainLevel>(
     levels: &[L],
     range: Range<u64>,
 ) -> Vec<(Option<usize>, Range<u64>)> {
