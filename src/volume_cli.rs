@@ -163,12 +163,13 @@ fn squash_cmd(args: SquashArgs) -> anyhow::Result<()> {
                 println!("nothing to squash: the range is a single layer");
             } else {
                 println!(
-                    "squashed epochs {} into epoch {} online ({} entries, {} linked, {} copied; writers paused {} us) in {:.2} s",
+                    "squashed epochs {} into epoch {} online ({} entries, {} linked, {} copied; {} reserved inodes freed; writers paused {} us) in {:.2} s",
                     r["merged_epochs"],
                     r["epoch"],
                     r["entries"],
                     r["linked_objects"],
                     r["copied_files"],
+                    r["freed_reserved"],
                     r["barrier_micros"],
                     t0.elapsed().as_secs_f64()
                 );
@@ -587,6 +588,7 @@ impl Daemon {
         let mut finish_error = None;
         let mut removed = 0;
         let mut ghosts = 0;
+        let mut freed_reserved = 0;
         match &relinked {
             Err(e) => {
                 finish_error = Some(format!(
@@ -604,13 +606,20 @@ impl Daemon {
                     // Reserved files keep their data while this process reads them.
                     let open = open_inodes();
                     squash::empty_reserved(&ro, &|d, i| open.contains(&(d, i)))?;
-                    Ok(f)
+                    // Only a leftover for the next squash if it fails.
+                    let freed = squash::gc_reserved(&ro, Some(&EngineInodes(&self.fs)))
+                        .unwrap_or_else(|e| {
+                            tracing::warn!("freeing reserved inodes: {e}");
+                            0
+                        });
+                    Ok((f, freed))
                 });
                 match finished {
-                    Ok(f) => {
+                    Ok((f, freed)) => {
                         let f = f.unwrap_or_default();
                         removed = f.removed_dirs;
                         ghosts = f.ghosts;
+                        freed_reserved = freed;
                     }
                     Err(e) => {
                         finish_error = Some(format!(
@@ -635,6 +644,7 @@ impl Daemon {
             "barrier_micros": rs.barrier_micros,
             "removed_dirs": removed,
             "ghost_inodes": ghosts,
+            "freed_reserved": freed_reserved,
             "lower_layers": rs.lower_layers,
             "build_micros": build_micros,
             "locked_micros": locked_micros,

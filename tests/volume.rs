@@ -826,6 +826,70 @@ fn an_offline_squash_frees_the_reserved_inodes_of_deleted_objects() {
 /// Snapshots do not pile up work dirs: a mount keeps the one it started with and the next
 /// mount's is ready; those prepared for epochs that froze since are removed.
 #[test]
+fn an_online_squash_frees_the_reserved_inodes_of_deleted_objects_the_mount_let_go() {
+    use std::os::unix::fs::MetadataExt;
+    let v = vol();
+    // Inode numbers of the reserved identities (what the mount shows as st_ino).
+    let reserved = |v: &Vol| -> std::collections::HashSet<u64> {
+        std::fs::read_dir(v.p("vol/reserved")).map_or_else(
+            |_| Default::default(),
+            |d| d.map(|e| e.unwrap().metadata().unwrap().ino()).collect(),
+        )
+    };
+    let ino = |v: &Vol, p: &str| std::fs::symlink_metadata(v.p(p)).unwrap().ino();
+    let squash = |v: &Vol| -> u64 {
+        std::fs::write(v.p("m/tick"), b"t").unwrap();
+        v.ok(&["snapshot", "m"]);
+        let out = v.ok(&["squash", "m"]);
+        let freed = out
+            .split("; ")
+            .find_map(|p| p.strip_suffix(" reserved inodes freed"));
+        freed.unwrap_or_else(|| panic!("{out}")).parse().unwrap()
+    };
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=0"]);
+    std::fs::create_dir_all(v.p("m/gone/sub")).unwrap();
+    std::fs::write(v.p("m/gone/sub/f"), b"f").unwrap();
+    std::fs::write(v.p("m/d/x"), b"y").unwrap();
+    v.ok(&["snapshot", "m"]);
+    // Every directory of the merged layer is re-created: their identities are reserved.
+    squash(&v);
+    let gone = [ino(&v, "m/gone"), ino(&v, "m/gone/sub")];
+    let kept = reserved(&v);
+    assert!(
+        gone.iter().all(|i| kept.contains(i)),
+        "{gone:?} in {kept:?}"
+    );
+    let inos = (ino(&v, "m/d"), ino(&v, "m/d/x"));
+    // Deleted, but still open: the mount still identifies them by their numbers.
+    let open = std::fs::File::open(v.p("m/gone/sub")).unwrap();
+    std::fs::remove_dir_all(v.p("m/gone")).unwrap();
+    squash(&v);
+    let left = reserved(&v);
+    assert!(
+        gone.iter().all(|i| left.contains(i)),
+        "{gone:?} in {left:?}"
+    );
+    // Let go (closed, and the kernel made to forget them): freed by the next squash.
+    drop(open);
+    std::fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    let freed = squash(&v);
+    assert!(freed >= 2, "{freed} freed");
+    let left = reserved(&v);
+    assert!(
+        gone.iter().all(|i| !left.contains(i)),
+        "{gone:?} in {left:?}"
+    );
+    // What still exists keeps its st_ino, mounted and after a remount.
+    assert_eq!((ino(&v, "m/d"), ino(&v, "m/d/x")), inos);
+    v.umount();
+    v.mount();
+    assert_eq!((ino(&v, "m/d"), ino(&v, "m/d/x")), inos);
+    assert_eq!(std::fs::read(v.p("m/d/x")).unwrap(), b"y");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+}
+
+#[test]
 fn snapshots_leave_no_work_dirs_behind() {
     let v = vol();
     v.mount();

@@ -204,7 +204,7 @@ pub const GHOSTS_DIR: &str = "ghosts";
 /// Under the volume: inodes of removed layers that identify objects of the listed ones
 /// (their `overlay.origin` names them; see `Builder::keep_identity`). Kept while something
 /// names them, so that their numbers are never reused; files are emptied once nothing reads
-/// them, and an offline squash frees those nothing names any more (`gc_reserved`).
+/// them, and a squash frees those nothing names any more (`gc_reserved`).
 pub const RESERVED_DIR: &str = "reserved";
 
 /// Where the removal of a replaced layer directory keeps inodes instead of freeing them.
@@ -300,12 +300,24 @@ pub fn empty_reserved(vol: &Volume, open: &dyn Fn(u64, u64) -> bool) -> Result<u
 }
 
 /// Frees the reserved identity inodes that no object of the volume names as its origin any
-/// more (their objects were deleted since). Needs the volume lock: no mount runs, so no
-/// kernel knows their numbers either. Reads the origin of every object of every layer.
-/// Returns how many it freed.
-pub fn gc_reserved(vol: &Volume) -> Result<u64> {
+/// more (their objects were deleted since). Returns how many it freed.
+///
+/// Offline (`live` is `None`): needs the volume lock (no mount runs, so no kernel knows the
+/// numbers either) and reads the origin of every object of every layer.
+///
+/// Mounted, after an online squash (the caller holds the mount's squash lock, so frozen
+/// layers do not change): reads the frozen layers only, and keeps the inodes the mount
+/// still identifies objects by. The active layer, which changes meanwhile, need not be read:
+/// an object there names a reserved identity only if a frozen object names it too. It got
+/// its origin by a copy-up of a frozen object the view showed, and frozen objects only go
+/// away in a squash of frozen layers, which keeps every object the frozen stack shows (the
+/// active layer's whiteouts and renames are not part of it), re-created objects naming the
+/// same identity.
+pub fn gc_reserved(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
-    vol.require_lock("free reserved inodes")?;
+    if live.is_none() {
+        vol.require_lock("free reserved inodes")?;
+    }
     let dir = vol.path().join(RESERVED_DIR);
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return Ok(0);
@@ -332,6 +344,9 @@ pub fn gc_reserved(vol: &Volume) -> Result<u64> {
         Ok(())
     };
     for l in vol.layers() {
+        if live.is_some() && l.state != LayerState::Frozen {
+            continue;
+        }
         let tree = vol.tree_dir(l.epoch);
         // The root too: a squash re-creates it like any directory.
         named(open_dir(&tree)?.as_fd(), sys::dot(), &|| tree.clone())?;
@@ -342,7 +357,15 @@ pub fn gc_reserved(vol: &Volume) -> Result<u64> {
         })?;
     }
     let mut freed = 0;
-    for p in unused.into_values() {
+    for ((dev, ino), p) in unused {
+        if let Some(live) = live {
+            // SAFETY: `stat` is plain data; all-zero is a valid value.
+            let mut st: Stat = unsafe { std::mem::zeroed() };
+            (st.st_dev, st.st_ino) = (dev, ino);
+            if live.in_use(&st) {
+                continue;
+            }
+        }
         let r = match p.symlink_metadata() {
             Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p),
             _ => std::fs::remove_file(&p),
@@ -397,7 +420,7 @@ pub fn squash(vol: &mut Volume, opts: &SquashOptions) -> Result<SquashStats> {
         stats.removed_dirs = f.removed_dirs;
     }
     // Committed: a failure to free reserved inodes is only a leftover for the next squash.
-    stats.freed_reserved = gc_reserved(vol).unwrap_or_else(|e| {
+    stats.freed_reserved = gc_reserved(vol, None).unwrap_or_else(|e| {
         tracing::warn!("freeing reserved inodes: {e}");
         0
     });
