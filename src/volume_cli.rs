@@ -842,12 +842,13 @@ impl SealedStats {
     }
 }
 
-/// What `status` reports of the active layer, from its tree: entries, data bytes (whole
-/// files' sizes plus the space partial files take; hard links counted once), partial files.
+/// What `status` reports of the active layer, from its tree: entries (the root included, as
+/// in a manifest), data bytes (whole files' sizes plus the space partial files take; hard
+/// links counted once), partial files.
 fn active_usage(tree: &Path, userxattr: bool) -> (u64, u64, u64) {
     use std::os::fd::AsFd;
     use std::os::unix::ffi::OsStrExt;
-    let (mut entries, mut bytes, mut partial) = (0, 0, 0);
+    let (mut entries, mut bytes, mut partial) = (1, 0, 0);
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![tree.to_path_buf()];
     while let Some(d) = stack.pop() {

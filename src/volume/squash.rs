@@ -357,16 +357,14 @@ pub fn gc_reserved(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<u64> {
         })?;
     }
     let mut freed = 0;
-    for ((dev, ino), p) in unused {
-        if let Some(live) = live {
-            // SAFETY: `stat` is plain data; all-zero is a valid value.
-            let mut st: Stat = unsafe { std::mem::zeroed() };
-            (st.st_dev, st.st_ino) = (dev, ino);
-            if live.in_use(&st) {
-                continue;
-            }
+    for p in unused.into_values() {
+        let md = p.symlink_metadata();
+        if let (Some(live), Ok(md)) = (live, &md)
+            && live.in_use(&stat_of(md))
+        {
+            continue;
         }
-        let r = match p.symlink_metadata() {
+        let r = match md {
             Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p),
             _ => std::fs::remove_file(&p),
         };
