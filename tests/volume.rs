@@ -545,6 +545,68 @@ fn a_mount_keeps_its_layer_count_bounded_by_itself() {
     v.ok(&["verify", "vol"]);
 }
 
+/// Scattered written blocks read slowly (one read each, as scattered on disk as in the
+/// file): the daemon folds them into the base when reading them costs an eighth of it,
+/// counting extents, not just bytes. Here a 1 MiB of contiguous writes is cheap and stays
+/// partial; 1 MiB in 256 scattered blocks is folded (by bytes alone it would not be).
+#[test]
+fn scattered_written_blocks_are_folded_into_the_base() {
+    const MIB: usize = 1 << 20;
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8).collect();
+    let v = Vol::new(|src| std::fs::write(src.join("big"), &data).unwrap());
+    let mut model = data.clone();
+    v.mount();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(v.p("m/big"))
+        .unwrap();
+    // Contiguous: 1 MiB in one extent, over two snapshots.
+    for half in 0..2 {
+        let off = 4 * MIB + half * MIB / 2;
+        model[off..off + MIB / 2].fill(0xAA);
+        f.write_all_at(&model[off..off + MIB / 2], off as u64)
+            .unwrap();
+        v.ok(&["snapshot", "m"]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let st = v.json(&["status", "m", "--json"]);
+    assert!(
+        st["last_squash"].is_null(),
+        "contiguous blocks folded: {st}"
+    );
+    assert_eq!(frozen_layers(&st).len(), 3, "{st}");
+    // Scattered: every fourth block, 256 blocks in 256 extents.
+    for i in 0..256 {
+        let off = 8 * MIB + i * 16384;
+        model[off..off + 4096].fill(0x55);
+        f.write_all_at(&model[off..off + 4096], off as u64).unwrap();
+        if i == 127 {
+            v.ok(&["snapshot", "m"]);
+        }
+    }
+    v.ok(&["snapshot", "m"]);
+    drop(f);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let st = loop {
+        let st = v.json(&["status", "m", "--json"]);
+        if frozen_layers(&st).len() == 1 && st["squash_running"] == false {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scattered blocks not folded: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(st["layers"][0]["partial_files"], 0, "{st}");
+    assert!(std::fs::read(v.p("m/big")).unwrap() == model);
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    v.mount();
+    assert!(std::fs::read(v.p("m/big")).unwrap() == model);
+    v.umount();
+}
+
 #[test]
 fn online_squash_respects_a_pin_made_while_mounted() {
     let v = vol();
