@@ -10,7 +10,7 @@
 //! the last component.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 pub use nix::errno::Errno;
@@ -92,10 +92,16 @@ pub fn openat(dir: BorrowedFd, name: &CStr, flags: i32, mode: u32) -> Result<Own
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Opens the directory `rel` (relative, `/`-separated, may be empty) below `root`, treating
-/// `root` as `/` and refusing every symlink on the way.
+/// Opens the directory `rel` (relative, `/`-separated, may be empty, never `..`) below
+/// `root`, treating `root` as `/` and refusing every symlink on the way.
+///
+/// A tree below a layer root can be deeper than the kernel takes in one path (`PATH_MAX`
+/// bytes with the terminating NUL; a mount's user reaches such a directory through a working
+/// directory or a directory fd): such a path is resolved a run of whole components at a
+/// time, each from the directory the previous run reached, with the same refusals.
 pub fn open_dir_in_root(root: BorrowedFd, rel: &CStr) -> Result<OwnedFd> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    const MAX: usize = libc::PATH_MAX as usize - 1;
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
         .resolve(
@@ -103,8 +109,29 @@ pub fn open_dir_in_root(root: BorrowedFd, rel: &CStr) -> Result<OwnedFd> {
                 | ResolveFlag::RESOLVE_NO_SYMLINKS
                 | ResolveFlag::RESOLVE_NO_MAGICLINKS,
         );
-    let path = if rel.is_empty() { dot() } else { rel };
-    openat2(root, path, how)
+    if rel.is_empty() {
+        return openat2(root, dot(), how);
+    }
+    if rel.count_bytes() <= MAX {
+        return openat2(root, rel, how);
+    }
+    let mut dir: Option<OwnedFd> = None;
+    let mut rest = rel.to_bytes();
+    while !rest.is_empty() {
+        let cut = if rest.len() <= MAX {
+            rest.len()
+        } else {
+            match rest[..=MAX].iter().rposition(|&b| b == b'/') {
+                Some(i) if i > 0 => i,
+                _ => return Err(Errno::ENAMETOOLONG),
+            }
+        };
+        let run = CString::new(&rest[..cut]).map_err(|_| Errno::EINVAL)?;
+        let from = dir.as_ref().map_or(root, |d| d.as_fd());
+        dir = Some(openat2(from, run.as_c_str(), how)?);
+        rest = rest[cut..].strip_prefix(b"/").unwrap_or(&rest[cut..]);
+    }
+    dir.ok_or(Errno::EINVAL)
 }
 
 pub fn mkdirat(dir: BorrowedFd, name: &CStr, mode: u32) -> Result<()> {
@@ -656,5 +683,40 @@ mod tests {
             }
         }
         xattrat::pretend_missing(false);
+    }
+
+    /// A directory deeper than `PATH_MAX` below the root is reached, and still no symlink is
+    /// followed on the way (a symlinked component deep down is refused, not resolved).
+    #[test]
+    fn open_dir_in_root_below_path_max() {
+        let t = tempfile::tempdir().unwrap();
+        let root = std::fs::File::open(t.path()).unwrap();
+        let names: Vec<CString> = (0..36)
+            .map(|i| CString::new(format!("{i:02}{}", "d".repeat(240))).unwrap())
+            .collect();
+        let mut d = openat(root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        for n in &names {
+            mkdirat(d.as_fd(), n, 0o755).unwrap();
+            d = openat(d.as_fd(), n, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        }
+        let rel = |k: usize| {
+            let parts: Vec<&[u8]> = names[..k].iter().map(|n| n.to_bytes()).collect();
+            CString::new(parts.join(&b'/')).unwrap()
+        };
+        assert!(rel(36).count_bytes() > 2 * libc::PATH_MAX as usize);
+        let got = open_dir_in_root(root.as_fd(), &rel(36)).unwrap();
+        assert_eq!(
+            fstat(got.as_fd()).unwrap().st_ino,
+            fstat(d.as_fd()).unwrap().st_ino
+        );
+        // A symlink to the root in place of component 34: refused.
+        let p33 = open_dir_in_root(root.as_fd(), &rel(33)).unwrap();
+        let moved = CString::new("moved").unwrap();
+        renameat2(p33.as_fd(), &names[33], p33.as_fd(), &moved, 0).unwrap();
+        symlinkat(c"/", p33.as_fd(), &names[33]).unwrap();
+        assert_eq!(
+            open_dir_in_root(root.as_fd(), &rel(36)).unwrap_err(),
+            Errno::ELOOP
+        );
     }
 }

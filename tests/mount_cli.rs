@@ -410,3 +410,88 @@ fn chown_to_the_same_ids_moves_ctime() {
     }
     umount(&s);
 }
+
+/// `openat(dir, name, flags, 0o644)`, panicking with the errno.
+fn open_at(dir: &std::os::fd::OwnedFd, name: &std::ffi::CStr, flags: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "openat {name:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Directories deeper than PATH_MAX below the mount, reached through directory fds as a
+/// shell with a deep working directory reaches them (pjdfstest mkdir/03, rmdir/03): read,
+/// copy-up of the whole chain, mkdir and rmdir there.
+#[test]
+fn directories_deeper_than_path_max() {
+    use std::ffi::CString;
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let s = Stack::new();
+    let names: Vec<CString> = (0..24)
+        .map(|i| CString::new(format!("{i:02}{}", "d".repeat(240))).unwrap())
+        .collect();
+    let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY;
+    let walk = |top: &str| {
+        let mut d = OwnedFd::from(std::fs::File::open(s.p(top)).unwrap());
+        for n in &names {
+            d = open_at(&d, n, dir_flags);
+        }
+        d
+    };
+    let read_leaf = |d: &OwnedFd| {
+        let mut text = String::new();
+        std::fs::File::from(open_at(d, c"leaf", libc::O_RDONLY))
+            .read_to_string(&mut text)
+            .unwrap();
+        text
+    };
+    let mut d = OwnedFd::from(std::fs::File::open(s.p("l1")).unwrap());
+    for n in &names {
+        assert_eq!(
+            unsafe { libc::mkdirat(d.as_raw_fd(), n.as_ptr(), 0o755) },
+            0
+        );
+        d = open_at(&d, n, dir_flags);
+    }
+    std::fs::File::from(open_at(&d, c"leaf", libc::O_WRONLY | libc::O_CREAT))
+        .write_all(b"deep")
+        .unwrap();
+    assert!(names.iter().map(|n| n.count_bytes() + 1).sum::<usize>() > libc::PATH_MAX as usize);
+
+    s.mount_ok("lowerdir=l1:l2,upperdir=u,workdir=w");
+    let d = walk("m");
+    assert_eq!(read_leaf(&d), "deep");
+    std::fs::File::from(open_at(&d, c"leaf", libc::O_WRONLY | libc::O_APPEND))
+        .write_all(b"+more")
+        .unwrap();
+    assert_eq!(read_leaf(&d), "deep+more");
+    assert_eq!(
+        unsafe { libc::mkdirat(d.as_raw_fd(), c"new".as_ptr(), 0o755) },
+        0
+    );
+    open_at(&d, c"new", dir_flags);
+    let rc = unsafe { libc::unlinkat(d.as_raw_fd(), c"new".as_ptr(), libc::AT_REMOVEDIR) };
+    assert_eq!(rc, 0, "rmdir: {}", std::io::Error::last_os_error());
+    let fd = unsafe { libc::openat(d.as_raw_fd(), c"new".as_ptr(), dir_flags) };
+    assert_eq!(fd, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    drop(d);
+    umount(&s);
+    assert_eq!(read_leaf(&walk("u")), "deep+more");
+    assert_eq!(read_leaf(&walk("l1")), "deep");
+}
