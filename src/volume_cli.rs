@@ -317,6 +317,10 @@ fn mount(
     plan.cfg.maps = Some(crate::fs::MapDirs {
         layers: vol.path().join("layers"),
     });
+    plan.cfg.ctimes = Arc::new(
+        crate::volume::ctimes::Ctimes::of_frozen_layers(&vol)
+            .with_context(|| format!("cannot mount `{}`", vol_path.display()))?,
+    );
     if plan.read_only {
         // Read-only: the active layer is shown too, as the top lower layer.
         plan.cfg.lowers.insert(0, vol.upper_dir());
@@ -586,6 +590,14 @@ impl Daemon {
             squash::commit(&mut v, &p).map_err(std::io::Error::other)?;
             // Committed: from here the engine switches whatever happens.
             relinked = squash::relink_active(&v, &p);
+            match crate::volume::ctimes::Ctimes::of_frozen_layers(&v) {
+                Ok(c) => self.fs.set_ctimes(Arc::new(c)),
+                Err(e) => {
+                    // Nothing stale: an inode of a removed layer may be reused.
+                    tracing::error!("change times after the squash: {e}");
+                    self.fs.set_ctimes(Arc::default());
+                }
+            }
             Ok(())
         });
         let rs = match rs {

@@ -607,6 +607,61 @@ fn scattered_written_blocks_are_folded_into_the_base() {
     v.umount();
 }
 
+/// A squash takes objects over by hard link or re-creates them, which moves their own
+/// ctime; the mount keeps showing the ctime they had (POSIX: nothing changed them).
+#[test]
+fn a_squash_leaves_change_times_as_they_were() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let v = vol();
+    v.mount();
+    std::fs::create_dir_all(v.p("m/dir/sub")).unwrap();
+    std::fs::write(v.p("m/dir/f"), b"f").unwrap();
+    std::fs::hard_link(v.p("m/dir/f"), v.p("m/f-link")).unwrap();
+    std::os::unix::fs::symlink("dir/f", v.p("m/sym")).unwrap();
+    nix::unistd::mkfifo(
+        &v.p("m/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    v.ok(&["snapshot", "m"]);
+    std::fs::write(v.p("m/later"), b"later").unwrap();
+    v.ok(&["snapshot", "m"]);
+    let names = [
+        "a", "d", "d/x", "dir", "dir/sub", "dir/f", "f-link", "sym", "fifo", "later",
+    ];
+    let ctimes = || -> Vec<(i64, i64)> {
+        names
+            .iter()
+            .map(|n| {
+                let m = std::fs::symlink_metadata(v.p(&format!("m/{n}"))).unwrap();
+                (m.ctime(), m.ctime_nsec())
+            })
+            .collect()
+    };
+    let before = ctimes();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = v.ok(&["squash", "vol"]);
+    assert!(out.contains("online"), "{out}");
+    // Past the kernel's attribute cache.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(ctimes(), before, "after an online squash");
+    v.umount();
+    v.mount();
+    assert_eq!(ctimes(), before, "after a remount");
+    std::fs::write(v.p("m/newer"), b"n").unwrap();
+    v.ok(&["snapshot", "m"]);
+    v.umount();
+    v.ok(&["squash", "vol"]);
+    v.ok(&["verify", "vol"]);
+    v.mount();
+    assert_eq!(ctimes(), before, "after an offline squash");
+    // A real change still moves it.
+    std::fs::set_permissions(v.p("m/dir/f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let m = std::fs::symlink_metadata(v.p("m/dir/f")).unwrap();
+    assert!((m.ctime(), m.ctime_nsec()) > before[5]);
+    v.umount();
+}
+
 #[test]
 fn online_squash_respects_a_pin_made_while_mounted() {
     let v = vol();

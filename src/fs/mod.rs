@@ -97,6 +97,9 @@ pub struct Config {
     /// On by default only for read-only mounts: the kernel fails (EIO) a write open of an
     /// inode that has passthrough opens, and a passthrough reader would not follow copy-up.
     pub passthrough: bool,
+    /// Volume mode: the change times to show for objects of the frozen layers whose own
+    /// ctime a squash moved (see `volume::ctimes`); replaced by `Overlay::set_ctimes`.
+    pub ctimes: Arc<crate::volume::ctimes::Ctimes>,
 }
 
 impl Default for Config {
@@ -116,6 +119,7 @@ impl Default for Config {
             index: true,
             maps: None,
             passthrough: true,
+            ctimes: Arc::default(),
         }
     }
 }
@@ -237,6 +241,8 @@ pub struct Overlay {
     /// Tells the kernel to drop cached attributes of an inode whose attributes changed as a
     /// side effect it cannot know about (a directory copied up becomes a merged directory).
     invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// See `Config::ctimes`: by real inode number.
+    ctimes: parking_lot::RwLock<Arc<crate::volume::ctimes::Ctimes>>,
 }
 
 /// See `Overlay::freeze` and `Overlay::wait_commit`.
@@ -357,6 +363,7 @@ impl Overlay {
         root.add_lookup(1);
         let nodes = DashMap::new();
         nodes.insert(ROOT_INO, Arc::new(root));
+        let cfg_ctimes = cfg.ctimes.clone();
         Ok(Overlay {
             x: XattrNames::new(cfg.userxattr),
             cfg,
@@ -385,7 +392,15 @@ impl Overlay {
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
             invalidate: std::sync::OnceLock::new(),
+            ctimes: parking_lot::RwLock::new(cfg_ctimes),
         })
+    }
+
+    /// The change times of the frozen layers mounted now (after a squash switched them).
+    /// Every inode the table names lives in one of those layers, so no other object of the
+    /// filesystem can have its number.
+    pub fn set_ctimes(&self, c: Arc<crate::volume::ctimes::Ctimes>) {
+        *self.ctimes.write() = c;
     }
 
     /// Installs the kernel cache invalidation callback (set once the session exists).
@@ -873,6 +888,15 @@ impl Overlay {
 
     /// Adjusts a real stat to what the merged view reports.
     fn finish_attr(&self, node: &Node, mut st: Stat) -> Attr {
+        {
+            let c = self.ctimes.read();
+            if !c.is_empty()
+                && let Some((sec, nsec)) = c.get(st.st_ino)
+            {
+                st.st_ctime = sec;
+                st.st_ctime_nsec = nsec;
+            }
+        }
         st.st_ino = node.ino;
         if node.is_dir() && (node.layout().lower_dirs.len() + usize::from(node.has_upper())) > 1 {
             // Like the kernel: a merged directory's link count is unknown.

@@ -21,6 +21,7 @@
 //! It does not serve requests: the FUSE engine (`fs`) plugs these pieces in.
 
 pub mod blockmap;
+pub mod ctimes;
 mod error;
 pub mod extents;
 mod import;

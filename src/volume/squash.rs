@@ -94,6 +94,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::blockmap::{self, BlockMap, MapStore};
+use super::ctimes::Ctimes;
 use super::error::{Result, VolumeError, errno_io, io};
 use super::extents::ExtentSet;
 use super::import::open_dir;
@@ -1293,6 +1294,7 @@ fn build_layer(
         entries,
     };
     m.write(&dir)?;
+    b.ctimes_out.write(&dir)?;
     let s = &b.stats;
     stats.entries += s.entries;
     stats.linked_objects += s.linked;
@@ -1610,6 +1612,10 @@ struct Builder {
     block_count: u64,
     maps_used: BTreeSet<MapId>,
     dir_times: Vec<(RelPath, [libc::timespec; 2])>,
+    /// The change times the sources' objects show (their layers' tables, see `ctimes`).
+    ctimes_in: Ctimes,
+    /// The change times the output's objects must show.
+    ctimes_out: Ctimes,
     stats: BuildStats,
 }
 
@@ -1643,7 +1649,11 @@ impl Builder {
     ) -> Result<Builder> {
         let active = vol.active_epoch();
         let mut srcs = Vec::new();
+        let mut ctimes_in = Ctimes::default();
         for &e in epochs {
+            if matches!(out, Output::Layer { .. }) {
+                ctimes_in.extend(&Ctimes::load(&vol.layer_dir(e))?);
+            }
             let tree = vol.tree_dir(e);
             let root = sys::openat(
                 open_dir(&tree)?.as_fd(),
@@ -1694,6 +1704,8 @@ impl Builder {
             block_count: 0,
             maps_used: BTreeSet::new(),
             dir_times: Vec::new(),
+            ctimes_in,
+            ctimes_out: Ctimes::default(),
             stats: BuildStats::default(),
         })
     }
@@ -1745,6 +1757,7 @@ impl Builder {
             sys::dot(),
             &RelPath::root(),
             EntryKind::Dir,
+            Some(&top_root.st),
         )?;
         let mut queue = vec![DirJob {
             out: RelPath::root(),
@@ -1792,7 +1805,7 @@ impl Builder {
                     if self.is_layer() && job.continues {
                         sys::mknodat(out_dir.as_fd(), &name, libc::S_IFCHR, 0)
                             .map_err(errno_io("create whiteout", self.out_file(&out_rel)))?;
-                        self.record(out_dir.as_fd(), &name, &out_rel, EntryKind::Whiteout)?;
+                        self.record(out_dir.as_fd(), &name, &out_rel, EntryKind::Whiteout, None)?;
                         self.stats.whiteouts_kept += 1;
                     } else {
                         self.stats.whiteouts_dropped += 1;
@@ -1998,18 +2011,32 @@ impl Builder {
     // --- output ---
 
     /// Records the manifest entry of `out_dir/name` (layer output only).
+    /// Adds the object placed at `out_dir/name` to the manifest, and the change time the
+    /// mount showed for it (`src`, the object it shows) to the output's ctime table.
     fn record(
         &mut self,
         out_dir: BorrowedFd,
         name: &CStr,
         rel: &RelPath,
         kind: EntryKind,
+        src: Option<&Stat>,
     ) -> Result<()> {
         self.stats.entries += 1;
         if !self.is_layer() {
             return Ok(());
         }
         let st = sys::fstatat(out_dir, name).map_err(errno_io("stat", self.out_file(rel)))?;
+        // The first name of an inode is placed before it is linked anywhere; another name
+        // may be looked up after that link moved the source's ctime.
+        if let Some(src) = src
+            && self.ctimes_out.get(st.st_ino).is_none()
+        {
+            let shown = self
+                .ctimes_in
+                .get(src.st_ino)
+                .unwrap_or((src.st_ctime, src.st_ctime_nsec));
+            self.ctimes_out.insert(st.st_ino, shown);
+        }
         let xattrs_crc32c = scan::xattrs_crc(out_dir, name)
             .map_err(errno_io("read xattrs of", self.out_file(rel)))?;
         // Data is counted once per inode; partial files' by `count_partial`.
@@ -2063,7 +2090,7 @@ impl Builder {
                 .map_err(errno_io("set the redirect of", p()))?;
         }
         self.dir_times.push((rel.clone(), sys::times_of(&top.st)));
-        self.record(out_dir, name, rel, EntryKind::Dir)
+        self.record(out_dir, name, rel, EntryKind::Dir, Some(&top.st))
     }
 
     /// Places the non-directory `h` at `out_dir/name`.
@@ -2083,7 +2110,7 @@ impl Builder {
             sys::linkat(pd.as_fd(), &pn, out_dir, name)
                 .map_err(errno_io("hard-link", self.out_file(rel)))?;
             self.stats.hard_links += 1;
-            return self.record(out_dir, name, rel, kind);
+            return self.record(out_dir, name, rel, kind, Some(&h.st));
         }
         // Taken over by link or re-created: either way the object's identity (its origin,
         // when that lies in the range) must outlive the range.
@@ -2113,7 +2140,7 @@ impl Builder {
                 kind: kind.clone(),
             },
         );
-        self.record(out_dir, name, rel, kind)
+        self.record(out_dir, name, rel, kind, Some(&h.st))
     }
 
     /// Tries to take `h` over by hard link (layer output only). `false` if the filesystem
