@@ -572,15 +572,17 @@ impl Daemon {
         // Built from a read-only handle, without the volume lock: snapshots go on.
         let path = self.vol.lock().path().to_path_buf();
         let ro = Volume::open_read_only(&path)?;
-        let Some(mut p) =
-            squash::prepare_online(&ro, opts).context("squash failed; the volume is unchanged")?
+        // Objects the build hard-links keep showing their change time (see `ctimes`).
+        let shown = |ino, ctime| self.fs.note_ctime(ino, ctime);
+        let Some(mut p) = squash::prepare_online(&ro, opts, &shown)
+            .context("squash failed; the volume is unchanged")?
         else {
             return Ok(json!({ "merged_epochs": [] }));
         };
         let build_micros = t0.elapsed().as_micros() as u64;
         let t1 = Instant::now();
         let mut v = self.vol.lock();
-        if let Err(e) = squash::complete_online(&v, &mut p) {
+        if let Err(e) = squash::complete_online(&v, &mut p, &shown) {
             p.abandon(&v);
             return Err(anyhow::Error::from(e).context("squash failed; the volume is unchanged"));
         }

@@ -403,6 +403,16 @@ impl Overlay {
         *self.ctimes.write() = c;
     }
 
+    /// A change time to show for the object of a mounted frozen layer with inode `ino`
+    /// until the next `set_ctimes`, unless one is known (an online squash is about to
+    /// hard-link the object, which moves its own ctime).
+    pub fn note_ctime(&self, ino: u64, ctime: (i64, i64)) {
+        let mut c = self.ctimes.write();
+        if c.get(ino).is_none() {
+            Arc::make_mut(&mut c).insert(ino, ctime);
+        }
+    }
+
     /// Installs the kernel cache invalidation callback (set once the session exists).
     pub fn set_invalidator(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
         let _ = self.invalidate.set(f);

@@ -533,7 +533,7 @@ pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared
     } else {
         0
     };
-    let mut p = build(vol, opts)?;
+    let mut p = build(vol, opts, None)?;
     if let Some(p) = &mut p {
         p.stats.active_assembled_files = assembled;
     }
@@ -545,20 +545,32 @@ pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared
 /// layers are read and only new directories written; `complete_online` (with the lock)
 /// then takes care of the layers frozen since. Not kernel-compatible (that rewrites the
 /// active layer).
-pub fn prepare_online(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
+///
+/// `shown` hears, before the build hard-links an object of a mounted layer (which moves its
+/// ctime), the change time the mount shows for it (see `ctimes`), so that the mount goes on
+/// showing it until the squash is switched in; it may hear an inode more than once, the
+/// first time with the right time.
+pub fn prepare_online(
+    vol: &Volume,
+    opts: &SquashOptions,
+    shown: &CtimeObserver<'_>,
+) -> Result<Option<Prepared>> {
     if opts.kernel_compatible {
         return Err(VolumeError::SquashRefused {
             path: vol.path().to_path_buf(),
             reason: "a kernel-compatible squash rewrites the active layer: unmount first".into(),
         });
     }
-    build(vol, opts)
+    build(vol, opts, Some(shown))
 }
+
+/// See `prepare_online`: inode number, (seconds, nanoseconds).
+pub type CtimeObserver<'a> = dyn Fn(u64, (i64, i64)) + Sync + 'a;
 
 /// With the volume lock, after `prepare_online`: layers frozen during the build whose
 /// partial files name data the squash re-created are rebuilt like the other layers above
 /// the range, and the journal is rewritten to include them.
-pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<()> {
+pub fn complete_online(vol: &Volume, p: &mut Prepared, shown: &CtimeObserver<'_>) -> Result<()> {
     let late: Vec<_> = vol
         .layers()
         .iter()
@@ -585,6 +597,7 @@ pub fn complete_online(vol: &Volume, p: &mut Prepared) -> Result<()> {
             l.parent_epoch,
             &mut p.stats,
             &mut p.reserve,
+            Some(shown),
         );
         let out = match out {
             Ok(o) => o,
@@ -619,7 +632,11 @@ fn write_journal(vol: &Volume, p: &Prepared) -> Result<()> {
     crash_point("squash:synced")
 }
 
-fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
+fn build(
+    vol: &Volume,
+    opts: &SquashOptions,
+    shown: Option<&CtimeObserver<'_>>,
+) -> Result<Option<Prepared>> {
     let t0 = Instant::now();
     let (lo, hi) = plan_range(vol, opts)?;
     let layers = vol.layers().to_vec();
@@ -665,6 +682,7 @@ fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
             layers[lo].parent_epoch,
             &mut stats,
             &mut p.reserve,
+            shown,
         )?;
         p.relink.extend(out);
         // Frozen layers outside the range, bottom up.
@@ -697,6 +715,7 @@ fn build(vol: &Volume, opts: &SquashOptions) -> Result<Option<Prepared>> {
                 l.parent_epoch,
                 &mut stats,
                 &mut p.reserve,
+                shown,
             )?;
             p.relink.extend(out);
             p.replaced.push(vol.layer_dir_name(l.epoch));
@@ -1259,6 +1278,7 @@ fn build_layer(
     parent_epoch: Option<u64>,
     stats: &mut SquashStats,
     reserve: &mut HashSet<(u64, u64)>,
+    shown: Option<&CtimeObserver<'_>>,
 ) -> Result<HashMap<FhKey, Vec<u8>>> {
     let dir = vol.path().join(LAYERS_DIR).join(name);
     for d in [dir.clone(), dir.join(TREE_DIR), dir.join(MAPS_DIR)] {
@@ -1277,6 +1297,7 @@ fn build_layer(
         Some(MapStore::new(dir.join(MAPS_DIR))),
     )?;
     b.relink_in = relink_in.clone();
+    b.shown = shown;
     b.run()?;
     crash_point("squash:tree-built")?;
     let mut entries = std::mem::take(&mut b.entries);
@@ -1585,7 +1606,7 @@ struct DirJob {
     continues: bool,
 }
 
-struct Builder {
+struct Builder<'a> {
     srcs: Vec<Src>,
     /// Nothing lies below the sources.
     bottom: bool,
@@ -1616,6 +1637,8 @@ struct Builder {
     ctimes_in: Ctimes,
     /// The change times the output's objects must show.
     ctimes_out: Ctimes,
+    /// Hears the change times of mounted objects before they are linked.
+    shown: Option<&'a CtimeObserver<'a>>,
     stats: BuildStats,
 }
 
@@ -1638,7 +1661,7 @@ fn parse_redirect(v: &[u8]) -> Option<LName> {
     Some(LName::Single(CString::new(v).expect("checked")))
 }
 
-impl Builder {
+impl<'a> Builder<'a> {
     fn new(
         vol: &Volume,
         epochs: &[u64],
@@ -1646,7 +1669,7 @@ impl Builder {
         out: Output,
         out_path: &Path,
         out_maps: Option<MapStore>,
-    ) -> Result<Builder> {
+    ) -> Result<Builder<'a>> {
         let active = vol.active_epoch();
         let mut srcs = Vec::new();
         let mut ctimes_in = Ctimes::default();
@@ -1706,6 +1729,7 @@ impl Builder {
             dir_times: Vec::new(),
             ctimes_in,
             ctimes_out: Ctimes::default(),
+            shown: None,
             stats: BuildStats::default(),
         })
     }
@@ -2011,6 +2035,13 @@ impl Builder {
     // --- output ---
 
     /// Records the manifest entry of `out_dir/name` (layer output only).
+    /// The change time the mount shows for the source object `st`.
+    fn shown_ctime(&self, st: &Stat) -> (i64, i64) {
+        self.ctimes_in
+            .get(st.st_ino)
+            .unwrap_or((st.st_ctime, st.st_ctime_nsec))
+    }
+
     /// Adds the object placed at `out_dir/name` to the manifest, and the change time the
     /// mount showed for it (`src`, the object it shows) to the output's ctime table.
     fn record(
@@ -2031,10 +2062,7 @@ impl Builder {
         if let Some(src) = src
             && self.ctimes_out.get(st.st_ino).is_none()
         {
-            let shown = self
-                .ctimes_in
-                .get(src.st_ino)
-                .unwrap_or((src.st_ctime, src.st_ctime_nsec));
+            let shown = self.shown_ctime(src);
             self.ctimes_out.insert(st.st_ino, shown);
         }
         let xattrs_crc32c = scan::xattrs_crc(out_dir, name)
@@ -2154,6 +2182,9 @@ impl Builder {
     ) -> Result<bool> {
         if !self.is_layer() || links_refused() {
             return Ok(false);
+        }
+        if let Some(f) = self.shown {
+            f(h.st.st_ino, self.shown_ctime(&h.st));
         }
         match sys::linkat(h.dir.as_fd(), &h.name, out_dir, name) {
             Ok(()) => {

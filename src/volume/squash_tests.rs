@@ -2431,3 +2431,55 @@ fn userxattr_volumes_squash_in_the_user_namespace() {
     check_volume(&vol, "userxattr");
     assert_views("engine after (userxattr)", &before, &engine_view(&vol), &[]);
 }
+
+/// Every object below `dir`: inode number -> (path, ctime).
+fn ctimes_below(dir: &Path, out: &mut BTreeMap<u64, (PathBuf, (i64, i64))>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let m = fs::symlink_metadata(&p).unwrap();
+        out.insert(m.ino(), (p.clone(), (m.ctime(), m.ctime_nsec())));
+        if m.is_dir() {
+            ctimes_below(&p, out);
+        }
+    }
+}
+
+/// An online squash tells, before it hard-links an object of a mounted layer (which moves
+/// the object's own ctime), the change time the mount shows for it; the new layer's table
+/// says the same (see `ctimes`).
+#[test]
+fn an_online_squash_tells_the_change_times_of_what_it_links() {
+    let h = hand_volume();
+    let mut before = BTreeMap::new();
+    for e in [1, 2, 3] {
+        ctimes_below(&h.vol.tree_dir(e), &mut before);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let ro = Volume::open_read_only(h.vol.path()).unwrap();
+    let heard = std::sync::Mutex::new(BTreeMap::new());
+    let p = squash::prepare_online(&ro, &SquashOptions::default(), &|ino, ctime| {
+        heard.lock().unwrap().entry(ino).or_insert(ctime);
+    })
+    .unwrap()
+    .expect("something to squash");
+    let heard = heard.into_inner().unwrap();
+    drop(p);
+    // The merged layer, not switched in: the one directory with a table.
+    let built: Vec<PathBuf> = fs::read_dir(ro.path().join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|d| d.join(super::ctimes::CTIMES_FILE).exists())
+        .collect();
+    assert_eq!(built.len(), 1, "{built:?}");
+    let table = super::ctimes::Ctimes::load(&built[0]).unwrap();
+    let mut moved = 0;
+    for (ino, (path, was)) in &before {
+        let now = fs::symlink_metadata(path).unwrap();
+        if (now.ctime(), now.ctime_nsec()) != *was {
+            moved += 1;
+            assert_eq!(heard.get(ino), Some(was), "{}", path.display());
+            assert_eq!(table.get(*ino), Some(*was), "{}", path.display());
+        }
+    }
+    assert!(moved >= 4, "only {moved} objects linked");
+}
