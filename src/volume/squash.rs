@@ -2034,7 +2034,6 @@ impl<'a> Builder<'a> {
 
     // --- output ---
 
-    /// Records the manifest entry of `out_dir/name` (layer output only).
     /// The change time the mount shows for the source object `st`.
     fn shown_ctime(&self, st: &Stat) -> (i64, i64) {
         self.ctimes_in
@@ -2042,8 +2041,8 @@ impl<'a> Builder<'a> {
             .unwrap_or((st.st_ctime, st.st_ctime_nsec))
     }
 
-    /// Adds the object placed at `out_dir/name` to the manifest, and the change time the
-    /// mount showed for it (`src`, the object it shows) to the output's ctime table.
+    /// Records the manifest entry of `out_dir/name` and the change time the mount showed
+    /// for it (`src`, the object it shows) in the output's ctime table (layer output only).
     fn record(
         &mut self,
         out_dir: BorrowedFd,
