@@ -660,6 +660,26 @@ fn a_squash_leaves_change_times_as_they_were() {
     let m = std::fs::symlink_metadata(v.p("m/dir/f")).unwrap();
     assert!((m.ctime(), m.ctime_nsec()) > before[5]);
     v.umount();
+    // A damaged table is reported by verify and refused by mount, not read wrong.
+    let tables: Vec<_> = std::fs::read_dir(v.p("vol/layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("ctimes"))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    let mut b = std::fs::read(&tables[0]).unwrap();
+    b[12] ^= 0x40;
+    std::fs::write(&tables[0], &b).unwrap();
+    let out = v.run(&["verify", "vol"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("change-time table") && text.contains("checksum"),
+        "{text}"
+    );
+    let out = v.run(&["mount", "vol", "m"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ctimes"));
 }
 
 #[test]

@@ -90,6 +90,8 @@ pub enum Problem {
     },
     /// An object could not be read (the message says why).
     Unreadable { path: LayerPath, error: String },
+    /// The layer's table of change times (`ctimes`) is unreadable or damaged.
+    CtimesUnreadable { error: String },
     /// A block map no partial file refers to: garbage, not damage (a partial file deleted
     /// in its epoch). `Volume::collect_orphan_maps` removes these.
     OrphanMap { map: MapId },
@@ -177,6 +179,7 @@ impl fmt::Display for Problem {
                 "{path}: block {block} has CRC32C {found:08x}, block map {map} says {expected:08x}: the data is damaged"
             ),
             Unreadable { path, error } => write!(f, "{path}: cannot read: {error}"),
+            CtimesUnreadable { error } => write!(f, "change-time table: {error}"),
             OrphanMap { map } => write!(f, "block map {map} is not used by any file (garbage)"),
         }
     }

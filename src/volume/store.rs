@@ -1103,8 +1103,13 @@ impl Volume {
                 tree: self.tree_dir(l.epoch),
                 maps: self.maps(l.epoch),
             };
-            rep.layers
-                .push(scan::verify_layer(&loc, &self.identity(l))?);
+            let mut r = scan::verify_layer(&loc, &self.identity(l))?;
+            if let Err(e) = super::ctimes::Ctimes::load(&loc.layer_dir) {
+                r.problems.push(scan::Problem::CtimesUnreadable {
+                    error: e.to_string(),
+                });
+            }
+            rep.layers.push(r);
         }
         // Work dirs of older, listed epochs are not strays: a running mount keeps using the
         // one it started with until `remove_stale_work_dirs` at the next mount.
