@@ -582,24 +582,23 @@ impl Daemon {
         let build_micros = t0.elapsed().as_micros() as u64;
         let t1 = Instant::now();
         let mut v = self.vol.lock();
-        if let Err(e) = squash::complete_online(&v, &mut p, &shown) {
-            p.abandon(&v);
-            return Err(anyhow::Error::from(e).context("squash failed; the volume is unchanged"));
-        }
+        let ctimes = squash::complete_online(&v, &mut p, &shown).and_then(|()| p.ctimes_after(&v));
+        let ctimes = match ctimes {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                p.abandon(&v);
+                return Err(
+                    anyhow::Error::from(e).context("squash failed; the volume is unchanged")
+                );
+            }
+        };
         let changes = p.tree_changes(&v);
         let mut relinked = Ok(0);
         let rs = self.fs.restack(&changes, || {
             squash::commit(&mut v, &p).map_err(std::io::Error::other)?;
             // Committed: from here the engine switches whatever happens.
             relinked = squash::relink_active(&v, &p);
-            match crate::volume::ctimes::Ctimes::of_frozen_layers(&v) {
-                Ok(c) => self.fs.set_ctimes(Arc::new(c)),
-                Err(e) => {
-                    // Nothing stale: an inode of a removed layer may be reused.
-                    tracing::error!("change times after the squash: {e}");
-                    self.fs.set_ctimes(Arc::default());
-                }
-            }
+            self.fs.set_ctimes(ctimes);
             Ok(())
         });
         let rs = match rs {

@@ -547,7 +547,7 @@ fn a_mount_keeps_its_layer_count_bounded_by_itself() {
 
 /// Scattered written blocks read slowly (one read each, as scattered on disk as in the
 /// file): the daemon folds them into the base when reading them costs an eighth of it,
-/// counting extents, not just bytes. Here a 1 MiB of contiguous writes is cheap and stays
+/// counting extents, not just bytes. Here 1 MiB of contiguous writes is cheap and stays
 /// partial; 1 MiB in 256 scattered blocks is folded (by bytes alone it would not be).
 #[test]
 fn scattered_written_blocks_are_folded_into_the_base() {

@@ -48,10 +48,6 @@ impl Ctimes {
         self.0.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     /// The table of the layer directory `dir` (empty if it has none).
     pub fn load(dir: &Path) -> Result<Ctimes> {
         let path = dir.join(CTIMES_FILE);

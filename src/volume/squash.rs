@@ -451,6 +451,26 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The change-time tables of the frozen layers as `commit` will list them (the merged
+    /// and rebuilt layers instead of those they replace): what the mount shows afterwards,
+    /// read before the switch so that the switch itself only swaps it in.
+    pub fn ctimes_after(&self, vol: &Volume) -> Result<Ctimes> {
+        let layers = vol.path().join(LAYERS_DIR);
+        let mut all = Ctimes::default();
+        let kept = vol
+            .layers()
+            .iter()
+            .filter(|l| l.state == LayerState::Frozen)
+            .map(|l| vol.layer_dir_name(l.epoch))
+            .filter(|d| !self.replaced.contains(d));
+        let new =
+            std::iter::once(self.name.clone()).chain(self.rewritten.iter().map(|(_, n)| n.clone()));
+        for d in kept.chain(new) {
+            all.extend(&Ctimes::load(&layers.join(d))?);
+        }
+        Ok(all)
+    }
+
     /// The layer tree directories the commit replaces: `(old tree, new tree or None)`. The
     /// merged layer takes the place of the top of the range; the others of it go.
     pub fn tree_changes(&self, vol: &Volume) -> Vec<(PathBuf, Option<PathBuf>)> {
