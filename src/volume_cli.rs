@@ -524,8 +524,9 @@ impl Daemon {
     /// rewrites at most eight times the cost of what was written since the last one.
     fn auto_range(&self) -> Option<(u64, u64)> {
         const FOLD_MIN: u64 = 4 << 20;
-        /// What a scattered read costs, in bytes read in sequence: this machine's disk does
-        /// 88k random 4 KiB reads/s (`fio`, depth 64) and about 1 GB/s in sequence.
+        /// What a scattered extent costs beyond its bytes, in bytes read in sequence: on this
+        /// machine a scattered 4 KiB block cost about 20 KiB (`bench-partial-read.py 1 2047`;
+        /// the disk does 88k random 4 KiB reads/s with `fio` at depth 64, ~1 GB/s in sequence).
         const EXTENT_COST: u64 = 16 << 10;
         let v = self.vol.lock();
         let frozen: Vec<_> = v

@@ -7,8 +7,8 @@
 //! every object of the merged layers as changed, and POSIX says an unsuccessful call leaves
 //! ctime alone (pjdfstest checks it: with an automatic squash in between it failed).
 //!
-//! So a squash records, for each object of the new layer whose ctime differs from what the
-//! mount showed for it, the ctime it showed: `layers/<dir>/ctimes`, keyed by inode number
+//! So a squash records, for each object of the new layer it links or re-creates, the ctime
+//! the mount showed for it: `layers/<dir>/ctimes`, keyed by inode number
 //! (the layers of a volume share one filesystem, and a frozen layer's objects never change,
 //! so an inode named there keeps its number while the layer exists). The engine reports that
 //! time for the inode (`Overlay::set_ctimes`), from the tables of the layers mounted.
@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::{Result, VolumeError, io};
 use super::store::{LayerState, Volume};
@@ -90,11 +90,19 @@ impl Ctimes {
 
     /// The tables of every frozen layer of `vol`: what a mount of it shows.
     pub fn of_frozen_layers(vol: &Volume) -> Result<Ctimes> {
+        Ctimes::of_layer_dirs(
+            vol.layers()
+                .iter()
+                .filter(|l| l.state == LayerState::Frozen)
+                .map(|l| vol.layer_dir(l.epoch)),
+        )
+    }
+
+    /// The tables of the layer directories `dirs`, together.
+    pub fn of_layer_dirs(dirs: impl IntoIterator<Item = PathBuf>) -> Result<Ctimes> {
         let mut all = Ctimes::default();
-        for l in vol.layers() {
-            if l.state == LayerState::Frozen {
-                all.extend(&Ctimes::load(&vol.layer_dir(l.epoch))?);
-            }
+        for d in dirs {
+            all.extend(&Ctimes::load(&d)?);
         }
         Ok(all)
     }

@@ -456,7 +456,6 @@ impl Prepared {
     /// read before the switch so that the switch itself only swaps it in.
     pub fn ctimes_after(&self, vol: &Volume) -> Result<Ctimes> {
         let layers = vol.path().join(LAYERS_DIR);
-        let mut all = Ctimes::default();
         let kept = vol
             .layers()
             .iter()
@@ -465,10 +464,7 @@ impl Prepared {
             .filter(|d| !self.replaced.contains(d));
         let new =
             std::iter::once(self.name.clone()).chain(self.rewritten.iter().map(|(_, n)| n.clone()));
-        for d in kept.chain(new) {
-            all.extend(&Ctimes::load(&layers.join(d))?);
-        }
-        Ok(all)
+        Ctimes::of_layer_dirs(kept.chain(new).map(|d| layers.join(d)))
     }
 
     /// The layer tree directories the commit replaces: `(old tree, new tree or None)`. The
