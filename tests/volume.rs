@@ -1047,3 +1047,72 @@ fn snapshots_leave_no_work_dirs_behind() {
     assert_eq!(std::fs::read(v.p("m/a")).unwrap(), b"4");
     v.umount();
 }
+
+/// Every operation sees one layer stack: a snapshot or a squash switch falling between the
+/// moment an operation looked a node up and the moment it used the node's layers must not
+/// show it a directory in the new, empty upper (ENOENT) or make it leave out a whiteout
+/// (a removed tree comes back). Snapshots run back to back, with squashes, while directory
+/// trees are made, opened, listed and removed; afterwards, and after a remount, nothing of
+/// them is left.
+#[test]
+fn operations_racing_snapshots_and_squashes_see_one_stack() {
+    let v = vol();
+    v.ok(&["mount", "vol", "m", "-o", "max_layers=3"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let snapshots = {
+        let (stop, root) = (stop.clone(), v.root.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Not through a second `Vol`: dropping it would unmount.
+                let out = Command::new(BIN)
+                    .current_dir(&root)
+                    .env("LAYERVOL_RUN_DIR", root.join("run"))
+                    .args(["snapshot", "m"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                n += 1;
+            }
+            n
+        })
+    };
+    let t0 = std::time::Instant::now();
+    let mut rounds = 0;
+    while rounds < 300 || (rounds < 3000 && t0.elapsed() < std::time::Duration::from_secs(20)) {
+        let mut p = v.p("m/d/t");
+        let mut made = Vec::new();
+        for level in 0..6 {
+            std::fs::create_dir(&p)
+                .unwrap_or_else(|e| panic!("round {rounds}: mkdir {level}: {e}"));
+            std::fs::File::open(&p).unwrap_or_else(|e| panic!("round {rounds}: open {level}: {e}"));
+            std::fs::write(p.join("f"), b"f").unwrap();
+            made.push(p.clone());
+            p = p.join("s");
+        }
+        for (level, p) in made.iter().enumerate().rev() {
+            let names: Vec<_> = std::fs::read_dir(p)
+                .unwrap_or_else(|e| panic!("round {rounds}: readdir {level}: {e}"))
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["f"], "round {rounds}: level {level}");
+            std::fs::remove_file(p.join("f")).unwrap();
+            std::fs::remove_dir(p).unwrap_or_else(|e| panic!("round {rounds}: rmdir {level}: {e}"));
+        }
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = snapshots.join().unwrap();
+    assert!(n > 20, "only {n} snapshots ran beside {rounds} rounds");
+    let left = |v: &Vol| std::fs::read_dir(v.p("m/d")).unwrap().count();
+    assert_eq!(left(&v), 1, "d/ should hold only x");
+    v.umount();
+    v.ok(&["verify", "vol"]);
+    v.mount();
+    assert_eq!(left(&v), 1, "d/ should hold only x after a remount");
+    v.umount();
+}

@@ -48,6 +48,8 @@ fn dtype_fmt(t: u8) -> u32 {
 impl Overlay {
     /// The merged listing of a directory (without `.` and `..`).
     pub fn list_dir(&self, node: &Arc<Node>) -> Result<Vec<DirEntry>> {
+        let _s = self.stable();
+        self.refresh(node);
         let mut seen: HashSet<CString> = HashSet::new();
         let mut out = Vec::new();
         let mut upper_names = Vec::new();
@@ -146,7 +148,7 @@ impl Overlay {
         uid: u32,
         gid: u32,
     ) -> Result<(Arc<Node>, Attr)> {
-        let _w = self.writing();
+        let _s = self.stable();
         let parent = self.node(parent_ino)?;
         if !parent.is_dir() {
             return Err(Errno::ENOTDIR);
@@ -279,7 +281,7 @@ impl Overlay {
     }
 
     fn remove(&self, parent_ino: u64, name: &CStr, want_dir: bool) -> Result<()> {
-        let _w = self.writing();
+        let _s = self.stable();
         let parent = self.node(parent_ino)?;
         let (node, _) = self.lookup_node(&parent, name)?;
         match (want_dir, node.is_dir()) {
@@ -334,7 +336,7 @@ impl Overlay {
         {
             return Err(Errno::EINVAL);
         }
-        let _w = self.writing();
+        let _s = self.stable();
         let p = self.node(parent_ino)?;
         let q = self.node(newparent_ino)?;
         let (s, _) = self.lookup_node(&p, name)?;

@@ -92,12 +92,10 @@ impl Overlay {
     /// Opens `ino`. Returns the handle number, the I/O mode the kernel must use, and the real
     /// fd (for a passthrough backing).
     pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, IoMode, Arc<OwnedFd>)> {
+        let _s = self.stable();
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        let _w = writes.then(|| self.writing());
-        // A snapshot or squash may have changed the stack while this waited for the barrier.
-        self.refresh(&node);
         if writes {
             if self.read_only() {
                 return Err(Errno::EROFS);
@@ -227,6 +225,7 @@ impl Overlay {
     /// Reads into `buf` (grown to `size` if shorter; a caller that keeps it across reads
     /// saves zeroing a new buffer each time). Returns the bytes read, short at end of file.
     pub fn read_into(&self, fh: u64, off: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
+        let _s = self.stable();
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h)?;
         if buf.len() < size as usize {
@@ -240,7 +239,7 @@ impl Overlay {
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
-        let _w = self.writing();
+        let _s = self.stable();
         let h = self.handle(fh)?;
         let fd = self.write_fd(&h)?;
         if h.partial.load(Ordering::Acquire)
@@ -331,7 +330,7 @@ impl Overlay {
     }
 
     pub fn fallocate(&self, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
-        let _w = self.writing();
+        let _s = self.stable();
         let h = self.handle(fh)?;
         let fd = self.write_fd(&h)?;
         if h.partial.load(Ordering::Acquire)
@@ -373,6 +372,7 @@ impl Overlay {
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+        let _s = self.stable();
         let h = self.handle(fh)?;
         let fd = self.read_fd(&h)?;
         if h.partial.load(Ordering::Acquire) && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE)
@@ -389,7 +389,7 @@ impl Overlay {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, a: SetAttr) -> Result<Attr> {
-        let _w = self.writing();
+        let _s = self.stable();
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);
@@ -501,6 +501,7 @@ impl Overlay {
     }
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let _s = self.stable();
         let node = self.node(ino)?;
         if !node.is_dir() {
             return Err(Errno::ENOTDIR);
@@ -527,6 +528,7 @@ impl Overlay {
         fh: u64,
         offset: u64,
     ) -> Result<(Arc<Node>, Arc<Vec<super::dir::DirEntry>>)> {
+        let _s = self.stable();
         let h = self.handle(fh)?;
         let mut e = h.entries.lock();
         if offset == 0 || e.is_none() {
@@ -537,6 +539,8 @@ impl Overlay {
 
     /// Lookup of a readdirplus entry: counts one kernel reference like `lookup`.
     pub fn lookup_child(&self, dir: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Attr)> {
+        let _s = self.stable();
+        self.refresh(dir);
         let (n, st) = self.lookup_node(dir, name)?;
         n.add_lookup(1);
         Ok((n, st))
@@ -546,12 +550,14 @@ impl Overlay {
         if is_layervol_key(key) {
             return Err(Errno::ENODATA);
         }
+        let _s = self.stable();
         let node = self.node(ino)?;
         let (d, n) = self.locate(&node)?;
         sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key))?.ok_or(Errno::ENODATA)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let _s = self.stable();
         let node = self.node(ino)?;
         let (d, n) = self.locate(&node)?;
         let mut out = Vec::new();
@@ -568,7 +574,7 @@ impl Overlay {
             return Err(Errno::EPERM);
         }
         let key = &self.x.to_layer(key);
-        let _w = self.writing();
+        let _s = self.stable();
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);
@@ -583,7 +589,7 @@ impl Overlay {
             return Err(Errno::ENODATA);
         }
         let key = &self.x.to_layer(key);
-        let _w = self.writing();
+        let _s = self.stable();
         let node = self.node(ino)?;
         if self.read_only() {
             return Err(Errno::EROFS);

@@ -219,7 +219,8 @@ pub struct Overlay {
     /// (parent inode, name), so that a lookup of one of them finds it (and its alias)
     /// instead of making a second node for the same object.
     unsettled: parking_lot::RwLock<std::collections::HashMap<(u64, CString), Arc<Node>>>,
-    /// Held shared by every operation that changes the upper, exclusively by a freeze.
+    /// Held shared by every operation for as long as it uses the layer stack (`stable`),
+    /// exclusively by a freeze or a restack while it changes the stack.
     barrier: parking_lot::RwLock<()>,
     /// A freeze's commit in progress (fsyncs wait for it) or failed.
     commit: CommitGate,
@@ -444,6 +445,7 @@ impl Overlay {
             .get(&ino)
             .map(|n| n.clone())
             .ok_or(Errno::ESTALE)?;
+        let _s = self.stable();
         self.refresh(&n);
         Ok(n)
     }
@@ -870,6 +872,7 @@ impl Overlay {
 
     /// Lookup on behalf of the kernel: counts one reference.
     pub fn lookup(&self, parent: u64, name: &CStr) -> Result<(Arc<Node>, Attr)> {
+        let _s = self.stable();
         let p = self.node(parent)?;
         if !p.is_dir() {
             return Err(Errno::ENOTDIR);
@@ -934,6 +937,7 @@ impl Overlay {
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        let _s = self.stable();
         let node = self.node(ino)?;
         if let Some(h) = fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone()))
             && !node.is_dir()
@@ -956,6 +960,7 @@ impl Overlay {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let _s = self.stable();
         let node = self.node(ino)?;
         let (d, n) = self.locate(&node)?;
         sys::readlinkat(d.as_fd(), &n)

@@ -19,6 +19,29 @@ use super::{Layers, Layout, LowerRef, Node, Overlay, StackEvent};
 use crate::layer::{Layer, RelPath};
 use crate::sys::Errno;
 
+thread_local! {
+    /// The barriers (of all mounts in this process) this thread holds shared, by address.
+    static HELD: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A shared hold of the barrier (see `Overlay::stable`); `None` when the thread held it
+/// already.
+pub(super) struct Stable<'a>(Option<parking_lot::RwLockReadGuard<'a, ()>>);
+
+impl Drop for Stable<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            let key = std::ptr::from_ref(parking_lot::RwLockReadGuard::rwlock(&g)) as usize;
+            HELD.with(|h| {
+                let mut h = h.borrow_mut();
+                if let Some(i) = h.iter().rposition(|k| *k == key) {
+                    h.swap_remove(i);
+                }
+            });
+        }
+    }
+}
+
 /// What one freeze did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FreezeStats {
@@ -152,9 +175,32 @@ impl Overlay {
         Ok(())
     }
 
-    /// Shared side of the write barrier: held by every operation that changes the upper.
-    pub(super) fn writing(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.barrier.read()
+    /// Shared side of the barrier: holds the layer stack still for the calling operation (a
+    /// freeze or a restack takes the barrier exclusively, so it waits until the operation
+    /// ends). Every operation that looks at a node's layers holds it from its first look to
+    /// its last use: a node's layout is brought up to the stack in `refresh`, and a switch
+    /// between that and the use would send the operation to the new, empty upper (ENOENT)
+    /// or let it decide on the old stack (e.g. leave out a whiteout that the frozen layer
+    /// now needs, so that a removed directory comes back).
+    ///
+    /// Re-entrant within a thread (operations call one another), unlike parking_lot's read
+    /// lock, which makes a nested reader wait behind a queued writer: a deadlock.
+    pub(super) fn stable(&self) -> Stable<'_> {
+        if self.holds_stable() {
+            return Stable(None);
+        }
+        let guard = self.barrier.read();
+        HELD.with(|h| h.borrow_mut().push(self.barrier_key()));
+        Stable(Some(guard))
+    }
+
+    fn barrier_key(&self) -> usize {
+        std::ptr::from_ref(&self.barrier) as usize
+    }
+
+    /// True if this thread holds `stable`.
+    pub(super) fn holds_stable(&self) -> bool {
+        HELD.with(|h| h.borrow().contains(&self.barrier_key()))
     }
 
     pub fn epoch(&self) -> u64 {
@@ -239,6 +285,7 @@ impl Overlay {
     pub fn settle_all(&self) -> usize {
         let nodes: Vec<Arc<Node>> = self.unsettled.read().values().cloned().collect();
         for n in &nodes {
+            let _s = self.stable();
             self.refresh(n);
         }
         self.unsettled.write().clear();
@@ -317,6 +364,7 @@ impl Overlay {
     /// object that was in the upper at a freeze is now in that freeze's layer, at the path it
     /// had then. After a restack: the node is looked up again by its merged location.
     pub(super) fn refresh(&self, node: &Arc<Node>) {
+        debug_assert!(self.holds_stable(), "refresh outside `stable`");
         let cur = self.generation.load(Ordering::Acquire);
         if node.layout_gen.load(Ordering::Acquire) == cur {
             return;
@@ -427,8 +475,13 @@ impl Overlay {
                 }
             },
         };
+        let mut st = node.state.lock();
+        if node.layout_gen.load(Ordering::Acquire) == cur {
+            // Another thread brought it up to date first, and an operation may have changed
+            // it since (e.g. copied it up): what this one found is older.
+            return;
+        }
         if let Some(f) = found {
-            let mut st = node.state.lock();
             st.upper = f.upper;
             node.set_layout(Layout::new(f.lower, f.lower_dirs));
             if !f.upper && !node.is_dir() {
