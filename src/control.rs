@@ -59,6 +59,12 @@ pub fn socket_path(mnt: &Path) -> PathBuf {
     run_dir().join(format!("{h:016x}.sock"))
 }
 
+/// Where the daemon of the mount at `mnt` (canonical path) writes its log (warnings,
+/// errors, a panic's message) once it runs in the background: beside its control socket.
+pub fn log_path(mnt: &Path) -> PathBuf {
+    socket_path(mnt).with_extension("log")
+}
+
 /// Serves requests on the mount's socket from a background thread until the process ends.
 /// Each connection has its own thread: `status` answers while a squash runs.
 pub fn serve(

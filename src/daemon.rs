@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -98,7 +99,7 @@ pub fn mount(
                 if let Some(mut r) = report.take() {
                     let _ = r.write_all(b"1");
                 }
-                detach_stdio();
+                detach_stdio(mnt);
             });
             match res {
                 Ok(()) => std::process::exit(0),
@@ -210,14 +211,28 @@ fn unmount_on_signal(signals: nix::sys::signal::SigSet, mnt: PathBuf) -> anyhow:
     Ok(())
 }
 
-fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new()
+/// Leaves the caller's terminal: stdin and stdout go to /dev/null, stderr (the log) to
+/// `control::log_path`, a new file at each mount (/dev/null if it cannot be made).
+fn detach_stdio(mnt: &Path) {
+    let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/null")
-    {
-        for fd in 0..3 {
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        .open("/dev/null");
+    let path = crate::control::log_path(mnt);
+    let _ = path.parent().map(std::fs::create_dir_all);
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path);
+    for (fd, f) in [
+        (0, null.as_ref().ok()),
+        (1, null.as_ref().ok()),
+        (2, log.as_ref().ok().or(null.as_ref().ok())),
+    ] {
+        if let Some(f) = f {
+            unsafe { libc::dup2(f.as_raw_fd(), fd) };
         }
     }
 }
