@@ -73,6 +73,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { mountpoint, json } => {
+            quiet_on_closed_pipe();
             let r = control::call(&mountpoint, &Request::Status)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -81,8 +82,18 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Verify { vol, json } => verify(&vol, json),
+        Cmd::Verify { vol, json } => {
+            quiet_on_closed_pipe();
+            verify(&vol, json)
+        }
     }
+}
+
+/// A report piped into e.g. `head` ends quietly when the reader goes, as other tools do
+/// (Rust ignores SIGPIPE, so `println!` would panic). Only for commands that change nothing.
+fn quiet_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of a signal has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// Where a command given a volume or a mountpoint acts.
