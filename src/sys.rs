@@ -210,6 +210,14 @@ pub fn fchownat(dir: BorrowedFd, name: &CStr, uid: u32, gid: u32) -> Result<()> 
     .map(drop)
 }
 
+pub fn fchown(fd: BorrowedFd, uid: u32, gid: u32) -> Result<()> {
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+pub fn fchmod(fd: BorrowedFd, mode: u32) -> Result<()> {
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode & 0o7777) }).map(drop)
+}
+
 /// chmod never applies to symlinks (Linux has no lchmod); callers check the type first.
 pub fn fchmodat(dir: BorrowedFd, name: &CStr, mode: u32) -> Result<()> {
     check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0) }).map(drop)

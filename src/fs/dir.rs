@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::copyup::remove_tree;
@@ -148,6 +148,21 @@ impl Overlay {
         uid: u32,
         gid: u32,
     ) -> Result<(Arc<Node>, Attr)> {
+        self.make_entry(parent_ino, name, kind, uid, gid, None)
+            .map(|(n, st, _)| (n, st))
+    }
+
+    /// `create_entry`; for a regular file with `open` flags, also the fd that created it, opened
+    /// with those flags (a FUSE create needs no second open of the new file).
+    pub(super) fn make_entry(
+        &self,
+        parent_ino: u64,
+        name: &CStr,
+        kind: NewKind,
+        uid: u32,
+        gid: u32,
+        open: Option<i32>,
+    ) -> Result<(Arc<Node>, Attr, Option<OwnedFd>)> {
         let _s = self.stable();
         let parent = self.node(parent_ino)?;
         if !parent.is_dir() {
@@ -185,72 +200,80 @@ impl Overlay {
         } else {
             gid
         };
-        let over_whiteout = match sys::fstatat(updir.as_fd(), name) {
-            Ok(st) if sys::is_whiteout(&st) => true,
-            Ok(_) => return Err(Errno::EEXIST),
-            Err(Errno::ENOENT) => false,
-            Err(e) => return Err(e),
-        };
-        let work = self.work()?.root.as_fd();
-        // Over a whiteout the object is built in the work dir and swapped in atomically.
-        let (dir, tmp) = if over_whiteout {
-            (work, self.tmp_name())
-        } else {
-            (updir.as_fd(), name.to_owned())
-        };
         let is_dir = matches!(kind, NewKind::Dir { .. });
-        let res = (|| -> Result<()> {
-            match &kind {
-                NewKind::File { mode } => {
-                    sys::openat(
-                        dir,
-                        &tmp,
-                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                        *mode & 0o7777,
-                    )
-                    .map(drop)?;
-                }
-                NewKind::Dir { mode } => sys::mkdirat(dir, &tmp, *mode & 0o7777)?,
-                NewKind::Node { mode, rdev } => sys::mknodat(dir, &tmp, *mode, *rdev)?,
-                NewKind::Symlink { target } => sys::symlinkat(target, dir, &tmp)?,
-                NewKind::Link { target } => {
-                    let (tdir, tname) = self.locate(target)?;
-                    return sys::linkat(tdir.as_fd(), &tname, dir, &tmp);
+        // The name is free in the merged view, so the upper holds nothing there or a whiteout:
+        // the object is made in place, and only if that finds something the upper is looked at.
+        // Over a whiteout the object is built in the work dir and swapped in atomically.
+        let work = self.work()?.root.as_fd();
+        let (over_whiteout, dir, tmp, made) =
+            match self.make_object(updir.as_fd(), name, &kind, open) {
+                Err(Errno::EEXIST) => match sys::fstatat(updir.as_fd(), name) {
+                    Ok(st) if sys::is_whiteout(&st) => {
+                        let tmp = self.tmp_name();
+                        let made = self.make_object(work, &tmp, &kind, open);
+                        (true, work, tmp, made)
+                    }
+                    Ok(_) | Err(Errno::ENOENT) => return Err(Errno::EEXIST),
+                    Err(e) => return Err(e),
+                },
+                made => (false, updir.as_fd(), name.to_owned(), made),
+            };
+        let res = made.and_then(|fd| {
+            if matches!(kind, NewKind::Link { .. }) {
+                return Ok(fd);
+            }
+            let st = match &fd {
+                Some(fd) => sys::fstat(fd.as_fd())?,
+                None => sys::fstatat(dir, &tmp)?,
+            };
+            let chown = st.st_uid != uid || st.st_gid != gid;
+            if chown {
+                match &fd {
+                    Some(fd) => sys::fchown(fd.as_fd(), uid, gid)?,
+                    None => sys::fchownat(dir, &tmp, uid, gid)?,
                 }
             }
-            sys::fchownat(dir, &tmp, uid, gid)?;
-            if is_dir || !matches!(kind, NewKind::Symlink { .. }) {
-                // The kernel would have applied the mode with the caller's umask already; chown
-                // clears set-id bits, so the mode goes on after it.
-                let mode = match &kind {
-                    NewKind::File { mode } | NewKind::Node { mode, .. } => *mode,
-                    NewKind::Dir { mode } => {
-                        *mode
-                            | if pst.st_mode & libc::S_ISGID != 0 {
-                                libc::S_ISGID
-                            } else {
-                                0
-                            }
-                    }
-                    _ => 0,
-                };
-                sys::fchmodat(dir, &tmp, mode)?;
+            // The kernel applied the caller's umask to the mode already (and ours is 0), but
+            // a default ACL of the upper directory or set-id rules may have changed it, and
+            // chown clears set-id bits: the mode goes on after the owner where it differs.
+            let want = match &kind {
+                NewKind::File { mode } | NewKind::Node { mode, .. } => Some(*mode & 0o7777),
+                NewKind::Dir { mode } => Some(
+                    (*mode & 0o7777)
+                        | if pst.st_mode & libc::S_ISGID != 0 {
+                            libc::S_ISGID
+                        } else {
+                            0
+                        },
+                ),
+                NewKind::Symlink { .. } | NewKind::Link { .. } => None,
+            };
+            if let Some(want) = want
+                && (chown || st.st_mode & 0o7777 != want)
+            {
+                match &fd {
+                    Some(fd) => sys::fchmod(fd.as_fd(), want)?,
+                    None => sys::fchmodat(dir, &tmp, want)?,
+                }
             }
             // Like the kernel: a new directory in a merged directory is opaque, so it never
             // merges with something a lower layer could show under its name.
             if is_dir && (over_whiteout || !parent.layout().lower_dirs.is_empty()) {
                 sys::setxattr(dir, &tmp, &self.x.opaque, b"y", 0)?;
             }
-            Ok(())
-        })();
-        if let Err(e) = res {
-            if over_whiteout {
-                let _ = remove_tree(work, &tmp);
-            } else if !matches!(e, Errno::EEXIST) {
-                let _ = remove_tree(updir.as_fd(), name);
+            Ok(fd)
+        });
+        let fd = match res {
+            Ok(fd) => fd,
+            Err(e) => {
+                if over_whiteout {
+                    let _ = remove_tree(work, &tmp);
+                } else if !matches!(e, Errno::EEXIST) {
+                    let _ = remove_tree(updir.as_fd(), name);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         if over_whiteout {
             let r = if is_dir {
                 sys::renameat2(work, &tmp, updir.as_fd(), name, libc::RENAME_EXCHANGE)
@@ -269,7 +292,38 @@ impl Overlay {
             st.st_nlink += 1;
         }
         node.add_lookup(1);
-        Ok((node, st))
+        Ok((node, st, fd))
+    }
+
+    /// Makes the object of `kind` at `dir`/`name` (nothing else: owner and mode are the
+    /// caller's). A regular file with `open` flags comes with its fd, opened with them.
+    fn make_object(
+        &self,
+        dir: BorrowedFd,
+        name: &CStr,
+        kind: &NewKind,
+        open: Option<i32>,
+    ) -> Result<Option<OwnedFd>> {
+        match kind {
+            NewKind::File { mode } => {
+                let flags = open.unwrap_or(libc::O_WRONLY);
+                let fd = sys::openat(
+                    dir,
+                    name,
+                    flags | libc::O_CREAT | libc::O_EXCL,
+                    *mode & 0o7777,
+                )?;
+                return Ok(open.map(|_| fd));
+            }
+            NewKind::Dir { mode } => sys::mkdirat(dir, name, *mode & 0o7777)?,
+            NewKind::Node { mode, rdev } => sys::mknodat(dir, name, *mode, *rdev)?,
+            NewKind::Symlink { target } => sys::symlinkat(target, dir, name)?,
+            NewKind::Link { target } => {
+                let (tdir, tname) = self.locate(target)?;
+                sys::linkat(tdir.as_fd(), &tname, dir, name)?;
+            }
+        }
+        Ok(None)
     }
 
     pub fn unlink(&self, parent_ino: u64, name: &CStr) -> Result<()> {

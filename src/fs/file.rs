@@ -113,6 +113,47 @@ impl Overlay {
             ps.map.truncate_file(fd.as_fd(), 0)?;
             ps.dirty = true;
         }
+        Ok(self.add_open(node, flags, fd, partial, writes))
+    }
+
+    /// Creates and opens a regular file (a FUSE create). The fd that made the file is the
+    /// handle's: no second open of the new file. Returns the node with one kernel lookup, its
+    /// attributes and what `open` returns.
+    pub fn create_open(
+        &self,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(Arc<Node>, Attr, (u64, IoMode, Arc<OwnedFd>))> {
+        let _s = self.stable();
+        // A new file is empty and in the upper: nothing to truncate or copy up.
+        let flags = flags & !libc::O_TRUNC;
+        let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_NOFOLLOW);
+        let (node, st, fd) = self.make_entry(
+            parent,
+            name,
+            super::dir::NewKind::File { mode },
+            uid,
+            gid,
+            Some(oflags),
+        )?;
+        let fd = fd.ok_or(Errno::EIO)?;
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let opened = self.add_open(node.clone(), flags, fd, false, writes);
+        Ok((node, st, opened))
+    }
+
+    fn add_open(
+        &self,
+        node: Arc<Node>,
+        flags: i32,
+        fd: OwnedFd,
+        partial: bool,
+        writes: bool,
+    ) -> (u64, IoMode, Arc<OwnedFd>) {
         let fd = Arc::new(fd);
         let regular = node.fmt == libc::S_IFREG;
         let mode = node.start_io(writes, self.cfg.passthrough && regular && !partial);
@@ -128,7 +169,7 @@ impl Overlay {
             io: Mutex::new(mode),
             entries: Mutex::new(None),
         });
-        Ok((fh, mode, fd))
+        (fh, mode, fd)
     }
 
     /// Flags to reopen a handle's file with: as opened, minus one-time effects.

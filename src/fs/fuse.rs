@@ -653,26 +653,13 @@ impl Filesystem for FuseAdapter {
     ) {
         let r = run(|| {
             let name = cstr(name)?;
-            let (node, _) = self.fs.create_entry(
-                parent.0,
-                &name,
-                NewKind::File { mode },
-                req.uid(),
-                req.gid(),
-            )?;
-            // The file is new and empty: no copy-up, no truncate needed.
-            let (fh, mut mode, _) = match self.fs.open(node.ino, flags & !libc::O_TRUNC) {
-                Ok(x) => x,
-                Err(e) => {
-                    self.fs.forget(node.ino, 1);
-                    return Err(e.into());
-                }
-            };
+            let (_, st, (fh, mut mode, _)) =
+                self.fs
+                    .create_open(parent.0, &name, mode, flags, req.uid(), req.gid())?;
             if mode == IoMode::Passthrough {
                 // A create reply cannot carry a passthrough backing.
                 mode = self.fs.passthrough_refused(fh)?;
             }
-            let st = self.fs.getattr(node.ino, Some(fh))?;
             Ok((fh, st, mode))
         });
         match r {
