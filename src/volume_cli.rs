@@ -1068,6 +1068,7 @@ fn verify(vol: &Path, json: bool) -> anyhow::Result<()> {
                 "layers_checked": rep.layers.len(),
                 "problems": problems,
                 "strays": rep.strays,
+                "removed_at_next_mount": rep.leftovers,
             }))?
         );
     } else {
@@ -1085,6 +1086,15 @@ fn verify(vol: &Path, json: bool) -> anyhow::Result<()> {
         }
         for s in &rep.strays {
             println!("  stray (not listed in volume.json): {}", s.display());
+        }
+        if !rep.leftovers.is_empty() {
+            println!(
+                "  {} directories left by an interrupted squash, removed at the next mount:",
+                rep.leftovers.len()
+            );
+            for s in &rep.leftovers {
+                println!("    {}", s.display());
+            }
         }
     }
     if !rep.is_sound() {

@@ -78,6 +78,9 @@ impl SetAttr {
     }
 }
 
+/// An open file: the handle number, the I/O mode the kernel must use, and the real fd.
+pub type Opened = (u64, IoMode, Arc<OwnedFd>);
+
 impl Overlay {
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         self.handles.get(&fh).map(|h| h.clone()).ok_or(Errno::EBADF)
@@ -91,7 +94,7 @@ impl Overlay {
 
     /// Opens `ino`. Returns the handle number, the I/O mode the kernel must use, and the real
     /// fd (for a passthrough backing).
-    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, IoMode, Arc<OwnedFd>)> {
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
         let _s = self.stable();
         let node = self.node(ino)?;
         let acc = flags & libc::O_ACCMODE;
@@ -127,7 +130,7 @@ impl Overlay {
         flags: i32,
         uid: u32,
         gid: u32,
-    ) -> Result<(Arc<Node>, Attr, (u64, IoMode, Arc<OwnedFd>))> {
+    ) -> Result<(Arc<Node>, Attr, Opened)> {
         let _s = self.stable();
         // A new file is empty and in the upper: nothing to truncate or copy up.
         let flags = flags & !libc::O_TRUNC;
@@ -153,7 +156,7 @@ impl Overlay {
         fd: OwnedFd,
         partial: bool,
         writes: bool,
-    ) -> (u64, IoMode, Arc<OwnedFd>) {
+    ) -> Opened {
         let fd = Arc::new(fd);
         let regular = node.fmt == libc::S_IFREG;
         let mode = node.start_io(writes, self.cfg.passthrough && regular && !partial);

@@ -996,6 +996,27 @@ fn finish_journals(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<Option
     Ok(done)
 }
 
+/// Names of the layer directories that committed squashes replaced and their journals still
+/// have to remove (the mount's squash, or the next `Volume::open`, does).
+pub fn pending_removals(vol: &Volume) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for l in vol.layers() {
+        let path = vol.layer_dir(l.epoch).join(JOURNAL_FILE);
+        let Some(bytes) = meta::read_optional(&path)? else {
+            continue;
+        };
+        let (journal, _): (Journal, _) = meta::decode_envelope(
+            &path,
+            &bytes,
+            JOURNAL_FORMAT,
+            "squash journal",
+            JOURNAL_VERSION.major,
+        )?;
+        out.extend(journal.remove);
+    }
+    Ok(out)
+}
+
 /// Makes every partial file of the active layer whole, in place: fills the blocks it does
 /// not hold with the data below (or zeros past its below limit), keeps its times, then drops
 /// the marker (the switch, one atomic xattr removal) and the `below` xattr. Every step leaves

@@ -194,8 +194,12 @@ pub struct Freeze {
 pub struct VolumeReport {
     /// One report per frozen layer, oldest first.
     pub layers: Vec<LayerReport>,
-    /// Entries under `layers/` or `work/` not named after a listed epoch (crash leftovers).
+    /// Entries under `layers/` or `work/` not named after a listed epoch that nothing
+    /// accounts for (crash leftovers).
     pub strays: Vec<PathBuf>,
+    /// What the next mount removes: the layer directories a committed squash replaced (its
+    /// journal names them) and their work dirs, and an unfinished squash's build.
+    pub leftovers: Vec<PathBuf>,
 }
 
 impl VolumeReport {
@@ -1123,22 +1127,43 @@ impl Volume {
                 .iter()
                 .any(|l| self.layer_dir_name(l.epoch) == name)
         };
+        let replaced = super::squash::pending_removals(self)?;
+        // `<epoch>.<16 hex>`: a squash's build, listed once committed.
+        let staging = |name: &str| {
+            name.split_once('.')
+                .and_then(|(e, _)| e.parse::<u64>().ok())
+                .is_some_and(|e| is_layer_dir_name(e, name))
+        };
         for sub in [LAYERS_DIR, WORK_DIR] {
             let d = self.root.join(sub);
             for e in fs::read_dir(&d).map_err(io("list", &d))? {
                 let e = e.map_err(io("list", &d))?;
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                let listed = if sub == LAYERS_DIR {
-                    listed_layer(&name)
+                let (listed, leftover) = if sub == LAYERS_DIR {
+                    (
+                        listed_layer(&name),
+                        replaced.contains(name.as_ref()) || staging(&name),
+                    )
                 } else {
-                    listed_work(&name)
+                    // That of an epoch a squash merged away goes with its layer; others are
+                    // reused by the next freeze (see `Volume::freeze_active`).
+                    let merged_away = replaced
+                        .iter()
+                        .any(|r| r.split('.').next() == Some(name.as_ref()));
+                    (listed_work(&name), merged_away)
                 };
                 if !listed {
-                    rep.strays.push(e.path());
+                    if leftover {
+                        rep.leftovers.push(e.path());
+                    } else {
+                        rep.strays.push(e.path());
+                    }
                 }
             }
         }
+        rep.strays.sort();
+        rep.leftovers.sort();
         Ok(rep)
     }
 }

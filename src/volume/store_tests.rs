@@ -276,6 +276,7 @@ fn create_from_imports_faithfully() {
     assert!(rep.is_sound(), "{:?}", rep.problems().collect::<Vec<_>>());
     assert_eq!(rep.layers.len(), 1);
     assert!(rep.strays.is_empty(), "{:?}", rep.strays);
+    assert!(rep.leftovers.is_empty(), "{:?}", rep.leftovers);
 }
 
 #[test]
@@ -536,9 +537,10 @@ fn freeze_is_atomic_at_every_crash_point() {
         assert_eq!(ro.active_epoch(), before + 1);
         let rep = ro.verify().unwrap();
         assert!(
-            rep.strays.is_empty(),
-            "crash point {k}: strays {:?}",
-            rep.strays
+            rep.strays.is_empty() && rep.leftovers.is_empty(),
+            "crash point {k}: strays {:?}, leftovers {:?}",
+            rep.strays,
+            rep.leftovers
         );
     }
 }
