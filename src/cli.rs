@@ -32,7 +32,10 @@ Mount options (-o, comma-separated; `\\,` and `\\:` escape):
 Examples:
   layervol -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt
   mount -t fuse.layervol layervol /mnt -o lowerdir=/l,upperdir=/u,workdir=/w
-  umount /mnt            (or fusermount3 -u /mnt) stops the daemon";
+  umount /mnt            (or fusermount3 -u /mnt) stops the daemon
+
+The daemon's log (warnings, errors) goes to /run/layervol/<hash of the mount point>.log,
+beside its control socket (LAYERVOL_RUN_DIR moves both); -f keeps it on stderr.";
 
 /// layervol: a layered volume filesystem with OverlayFS semantics (FUSE).
 ///

@@ -217,8 +217,9 @@ impl Overlay {
     }
 
     fn set_handle_fd(h: &Handle, (fd, partial): (OwnedFd, bool)) {
-        *h.chain.lock() = None;
-        *h.file.write() = Arc::new(fd);
+        // The old fd and chain may be the last of a file a squash removed: closed elsewhere.
+        sys::drop_later(h.chain.lock().take());
+        sys::drop_later(std::mem::replace(&mut *h.file.write(), Arc::new(fd)));
         h.partial.store(partial, Ordering::Release);
     }
 
@@ -352,6 +353,8 @@ impl Overlay {
             {
                 tracing::error!("storing the block map of inode {}: {e}", h.node.ino);
             }
+            // See `set_handle_fd`. (No lock lives on the fd: the kernel keeps file locks.)
+            sys::drop_later(h);
         }
     }
 

@@ -511,6 +511,8 @@ impl Overlay {
             if let Some(ps) = n.partial.lock().take() {
                 let id = ps.map.id();
                 let map = Arc::new(ps.map);
+                // Its levels may hold the last fd of a file a squash removed: not closed here.
+                sys::drop_later(ps.below);
                 if let Some(i) = reserved.iter().position(|(r, _)| *r == Some(id)) {
                     let (_, space) = reserved.swap_remove(i);
                     out.push(FrozenMap::Reserved(space, map.clone()));
