@@ -1089,7 +1089,7 @@ fn verify(vol: &Path, json: bool) -> anyhow::Result<()> {
         }
         if !rep.leftovers.is_empty() {
             println!(
-                "  {} directories left by an interrupted squash, removed at the next mount:",
+                "  {} directories no longer used (squashed away or an unfinished squash's), removed at the next mount:",
                 rep.leftovers.len()
             );
             for s in &rep.leftovers {

@@ -198,7 +198,7 @@ pub struct VolumeReport {
     /// accounts for (crash leftovers).
     pub strays: Vec<PathBuf>,
     /// What the next mount removes: the layer directories a committed squash replaced (its
-    /// journal names them) and their work dirs, and an unfinished squash's build.
+    /// journal names them), an unfinished squash's build, work dirs of older epochs.
     pub leftovers: Vec<PathBuf>,
 }
 
@@ -1146,12 +1146,13 @@ impl Volume {
                         replaced.contains(name.as_ref()) || staging(&name),
                     )
                 } else {
-                    // That of an epoch a squash merged away goes with its layer; others are
-                    // reused by the next freeze (see `Volume::freeze_active`).
-                    let merged_away = replaced
-                        .iter()
-                        .any(|r| r.split('.').next() == Some(name.as_ref()));
-                    (listed_work(&name), merged_away)
+                    // That of an older epoch (a squash merged it away; a running mount may
+                    // still use it) goes at the next mount; a newer one (a freeze that did
+                    // not commit) is reused by the next freeze (see `Volume::freeze_active`).
+                    let older = name
+                        .parse::<u64>()
+                        .is_ok_and(|e| e.to_string() == name && e < self.active_epoch());
+                    (listed_work(&name), older)
                 };
                 if !listed {
                     if leftover {
