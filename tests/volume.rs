@@ -373,6 +373,44 @@ fn squash_keeps_a_pinned_layer_and_the_view() {
     v.ok(&["verify", "vol"]);
 }
 
+/// `layervol snapshot m` in a loop on another thread until `finish`, which returns how many
+/// ran. Not through a second `Vol`: dropping it would unmount.
+struct SnapshotLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl SnapshotLoop {
+    fn start(v: &Vol) -> SnapshotLoop {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, root) = (stop.clone(), v.root.clone());
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(BIN)
+                    .current_dir(&root)
+                    .env("LAYERVOL_RUN_DIR", root.join("run"))
+                    .args(["snapshot", "m"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                n += 1;
+            }
+            n
+        });
+        SnapshotLoop { stop, thread }
+    }
+
+    fn finish(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 fn frozen_layers(st: &serde_json::Value) -> Vec<u64> {
     st["layers"]
         .as_array()
@@ -424,28 +462,7 @@ fn online_squash_with_a_writer_and_open_files() {
     });
     // Snapshots also run concurrently with the squashes: layers frozen while a squash is
     // being built must be taken care of when it commits.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let snapper = {
-        let (stop, root) = (stop.clone(), v.root.clone());
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = Command::new(BIN)
-                    .current_dir(&root)
-                    .env("LAYERVOL_RUN_DIR", root.join("run"))
-                    .args(["snapshot", "m"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                n += 1;
-            }
-            n
-        })
-    };
+    let snapper = SnapshotLoop::start(&v);
     let mut squashes = 0;
     for round in 0..8 {
         v.ok(&["snapshot", "m"]);
@@ -456,8 +473,7 @@ fn online_squash_with_a_writer_and_open_files() {
         }
     }
     let model = writer.join().unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(snapper.join().unwrap() > 0);
+    assert!(snapper.finish() > 0);
     // A last squash after the writer: every frozen layer becomes one.
     v.ok(&["snapshot", "m"]);
     v.ok(&["squash", "m"]);
@@ -1058,29 +1074,7 @@ fn snapshots_leave_no_work_dirs_behind() {
 fn operations_racing_snapshots_and_squashes_see_one_stack() {
     let v = vol();
     v.ok(&["mount", "vol", "m", "-o", "max_layers=3"]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let snapshots = {
-        let (stop, root) = (stop.clone(), v.root.clone());
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // Not through a second `Vol`: dropping it would unmount.
-                let out = Command::new(BIN)
-                    .current_dir(&root)
-                    .env("LAYERVOL_RUN_DIR", root.join("run"))
-                    .args(["snapshot", "m"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                n += 1;
-            }
-            n
-        })
-    };
+    let snapshots = SnapshotLoop::start(&v);
     let t0 = std::time::Instant::now();
     let mut rounds = 0;
     while rounds < 300 || (rounds < 3000 && t0.elapsed() < std::time::Duration::from_secs(20)) {
@@ -1105,8 +1099,7 @@ fn operations_racing_snapshots_and_squashes_see_one_stack() {
         }
         rounds += 1;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let n = snapshots.join().unwrap();
+    let n = snapshots.finish();
     assert!(n > 20, "only {n} snapshots ran beside {rounds} rounds");
     let left = |v: &Vol| std::fs::read_dir(v.p("m/d")).unwrap().count();
     assert_eq!(left(&v), 1, "d/ should hold only x");
