@@ -143,7 +143,17 @@ impl Overlay {
             gid,
             Some(oflags),
         )?;
-        let fd = fd.ok_or(Errno::EIO)?;
+        let fd = match fd {
+            Some(fd) => fd,
+            None => match self.open_handle_fd(&node, oflags) {
+                Ok((fd, _)) => fd,
+                Err(e) => {
+                    // The file stays, as with kernel overlayfs; the kernel has no entry.
+                    self.forget(node.ino, 1);
+                    return Err(e);
+                }
+            },
+        };
         let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let opened = self.add_open(node.clone(), flags, fd, false, writes);
         Ok((node, st, opened))
