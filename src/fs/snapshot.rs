@@ -19,6 +19,11 @@ use super::{Layers, Layout, LowerRef, Node, Overlay, StackEvent};
 use crate::layer::{Layer, RelPath};
 use crate::sys::Errno;
 
+/// How long a freeze or restack waits for operations in flight before it gives way.
+const BARRIER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(5);
+/// Attempts before it waits without giving way (about four seconds).
+const BARRIER_TRIES: u32 = 400;
+
 thread_local! {
     /// The barriers (of all mounts in this process) this thread holds shared, by address.
     static HELD: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -102,8 +107,7 @@ impl Overlay {
         let reserved = self.reserve_partial_maps()?;
         before_barrier()?;
         let flush = t0.elapsed();
-        let t1 = Instant::now();
-        let barrier = self.barrier.write();
+        let (barrier, t1) = self.exclusive();
         let t_locked = t1.elapsed();
         under_barrier()?;
         let t_attrs = t1.elapsed();
@@ -194,6 +198,24 @@ impl Overlay {
         Stable(Some(guard))
     }
 
+    /// The barrier, exclusively, for a freeze or a restack, and when the attempt that got it
+    /// began (writers are paused from then on). While a writer waits, parking_lot queues new
+    /// readers behind it, so one long operation (an fallocate zero-filling a partial file, the
+    /// listing of a huge directory, a read from a slow lower layer) would hold up all the
+    /// others: after `BARRIER_PATIENCE` the attempt gives way, lets them run, and tries again;
+    /// it waits without giving way only after `BARRIER_TRIES`.
+    fn exclusive(&self) -> (parking_lot::RwLockWriteGuard<'_, ()>, Instant) {
+        for _ in 0..BARRIER_TRIES {
+            let t = Instant::now();
+            if let Some(g) = self.barrier.try_write_for(BARRIER_PATIENCE) {
+                return (g, t);
+            }
+            std::thread::sleep(BARRIER_PATIENCE);
+        }
+        let t = Instant::now();
+        (self.barrier.write(), t)
+    }
+
     fn barrier_key(&self) -> usize {
         std::ptr::from_ref(&self.barrier) as usize
     }
@@ -242,8 +264,7 @@ impl Overlay {
             let l = new.as_deref().map(Layer::open).transpose()?.map(Arc::new);
             opened.push((old.clone(), l));
         }
-        let t = Instant::now();
-        let _barrier = self.barrier.write();
+        let (_barrier, t) = self.exclusive();
         commit()?;
         let mut layers = self.layers.write();
         let mut lowers = Vec::with_capacity(layers.lowers.len());
@@ -511,4 +532,55 @@ pub struct RestackStats {
     pub dropped_layers: usize,
     /// Lower layers in the stack afterwards.
     pub lower_layers: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::Config;
+    use std::time::Duration;
+
+    /// A freeze waiting for one long operation does not hold up the others for its length:
+    /// it gives way after `BARRIER_PATIENCE` and tries again (found by review: with a plain
+    /// write lock, every new operation queued behind the waiting freeze).
+    #[test]
+    fn a_waiting_freeze_gives_way_to_other_operations() {
+        let t = tempfile::tempdir().unwrap();
+        let [lower, upper, work] = ["lower", "upper", "work"].map(|d| t.path().join(d));
+        for d in [&lower, &upper, &work] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let ov = Overlay::new(Config {
+            lowers: vec![lower],
+            upper: Some(upper),
+            work: Some(work),
+            ..Config::default()
+        })
+        .unwrap();
+        let long = Duration::from_millis(600);
+        std::thread::scope(|s| {
+            let (held_tx, held_rx) = std::sync::mpsc::channel();
+            let ov = &ov;
+            s.spawn(move || {
+                let _s = ov.stable();
+                held_tx.send(()).unwrap();
+                std::thread::sleep(long);
+            });
+            held_rx.recv().unwrap();
+            let freeze = s.spawn(move || {
+                let (_g, _) = ov.exclusive();
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            // Short operations meanwhile: none waits for the long one.
+            let mut worst = Duration::ZERO;
+            for _ in 0..20 {
+                let t0 = Instant::now();
+                drop(ov.stable());
+                worst = worst.max(t0.elapsed());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(worst < long / 3, "an operation waited {worst:?}");
+            freeze.join().unwrap();
+        });
+    }
 }
