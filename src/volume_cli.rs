@@ -584,8 +584,12 @@ impl Daemon {
         // Built from a read-only handle, without the volume lock: snapshots go on.
         let path = self.vol.lock().path().to_path_buf();
         let ro = Volume::open_read_only(&path)?;
-        // Objects the build hard-links keep showing their change time (see `ctimes`).
-        let shown = |ino, ctime| self.fs.note_ctime(ino, ctime);
+        // Objects the build hard-links keep showing their change time (see `ctimes`) and,
+        // until the old layers are removed, their link count.
+        let shown = |ino, ctime, nlink| {
+            self.fs.note_ctime(ino, ctime);
+            self.fs.note_nlink(ino, nlink);
+        };
         let Some(mut p) = squash::prepare_online(&ro, opts, &shown)
             .context("squash failed; the volume is unchanged")?
         else {
@@ -654,6 +658,7 @@ impl Daemon {
                 });
                 match finished {
                     Ok((f, freed)) => {
+                        self.fs.clear_nlinks();
                         let f = f.unwrap_or_default();
                         removed = f.removed_dirs;
                         ghosts = f.ghosts;

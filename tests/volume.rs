@@ -1166,3 +1166,46 @@ fn a_snapshot_does_not_free_a_removed_layer_file_under_its_barrier() {
     v.umount();
     v.ok(&["verify", "vol"]);
 }
+
+/// Found by pjdfstest (link/00, volume mounted with snapshots every second and squash on):
+/// an online squash takes objects over by hard link, so from the link until the old layer
+/// directories are removed an object of a frozen layer had twice its names (`lstat` showed
+/// nlink 6 for a fifo with 3 names). The mount shows the count the object had before.
+#[test]
+fn an_online_squash_leaves_link_counts_as_they_were() {
+    let v = vol();
+    v.mount();
+    std::fs::write(v.p("m/f"), b"f").unwrap();
+    for n in ["f2", "f3"] {
+        std::fs::hard_link(v.p("m/f"), v.p(&format!("m/{n}"))).unwrap();
+    }
+    std::fs::write(v.p("m/single"), b"s").unwrap();
+    v.ok(&["snapshot", "m"]);
+    std::fs::write(v.p("m/other"), b"o").unwrap();
+    v.ok(&["snapshot", "m"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, f, single) = (stop.clone(), v.p("m/f"), v.p("m/single"));
+        std::thread::spawn(move || {
+            use std::os::unix::fs::MetadataExt;
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.insert((
+                    std::fs::symlink_metadata(&f).unwrap().nlink(),
+                    std::fs::symlink_metadata(&single).unwrap().nlink(),
+                ));
+            }
+            seen
+        })
+    };
+    v.ok(&["squash", "m"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    let r = &v.json(&["status", "m", "--json"])["last_squash"];
+    assert!(
+        r["linked_objects"].as_u64().unwrap() > 0,
+        "nothing taken over by link: {r}"
+    );
+    assert_eq!(seen, [(3, 1)].into(), "link counts seen during the squash");
+    v.umount();
+}

@@ -244,6 +244,9 @@ pub struct Overlay {
     invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     /// See `Config::ctimes`: by real inode number.
     ctimes: parking_lot::RwLock<Arc<crate::volume::ctimes::Ctimes>>,
+    /// Link counts of frozen objects an online squash hard-linked, by real inode number,
+    /// until it removed the old layers (`note_nlink`).
+    nlinks: parking_lot::RwLock<std::collections::HashMap<u64, u64>>,
 }
 
 /// See `Overlay::freeze` and `Overlay::wait_commit`.
@@ -394,6 +397,7 @@ impl Overlay {
             tmp_seq: AtomicU64::new(0),
             invalidate: std::sync::OnceLock::new(),
             ctimes: parking_lot::RwLock::new(cfg_ctimes),
+            nlinks: Default::default(),
         })
     }
 
@@ -412,6 +416,18 @@ impl Overlay {
         if c.get(ino).is_none() {
             Arc::make_mut(&mut c).insert(ino, ctime);
         }
+    }
+
+    /// The link count to show for the object of a mounted frozen layer with inode `ino`, as
+    /// it was before an online squash hard-links it into the merged layer (which adds its
+    /// names there to the count until the old layers are removed): the first one noted.
+    pub fn note_nlink(&self, ino: u64, nlink: u64) {
+        self.nlinks.write().entry(ino).or_insert(nlink);
+    }
+
+    /// The squash that noted link counts removed the old layers: real counts are right.
+    pub fn clear_nlinks(&self) {
+        self.nlinks.write().clear();
     }
 
     /// Installs the kernel cache invalidation callback (set once the session exists).
@@ -908,6 +924,12 @@ impl Overlay {
             {
                 st.st_ctime = sec;
                 st.st_ctime_nsec = nsec;
+            }
+        }
+        if !node.is_dir() {
+            let n = self.nlinks.read();
+            if let Some(&nlink) = n.get(&st.st_ino) {
+                st.st_nlink = nlink as _;
             }
         }
         st.st_ino = node.ino;

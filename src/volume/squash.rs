@@ -563,9 +563,10 @@ pub fn prepare(vol: &mut Volume, opts: &SquashOptions) -> Result<Option<Prepared
 /// active layer).
 ///
 /// `shown` hears, before the build hard-links an object of a mounted layer (which moves its
-/// ctime), the change time the mount shows for it (see `ctimes`), so that the mount goes on
-/// showing it until the squash is switched in; it may hear an inode more than once, the
-/// first time with the right time.
+/// ctime, and adds its names in the merged layer to its link count until the old layers
+/// are removed), the change time the mount shows for it (see `ctimes`) and its link count,
+/// so that the mount goes on showing them; it may hear an inode more than once, the first
+/// time with the right values.
 pub fn prepare_online(
     vol: &Volume,
     opts: &SquashOptions,
@@ -580,8 +581,8 @@ pub fn prepare_online(
     build(vol, opts, Some(shown))
 }
 
-/// See `prepare_online`: inode number, (seconds, nanoseconds).
-pub type CtimeObserver<'a> = dyn Fn(u64, (i64, i64)) + Sync + 'a;
+/// See `prepare_online`: inode number, change time (seconds, nanoseconds), link count.
+pub type CtimeObserver<'a> = dyn Fn(u64, (i64, i64), u64) + Sync + 'a;
 
 /// With the volume lock, after `prepare_online`: layers frozen during the build whose
 /// partial files name data the squash re-created are rebuilt like the other layers above
@@ -2220,7 +2221,7 @@ impl<'a> Builder<'a> {
             return Ok(false);
         }
         if let Some(f) = self.shown {
-            f(h.st.st_ino, self.shown_ctime(&h.st));
+            f(h.st.st_ino, self.shown_ctime(&h.st), h.st.st_nlink);
         }
         match sys::linkat(h.dir.as_fd(), &h.name, out_dir, name) {
             Ok(()) => {

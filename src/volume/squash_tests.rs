@@ -2470,7 +2470,7 @@ fn an_online_squash_tells_the_change_times_of_what_it_links() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     let ro = Volume::open_read_only(h.vol.path()).unwrap();
     let heard = std::sync::Mutex::new(BTreeMap::new());
-    let p = squash::prepare_online(&ro, &SquashOptions::default(), &|ino, ctime| {
+    let p = squash::prepare_online(&ro, &SquashOptions::default(), &|ino, ctime, _nlink| {
         heard.lock().unwrap().entry(ino).or_insert(ctime);
     })
     .unwrap()
