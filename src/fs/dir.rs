@@ -558,7 +558,7 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::{Config, ROOT_INO};
+    use crate::fs::ROOT_INO;
 
     /// A link that fails (here: its target vanished from the upper behind the mount's back)
     /// onto a name whose lower object was deleted must leave the whiteout: found by review,
@@ -567,18 +567,10 @@ mod tests {
     #[test]
     fn a_failed_link_over_a_whiteout_keeps_the_whiteout() {
         let t = tempfile::tempdir().unwrap();
-        let [lower, upper, work] = ["lower", "upper", "work"].map(|d| t.path().join(d));
-        for d in [&lower, &upper, &work] {
-            std::fs::create_dir(d).unwrap();
-        }
-        std::fs::write(lower.join("b"), b"lower b").unwrap();
-        let ov = Overlay::new(Config {
-            lowers: vec![lower],
-            upper: Some(upper.clone()),
-            work: Some(work),
-            ..Config::default()
-        })
-        .unwrap();
+        let ov = crate::fs::test_overlay(t.path(), |lower| {
+            std::fs::write(lower.join("b"), b"lower b").unwrap();
+        });
+        let upper = t.path().join("upper");
         let (a, b) = (c"a", c"b");
         ov.unlink(ROOT_INO, b).unwrap();
         assert_eq!(ov.lookup(ROOT_INO, b).err(), Some(Errno::ENOENT));

@@ -1015,3 +1015,21 @@ impl Overlay {
         Ok(())
     }
 }
+
+/// An overlay-mode engine (no mount) over fresh `lower`, `upper` and `work` directories in
+/// `root`, the lower filled by `fill` first. For unit tests of the engine.
+#[cfg(test)]
+pub(crate) fn test_overlay(root: &Path, fill: impl FnOnce(&Path)) -> Overlay {
+    let [lower, upper, work] = ["lower", "upper", "work"].map(|d| root.join(d));
+    for d in [&lower, &upper, &work] {
+        std::fs::create_dir(d).unwrap();
+    }
+    fill(&lower);
+    Overlay::new(Config {
+        lowers: vec![lower],
+        upper: Some(upper),
+        work: Some(work),
+        ..Config::default()
+    })
+    .unwrap()
+}

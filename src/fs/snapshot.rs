@@ -537,7 +537,6 @@ pub struct RestackStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::Config;
     use std::time::Duration;
 
     /// A freeze waiting for one long operation does not hold up the others for its length:
@@ -546,17 +545,7 @@ mod tests {
     #[test]
     fn a_waiting_freeze_gives_way_to_other_operations() {
         let t = tempfile::tempdir().unwrap();
-        let [lower, upper, work] = ["lower", "upper", "work"].map(|d| t.path().join(d));
-        for d in [&lower, &upper, &work] {
-            std::fs::create_dir(d).unwrap();
-        }
-        let ov = Overlay::new(Config {
-            lowers: vec![lower],
-            upper: Some(upper),
-            work: Some(work),
-            ..Config::default()
-        })
-        .unwrap();
+        let ov = crate::fs::test_overlay(t.path(), |_| {});
         let long = Duration::from_millis(600);
         std::thread::scope(|s| {
             let (held_tx, held_rx) = std::sync::mpsc::channel();
