@@ -101,7 +101,9 @@ use super::import::open_dir;
 use super::manifest::{Entry, EntryKind, LayerPath, Manifest};
 use super::meta::{self, Version, crash_point};
 use super::scan;
-use super::store::{LAYERS_DIR, LayerState, MAPS_DIR, TREE_DIR, Volume, is_layer_dir_name};
+use super::store::{
+    LAYERS_DIR, LayerState, MAPS_DIR, TREE_DIR, Volume, is_squash_dir_name, layer_dir_epoch,
+};
 use super::{MapId, now_unix_secs};
 use crate::layer::{self, EntryKind as LKind, RelPath, XattrNames};
 use crate::sys::{self, Errno, Stat};
@@ -950,11 +952,7 @@ fn finish_journals(vol: &Volume, live: Option<&dyn LiveInodes>) -> Result<Option
                 .layers()
                 .iter()
                 .any(|l| vol.layer_dir_name(l.epoch) == *name);
-            let plausible = name
-                .split('.')
-                .next()
-                .and_then(|e| e.parse::<u64>().ok())
-                .is_some_and(|e| is_layer_dir_name(e, name));
+            let plausible = layer_dir_epoch(name).is_some();
             if listed || !plausible {
                 return Err(VolumeError::Inconsistent {
                     path: vol.path().to_path_buf(),
@@ -1201,12 +1199,7 @@ fn remove_staging_strays(vol: &Volume) -> Result<()> {
         let e = e.map_err(io("list", &d))?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some((ep, _)) = name.split_once('.') else {
-            continue;
-        };
-        let staging = ep
-            .parse::<u64>()
-            .is_ok_and(|ep| is_layer_dir_name(ep, name));
+        let staging = is_squash_dir_name(name);
         let listed = vol
             .layers()
             .iter()

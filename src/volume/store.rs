@@ -128,6 +128,18 @@ pub fn is_layer_dir_name(epoch: u64, name: &str) -> bool {
     }
 }
 
+/// The epoch whose layer directory `name` may be (see `is_layer_dir_name`), if any.
+pub fn layer_dir_epoch(name: &str) -> Option<u64> {
+    let e = name.split('.').next()?.parse().ok()?;
+    is_layer_dir_name(e, name).then_some(e)
+}
+
+/// True for the directory of a layer a squash (re)built: `<epoch>.<16 hex>`, listed once
+/// the squash commits.
+pub fn is_squash_dir_name(name: &str) -> bool {
+    name.contains('.') && layer_dir_epoch(name).is_some()
+}
+
 /// The namespace of the volume's private xattrs (overlay format and partial-file markers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1128,12 +1140,6 @@ impl Volume {
                 .any(|l| self.layer_dir_name(l.epoch) == name)
         };
         let replaced = super::squash::pending_removals(self)?;
-        // `<epoch>.<16 hex>`: a squash's build, listed once committed.
-        let staging = |name: &str| {
-            name.split_once('.')
-                .and_then(|(e, _)| e.parse::<u64>().ok())
-                .is_some_and(|e| is_layer_dir_name(e, name))
-        };
         for sub in [LAYERS_DIR, WORK_DIR] {
             let d = self.root.join(sub);
             for e in fs::read_dir(&d).map_err(io("list", &d))? {
@@ -1143,7 +1149,7 @@ impl Volume {
                 let (listed, leftover) = if sub == LAYERS_DIR {
                     (
                         listed_layer(&name),
-                        replaced.contains(name.as_ref()) || staging(&name),
+                        replaced.contains(name.as_ref()) || is_squash_dir_name(&name),
                     )
                 } else {
                     // That of an older epoch (a squash merged it away; a running mount may
