@@ -363,8 +363,16 @@ impl Overlay {
             {
                 tracing::error!("storing the block map of inode {}: {e}", h.node.ino);
             }
-            // See `set_handle_fd`. (No lock lives on the fd: the kernel keeps file locks.)
-            sys::drop_later(h);
+            // No lock lives on the fd: the kernel keeps file locks. The last descriptor of a
+            // removed file goes to the closer thread (see `sys::drop_later`); any other closes
+            // here, at once: a handover per release cost a thread wakeup per closed file
+            // (daemon CPU for reading every file of a 4290-file tree: 0.80-0.83 s with the
+            // handover, 0.64-0.65 s without).
+            if h.may_free_data() {
+                sys::drop_later(h);
+            } else {
+                drop(h);
+            }
         }
     }
 
@@ -668,4 +676,67 @@ fn is_layervol_key(key: &CStr) -> bool {
     crate::volume::blockmap::PRIVATE_XATTR_PREFIXES
         .iter()
         .any(|p| b.starts_with(p.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::fs::ROOT_INO;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// Reads the pending inotify events of `fd` (non-blocking) and returns their masks.
+    fn events(fd: &OwnedFd) -> Vec<u32> {
+        let mut buf = [0u8; 4096];
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let mut out = Vec::new();
+        let mut at = 0;
+        while n > 0 && at < n as usize {
+            // SAFETY: the kernel wrote whole `inotify_event`s (plus their names) up to `n`.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            out.push(ev.mask);
+            at += std::mem::size_of::<libc::inotify_event>() + ev.len as usize;
+        }
+        out
+    }
+
+    /// A released handle of a file that still has a name is closed before `release` returns
+    /// (the closer thread is for the last descriptor of a removed file, whose close frees
+    /// its data); one of a removed file is handed over. Needs root (overlay xattrs).
+    #[test]
+    fn a_release_closes_at_once_unless_the_file_was_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let ov = crate::fs::test_overlay(t.path(), |_| {});
+        let (_, _, (fh, _, fd)) = ov
+            .create_open(ROOT_INO, c"a", 0o644, libc::O_RDWR, 0, 0)
+            .unwrap();
+        drop(fd);
+        let h = ov.handle(fh).unwrap();
+        assert!(!h.may_free_data(), "a linked file");
+        drop(h);
+        // SAFETY: plain syscalls; the fd is owned from here on.
+        let ino = unsafe { OwnedFd::from_raw_fd(libc::inotify_init1(libc::IN_NONBLOCK)) };
+        let path = std::ffi::CString::new(
+            t.path()
+                .join("upper/a")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        assert!(
+            unsafe { libc::inotify_add_watch(ino.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE) } >= 0
+        );
+        ov.release(fh);
+        assert!(
+            events(&ino).iter().any(|m| m & libc::IN_CLOSE != 0),
+            "release returned before the file was closed"
+        );
+
+        let (_, _, (fh, _, fd)) = ov
+            .create_open(ROOT_INO, c"b", 0o644, libc::O_RDWR, 0, 0)
+            .unwrap();
+        drop(fd);
+        ov.unlink(ROOT_INO, c"b").unwrap();
+        assert!(ov.handle(fh).unwrap().may_free_data(), "a removed file");
+        ov.release(fh);
+    }
 }

@@ -152,6 +152,14 @@ impl Handle {
     pub fn fd(&self) -> Arc<OwnedFd> {
         self.file.read().clone()
     }
+
+    /// Whether dropping the handle may close the last descriptor of a removed file (its own,
+    /// or one of a frozen chain's layers that a squash removed): that close frees the data,
+    /// in the closing thread. Also when that cannot be told.
+    pub fn may_free_data(&self) -> bool {
+        self.chain.lock().is_some()
+            || sys::fstat(self.fd().as_fd()).map_or(true, |st| st.st_nlink == 0)
+    }
 }
 
 /// The layer stack. Replaced as a whole when a live snapshot freezes the upper or a squash
