@@ -134,6 +134,9 @@ def freeze_run(name, size, n):
     lv("volume", "create", os.path.join(p, "vol"), "--from", os.path.join(p, "src"))
     mnt = os.path.join(p, "m")
     lv("mount", os.path.join(p, "vol"), mnt)
+    # Writeback left by the setup or by the rows before (the delta row copies 1 GiB up on
+    # kernel overlayfs) would otherwise fall on whichever volume is measured first.
+    os.sync()
     stop = threading.Event()
 
     def writer():

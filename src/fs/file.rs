@@ -681,11 +681,14 @@ fn is_layervol_key(key: &CStr) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::fs::ROOT_INO;
+    use std::ffi::CString;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
 
     /// Reads the pending inotify events of `fd` (non-blocking) and returns their masks.
     fn events(fd: &OwnedFd) -> Vec<u32> {
         let mut buf = [0u8; 4096];
+        // SAFETY: reads into a buffer of ours, of its length.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         let mut out = Vec::new();
         let mut at = 0;
@@ -715,14 +718,9 @@ mod tests {
         drop(h);
         // SAFETY: plain syscalls; the fd is owned from here on.
         let ino = unsafe { OwnedFd::from_raw_fd(libc::inotify_init1(libc::IN_NONBLOCK)) };
-        let path = std::ffi::CString::new(
-            t.path()
-                .join("upper/a")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .unwrap();
+        let path = CString::new(t.path().join("upper/a").as_os_str().as_bytes()).unwrap();
         assert!(
+            // SAFETY: a valid inotify fd and a NUL-terminated path.
             unsafe { libc::inotify_add_watch(ino.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE) } >= 0
         );
         ov.release(fh);
