@@ -10,7 +10,7 @@
 #
 # Environment:
 #   LAYERVOL       layervol binary (default: <this script's dir>/../target/release/layervol)
-#   BENCH_WORKDIR  work dir root (default /var/tmp/layervol-placement; must not be tmpfs)
+#   BENCH_WORKDIR  where to make the work dir, "placement.XXXX" (default /var/tmp; not tmpfs)
 #
 # Loops (bash builtins, one process, fresh mount with an empty upper each time):
 #   create   N files of 513 bytes in a new directory (LOOKUP, CREATE, GETATTR of the directory,
@@ -31,7 +31,6 @@ export LC_ALL=C
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAYERVOL=${LAYERVOL:-$SCRIPT_DIR/../target/release/layervol}
-WORK=${BENCH_WORKDIR:-/var/tmp/layervol-placement}
 FILES=3000 ROUNDS=2
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -53,6 +52,7 @@ done
 (($(nproc) >= 2)) || die "needs at least 2 CPUs"
 command -v taskset > /dev/null || die "taskset missing (util-linux)"
 
+WORK=$(mktemp -d "${BENCH_WORKDIR:-/var/tmp}/placement.XXXX")
 MNT=$WORK/mnt
 cleanup() { umount "$MNT" 2> /dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -63,7 +63,7 @@ now() { date +%s.%N; }
 run_one() {
   local impl=$1 dcpu=$2 ccpu=$3
   umount "$MNT" 2> /dev/null || true
-  rm -rf "$WORK"
+  rm -rf "${WORK:?}"/{lower,upper,work}
   mkdir -p "$WORK"/{lower,upper,work,mnt}
   local opts="lowerdir=$WORK/lower,upperdir=$WORK/upper,workdir=$WORK/work"
   if [[ $impl == kernel ]]; then

@@ -716,8 +716,15 @@ mod tests {
         let h = ov.handle(fh).unwrap();
         assert!(!h.may_free_data(), "a linked file");
         drop(h);
-        // SAFETY: plain syscalls; the fd is owned from here on.
-        let ino = unsafe { OwnedFd::from_raw_fd(libc::inotify_init1(libc::IN_NONBLOCK)) };
+        // SAFETY: a plain syscall; its fd, checked, is owned from here on.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
+        assert!(
+            raw >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a new fd nothing else owns.
+        let ino = unsafe { OwnedFd::from_raw_fd(raw) };
         let path = CString::new(t.path().join("upper/a").as_os_str().as_bytes()).unwrap();
         assert!(
             // SAFETY: a valid inotify fd and a NUL-terminated path.
