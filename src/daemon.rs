@@ -145,6 +145,8 @@ fn serve(
     }
     config.n_threads = Some(plan.threads);
     config.clone_fd = plan.threads > 1;
+    // Two threads per CPU queue: one may block on the disk while the other serves.
+    config.io_uring_threads = plan.io_uring.then_some(2);
     let session = fuser::Session::new(adapter, mnt, &config)
         .with_context(|| format!("cannot mount on `{}`", mnt.display()))?;
     let notifier = session.notifier();

@@ -50,6 +50,9 @@ pub struct MountPlan {
     pub read_only: bool,
     pub allow_other: bool,
     pub threads: usize,
+    /// Serve requests over io_uring rings, one queue per CPU, when the kernel offers it
+    /// (`io_uring=on|off`, default on; Linux 6.14+ with the `fuse` module's `enable_uring`).
+    pub io_uring: bool,
     pub debug: bool,
     /// Generic mount flags passed to the kernel (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<fuser::MountOption>,
@@ -184,6 +187,7 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
     let mut fsname = "layervol".to_string();
     let mut ignored = Vec::new();
     let mut passthrough = None;
+    let mut io_uring = true;
 
     for opt in opts.iter().filter(|o| !o.is_empty()) {
         let (k, v) = match opt.split_once('=') {
@@ -248,6 +252,7 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
             "volatile" => cfg.fsync = false,
             "fsync" => cfg.fsync = parse_onoff(k, val()?)?,
             "passthrough" => passthrough = Some(parse_onoff(k, val()?)?),
+            "io_uring" => io_uring = parse_onoff(k, val()?)?,
             "timeout" => {
                 let secs: f64 = val()?.parse().map_err(|_| OptionError::BadValue {
                     opt: k.into(),
@@ -371,6 +376,7 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
         cfg,
         allow_other,
         threads,
+        io_uring,
         debug,
         kernel_flags,
         fsname,

@@ -495,3 +495,70 @@ fn directories_deeper_than_path_max() {
     assert_eq!(read_leaf(&walk("u")), "deep+more");
     assert_eq!(read_leaf(&walk("l1")), "deep");
 }
+
+/// Voluntary context switches of a daemon's threads, by thread name: a thread that serves
+/// requests sleeps between them.
+fn thread_sleeps(pid: i32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        out.push((comm.trim().to_string(), n));
+    }
+    out
+}
+
+/// With the kernel's FUSE-over-io_uring on (tools/setup.sh turns it on), requests are served
+/// by the per-CPU ring threads, two per possible CPU, and not by the /dev/fuse workers;
+/// `io_uring=off`, or a kernel without it, leaves everything to the /dev/fuse workers.
+#[test]
+fn requests_go_over_io_uring_when_the_kernel_offers_it() {
+    let offered = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    let cpus = {
+        let p = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+        let last = p.trim().rsplit(['-', ',']).next().unwrap();
+        last.parse::<usize>().unwrap() + 1
+    };
+    for (opt, rings) in [("io_uring=on", offered), ("io_uring=off", false)] {
+        let s = Stack::new();
+        let tag = format!("fsname=uring-{}-{opt}", std::process::id());
+        s.mount_ok(&format!("lowerdir=l1:l2,upperdir=u,workdir=w,{opt},{tag}"));
+        let pid = daemons_with(&tag);
+        assert_eq!(pid.len(), 1, "one daemon: {pid:?}");
+        let before = thread_sleeps(pid[0]);
+        for i in 0..200 {
+            let f = s.p(&format!("m/f{i}"));
+            std::fs::write(&f, format!("{i}")).unwrap();
+            assert_eq!(std::fs::read_to_string(&f).unwrap(), format!("{i}"));
+        }
+        assert_eq!(std::fs::read(s.p("m/a")).unwrap(), b"top");
+        let after = thread_sleeps(pid[0]);
+        let served = |prefix: &str| -> (usize, u64) {
+            let mine = |v: &[(String, u64)]| -> (usize, u64) {
+                let t: Vec<u64> =
+                    v.iter().filter(|(c, _)| c.starts_with(prefix)).map(|(_, n)| *n).collect();
+                (t.len(), t.iter().sum())
+            };
+            let (n, a) = mine(&after);
+            (n, a - mine(&before).1)
+        };
+        let (ring_threads, ring_sleeps) = served("fuser-ring-");
+        let (_, dev_sleeps) = served("fuser-");
+        let dev_sleeps = dev_sleeps - ring_sleeps;
+        // 200 files written and read back: over 1000 requests.
+        if rings {
+            assert_eq!(ring_threads, 2 * cpus, "{opt}: ring threads {after:?}");
+            assert!(ring_sleeps >= 600, "{opt}: ring threads slept {ring_sleeps} times");
+            assert!(dev_sleeps < 100, "{opt}: /dev/fuse workers slept {dev_sleeps} times");
+        } else {
+            assert_eq!(ring_threads, 0, "{opt}: ring threads {after:?}");
+            assert!(dev_sleeps >= 600, "{opt}: /dev/fuse workers slept {dev_sleeps} times");
+        }
+        umount(&s);
+    }
+}

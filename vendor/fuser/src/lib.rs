@@ -98,6 +98,7 @@ mod read_buf;
 mod rename_flags;
 mod reply;
 mod request;
+mod uring;
 mod request_param;
 mod session;
 mod time;

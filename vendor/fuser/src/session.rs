@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// The io_uring rings to serve, when INIT negotiated them
+    rings: Option<Vec<crate::uring::PreparedRing>>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            rings: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            rings: None,
         };
 
         session.handshake()?;
@@ -252,6 +256,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            rings,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -286,6 +291,7 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        let ring_dev = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -304,6 +310,21 @@ impl<FS: Filesystem> Session<FS> {
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
             );
+        }
+
+        if let Some(rings) = rings {
+            let ring_threads = crate::uring::start(rings, &ring_dev, |thread_name| SessionEventLoop {
+                thread_name,
+                filesystem: filesystem.clone(),
+                ch: ring_dev.clone(),
+                allowed,
+                session_owner,
+            });
+            match ring_threads {
+                // Joined after the event loops: the kernel ends both when the connection ends.
+                Ok(t) => threads.extend(t),
+                Err(e) => error!("cannot start the io_uring threads: {e}"),
+            }
         }
 
         let mut reply: io::Result<()> = Ok(());
@@ -431,6 +452,24 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+
+            if let Some(threads) = self.config.io_uring_threads.filter(|&n| n > 0) {
+                if config.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+                    // The kernel's `max_payload_sz`: what a request or a reply may carry.
+                    let payload_size = (config.max_write as usize)
+                        .max(usize::from(config.max_pages()) * page_size::get())
+                        .max(8192);
+                    match crate::uring::prepare(payload_size, threads) {
+                        Ok(rings) => {
+                            let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+                            self.rings = Some(rings);
+                        }
+                        Err(e) => warn!("io_uring offered, but cannot set up the rings: {e}"),
+                    }
+                } else {
+                    info!("io_uring requested, but the kernel does not offer FUSE_OVER_IO_URING");
+                }
+            }
 
             // Log capability status for debugging
             for bit in 0..64 {

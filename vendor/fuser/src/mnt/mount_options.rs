@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests over io_uring when the kernel offers it (`FUSE_OVER_IO_URING`, Linux
+    /// 6.14+ with the `fuse` module's `enable_uring` on), with this many threads per CPU
+    /// queue; `None` or 0: `/dev/fuse` only.
+    pub io_uring_threads: Option<usize>,
 }
 
 /// Mount options accepted by the FUSE filesystem type

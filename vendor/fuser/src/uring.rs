@@ -1,0 +1,536 @@
+//! FUSE over io_uring (Linux 6.14+; the `fuse` module's `enable_uring` parameter must be on).
+//!
+//! After `FUSE_INIT` has negotiated `FUSE_OVER_IO_URING`, the kernel keeps one request
+//! queue per possible CPU and sends each request to the queue of the CPU the caller runs on.
+//! A server thread of that queue, pinned to that CPU, has registered ring entries (a header
+//! buffer and a payload buffer each) with `IORING_OP_URING_CMD`; the kernel copies the request
+//! into a free entry and completes that thread's command, the thread serves it and commits the
+//! reply with the same SQE that fetches its next request. The caller and the server thread
+//! so meet on one CPU instead of waking each other across CPUs, which is what a FUSE request
+//! mostly costs on a small virtual machine.
+//!
+//! Forgets, interrupts and anything sent before every queue has an entry still come through
+//! `/dev/fuse`: the session's ordinary event loops keep running beside the rings.
+//!
+//! The request handed to the parser is laid out as `/dev/fuse` delivers it (in header, the
+//! operation's own header, then the payload) without copying the payload: each entry's
+//! payload buffer has headroom before it, and the two headers are copied there.
+
+use std::alloc::Layout;
+use std::io;
+use std::io::IoSlice;
+use std::mem::size_of;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::Condvar;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use io_uring::IoUring;
+use io_uring::cqueue;
+use io_uring::opcode;
+use io_uring::squeue;
+use io_uring::types;
+use log::debug;
+use log::error;
+use log::warn;
+use zerocopy::FromBytes;
+
+use crate::Filesystem;
+use crate::channel::Channel;
+use crate::channel::ChannelSender;
+use crate::ll::Operation;
+use crate::ll::fuse_abi::fuse_in_header;
+use crate::ll::fuse_abi::fuse_out_header;
+use crate::reply::ReplyEmpty;
+use crate::reply::ReplySender;
+use crate::request::RequestWithSender;
+use crate::session::SessionEventLoop;
+
+/// `FUSE_IO_URING_CMD_REGISTER` (uapi `enum fuse_uring_cmd`)
+const CMD_REGISTER: u32 = 1;
+/// `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// `FUSE_URING_IOV_SEGS`: the header buffer and the payload buffer
+const IOV_SEGS: u32 = 2;
+/// `FUSE_URING_IN_OUT_HEADER_SZ`, `FUSE_URING_OP_IN_OUT_SZ`
+const IN_OUT_SZ: usize = 128;
+const OP_IN_OUT_SZ: usize = 128;
+/// Room before an entry's payload for the in header and the operation's header.
+const HEADROOM: usize = 256;
+
+/// uapi `struct fuse_uring_ent_in_out`
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EntInOut {
+    flags: u64,
+    /// The request's id, to be given back with its reply.
+    commit_id: u64,
+    /// Bytes of the payload buffer the request (or its reply) uses.
+    payload_sz: u32,
+    padding: u32,
+    reserved: u64,
+}
+
+/// uapi `struct fuse_uring_req_header`: the header buffer of a ring entry
+#[repr(C)]
+struct ReqHeader {
+    /// `struct fuse_in_header` of a request, `struct fuse_out_header` of its reply
+    in_out: [u8; IN_OUT_SZ],
+    /// The operation's own header (`in_args[0]`)
+    op_in: [u8; OP_IN_OUT_SZ],
+    ring_ent_in_out: EntInOut,
+}
+
+/// uapi `struct fuse_uring_cmd_req`, in the SQE's command area
+#[repr(C)]
+struct CmdReq {
+    flags: u64,
+    commit_id: u64,
+    qid: u16,
+    padding: [u8; 6],
+}
+
+/// A ring thread's ring and entry, made before `FUSE_INIT` is answered: once the kernel has
+/// been told that io_uring is used, it holds every request until each CPU queue has an entry,
+/// so nothing that can fail may stand between that answer and the registrations.
+pub(crate) struct PreparedRing {
+    qid: u16,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    entry: Entry,
+}
+
+impl std::fmt::Debug for PreparedRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PreparedRing(queue {})", self.qid)
+    }
+}
+
+/// Rings for `threads_per_queue` threads per possible CPU, each entry with a payload buffer
+/// of `payload_size` bytes (at least what the kernel may send or accept in one request).
+pub(crate) fn prepare(payload_size: usize, threads_per_queue: usize) -> io::Result<Vec<PreparedRing>> {
+    let mut rings = Vec::new();
+    for qid in 0..possible_cpus()? {
+        for _ in 0..threads_per_queue {
+            // Disabled until its thread enables it: a single-issuer ring belongs to the task
+            // that enables it.
+            let ring = IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_r_disabled()
+                .build(4)?;
+            rings.push(PreparedRing {
+                qid,
+                ring,
+                entry: Entry::new(payload_size)?,
+            });
+        }
+    }
+    Ok(rings)
+}
+
+/// Heap memory the kernel reads and writes between an SQE and its CQE, so never behind a
+/// Rust reference while the entry is in the kernel.
+struct RawBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl RawBuf {
+    fn zeroed(size: usize, align: usize) -> io::Result<RawBuf> {
+        let layout = Layout::from_size_align(size, align).map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size (every caller asks for more than 0 bytes).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(RawBuf { ptr, layout })
+    }
+}
+
+impl Drop for RawBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+// SAFETY: the buffers are plain heap memory owned by the entry, used by one thread at a time.
+unsafe impl Send for RawBuf {}
+
+/// One ring entry's buffers.
+struct Entry {
+    header: RawBuf,
+    /// `HEADROOM` bytes, then the payload buffer the kernel knows.
+    payload: RawBuf,
+    payload_size: usize,
+}
+
+impl Entry {
+    fn new(payload_size: usize) -> io::Result<Entry> {
+        Ok(Entry {
+            header: RawBuf::zeroed(size_of::<ReqHeader>(), 8)?,
+            payload: RawBuf::zeroed(HEADROOM + payload_size, 4096)?,
+            payload_size,
+        })
+    }
+
+    fn header(&self) -> *mut ReqHeader {
+        self.header.ptr.cast()
+    }
+
+    fn payload(&self) -> *mut u8 {
+        // SAFETY: the allocation is HEADROOM + payload_size bytes.
+        unsafe { self.payload.ptr.add(HEADROOM) }
+    }
+}
+
+/// Where a reply to a ring request is written; shared by the reply objects of the request.
+#[derive(Clone)]
+pub(crate) struct RingReply {
+    slot: Arc<Slot>,
+    channel: ChannelSender,
+}
+
+impl std::fmt::Debug for RingReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingReply")
+    }
+}
+
+struct Slot {
+    state: Mutex<SlotState>,
+    sent: Condvar,
+}
+
+struct SlotState {
+    /// The entry's payload buffer, for a reply that may be written there at once.
+    payload: *mut u8,
+    payload_size: usize,
+    /// Whether the request being served has payload bytes in that buffer still: the reply
+    /// then waits in `staging` until the request is done with.
+    staged: bool,
+    staging: Vec<u8>,
+    out_header: [u8; size_of::<fuse_out_header>()],
+    /// Payload bytes of the reply, once sent.
+    sent: Option<usize>,
+}
+
+// SAFETY: `payload` points into the ring entry owned by the ring thread, which only touches
+// it while it holds this state's lock or while no request of the entry is being served.
+unsafe impl Send for SlotState {}
+
+impl RingReply {
+    pub(crate) fn channel(&self) -> &ChannelSender {
+        &self.channel
+    }
+
+    pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.sent.is_some() {
+            return Err(io::Error::other("a second reply to one ring request"));
+        }
+        let total: usize = data.iter().map(|s| s.len()).sum();
+        let header_len = st.out_header.len();
+        let Some(payload_len) = total.checked_sub(header_len) else {
+            return Err(io::Error::other("reply shorter than its header"));
+        };
+        if payload_len > st.payload_size {
+            return Err(io::Error::other(format!(
+                "reply of {payload_len} bytes, ring payload buffer {}",
+                st.payload_size
+            )));
+        }
+        let st = &mut *st;
+        st.staging.clear();
+        let mut at = 0;
+        for s in data {
+            let mut s: &[u8] = s;
+            if at < header_len {
+                let n = s.len().min(header_len - at);
+                st.out_header[at..at + n].copy_from_slice(&s[..n]);
+                at += n;
+                s = &s[n..];
+            }
+            if s.is_empty() {
+                continue;
+            }
+            if st.staged {
+                st.staging.extend_from_slice(s);
+            } else {
+                // SAFETY: the request has no bytes in the payload buffer (not `staged`), the
+                // ring thread waits for this reply before using the entry again, and the
+                // range is within the buffer (payload_len <= payload_size, checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        s.as_ptr(),
+                        st.payload.add(at - header_len),
+                        s.len(),
+                    )
+                };
+            }
+            at += s.len();
+        }
+        st.sent = Some(payload_len);
+        self.slot.sent.notify_one();
+        Ok(())
+    }
+}
+
+/// Starts a thread per prepared ring, pinned to its queue's CPU. They end when the
+/// connection ends (the kernel cancels their commands).
+pub(crate) fn start<FS: Filesystem>(
+    rings: Vec<PreparedRing>,
+    dev: &Channel,
+    event_loop: impl Fn(String) -> SessionEventLoop<FS>,
+) -> io::Result<Vec<JoinHandle<io::Result<()>>>> {
+    let mut threads = Vec::new();
+    for (i, prepared) in rings.into_iter().enumerate() {
+        let name = format!("fuser-ring-{}.{i}", prepared.qid);
+        let se = event_loop(name.clone());
+        let dev = dev.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let res = serve_queue(prepared, &dev, &se);
+                    if let Err(e) = &res {
+                        error!("{}: {e}", se.thread_name);
+                    }
+                    res
+                })?,
+        );
+    }
+    Ok(threads)
+}
+
+/// `num_possible_cpus()`: the kernel makes a queue for each, and uses the rings only once
+/// every queue has an entry.
+fn possible_cpus() -> io::Result<u16> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n: u32 = 0;
+    for range in text.trim().split(',') {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        let (a, b): (u32, u32) = (
+            a.parse().map_err(io::Error::other)?,
+            b.parse().map_err(io::Error::other)?,
+        );
+        n = n.max(b + 1).max(a + 1);
+    }
+    u16::try_from(n).map_err(io::Error::other)
+}
+
+fn pin_to_cpu(cpu: u16) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity get a valid
+    // pointer to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(usize::from(cpu), &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn uring_cmd(dev_fd: i32, op: u32, qid: u16, commit_id: u64, entry: &Entry) -> squeue::Entry128 {
+    let req = CmdReq {
+        flags: 0,
+        commit_id,
+        qid,
+        padding: [0; 6],
+    };
+    let mut cmd = [0u8; 80];
+    // SAFETY: CmdReq is plain old data of 24 bytes.
+    let bytes: &[u8] = unsafe {
+        std::slice::from_raw_parts((&req as *const CmdReq).cast(), size_of::<CmdReq>())
+    };
+    cmd[..bytes.len()].copy_from_slice(bytes);
+    let mut builder = opcode::UringCmd80::new(types::Fd(dev_fd), op).cmd(cmd);
+    if op == CMD_REGISTER {
+        // The iovecs are read while the SQE is submitted; they live in the entry's headroom
+        // start, which no request uses before the registration has completed.
+        let iov = entry.payload.ptr.cast::<libc::iovec>();
+        // SAFETY: the headroom has room for two iovecs (HEADROOM >= 32) and is ours until the
+        // kernel has taken the registration.
+        unsafe {
+            iov.write(libc::iovec {
+                iov_base: entry.header.ptr.cast(),
+                iov_len: size_of::<ReqHeader>(),
+            });
+            iov.add(1).write(libc::iovec {
+                iov_base: entry.payload().cast(),
+                iov_len: entry.payload_size,
+            });
+        }
+        builder = builder.addr(Some(iov as u64));
+    }
+    let sqe = builder.build().user_data(0);
+    with_len(sqe, if op == CMD_REGISTER { IOV_SEGS } else { 0 })
+}
+
+/// The io-uring crate's URING_CMD builder has no `len`; the registration wants the number of
+/// iovecs there (`sqe->len`, bytes 24..28 of the SQE).
+fn with_len(sqe: squeue::Entry128, len: u32) -> squeue::Entry128 {
+    const _: () = assert!(size_of::<squeue::Entry128>() == 128);
+    // SAFETY: Entry128 is a repr(C) 128-byte SQE (checked above), plain old data.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[24..28].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: as above; any bit pattern of an SQE is a valid Entry128.
+    unsafe { std::mem::transmute(raw) }
+}
+
+fn serve_queue<FS: Filesystem>(
+    prepared: PreparedRing,
+    dev: &Channel,
+    se: &SessionEventLoop<FS>,
+) -> io::Result<()> {
+    let PreparedRing {
+        qid,
+        mut ring,
+        entry,
+    } = prepared;
+    if let Err(e) = pin_to_cpu(qid) {
+        warn!("{}: cannot pin to CPU {qid}: {e}", se.thread_name);
+    }
+    ring.submitter().register_enable_rings()?;
+    let dev_fd = dev.as_fd().as_raw_fd();
+    let slot = Arc::new(Slot {
+        state: Mutex::new(SlotState {
+            payload: entry.payload(),
+            payload_size: entry.payload_size,
+            staged: false,
+            staging: Vec::new(),
+            out_header: [0; size_of::<fuse_out_header>()],
+            sent: None,
+        }),
+        sent: Condvar::new(),
+    });
+    let mut next = uring_cmd(dev_fd, CMD_REGISTER, qid, 0, &entry);
+    loop {
+        // SAFETY: the SQE's buffers (the entry) outlive the command: the entry is dropped
+        // only after this loop, once the kernel has completed the command.
+        unsafe { ring.submission().push(&next) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(cqe) = ring.completion().next() else {
+            continue;
+        };
+        let res = cqe.result();
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            return match -res {
+                // The connection ended (unmount, abort) or the ring is being torn down.
+                libc::ENOTCONN | libc::ECANCELED | libc::ENODEV => {
+                    debug!("{}: ring ended: {e}", se.thread_name);
+                    Ok(())
+                }
+                _ => Err(e),
+            };
+        }
+        let commit_id = serve_request(&entry, &slot, dev, se)?;
+        next = uring_cmd(dev_fd, CMD_COMMIT_AND_FETCH, qid, commit_id, &entry);
+    }
+}
+
+/// Serves the request in `entry`, leaves its reply there, returns the id to commit it with.
+fn serve_request<FS: Filesystem>(
+    entry: &Entry,
+    slot: &Arc<Slot>,
+    dev: &Channel,
+    se: &SessionEventLoop<FS>,
+) -> io::Result<u64> {
+    let hdr = entry.header();
+    // SAFETY: the kernel has completed the command: the buffers are ours until the next SQE.
+    let h: ReqHeader = unsafe { std::ptr::read(hdr) };
+    let (in_header, op_in, ent) = (
+        fuse_in_header::read_from_prefix(&h.in_out[..])
+            .map_err(|_| io::Error::other("in header"))?
+            .0,
+        h.op_in,
+        h.ring_ent_in_out,
+    );
+    let payload_len = ent.payload_sz as usize;
+    if payload_len > entry.payload_size {
+        return Err(io::Error::other("ring request larger than its payload buffer"));
+    }
+    // `len` covers every argument as on /dev/fuse: the operation's header is what is not in
+    // the payload (none for operations that only pass names).
+    let op_len = (in_header.len as usize)
+        .checked_sub(size_of::<fuse_in_header>() + payload_len)
+        .filter(|&n| n <= OP_IN_OUT_SZ)
+        .ok_or_else(|| io::Error::other("ring request with an inconsistent length"))?;
+    let head = size_of::<fuse_in_header>() + op_len;
+    // SAFETY: head <= HEADROOM (op_len <= OP_IN_OUT_SZ); the headroom is ours, and the
+    // request bytes (headroom tail plus payload) are not written until the request is done.
+    let data = unsafe {
+        let start = entry.payload().sub(head);
+        std::ptr::copy_nonoverlapping(
+            (&in_header as *const fuse_in_header).cast::<u8>(),
+            start,
+            size_of::<fuse_in_header>(),
+        );
+        std::ptr::copy_nonoverlapping(
+            op_in.as_ptr(),
+            start.add(size_of::<fuse_in_header>()),
+            op_len,
+        );
+        std::slice::from_raw_parts(start, head + payload_len)
+    };
+    {
+        let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.staged = payload_len > 0;
+        st.sent = None;
+    }
+    let reply = RingReply {
+        slot: slot.clone(),
+        channel: dev.sender(),
+    };
+    let Some(req) = RequestWithSender::with_sender(ReplySender::Ring(reply), data) else {
+        return Err(io::Error::other("invalid ring request"));
+    };
+    let no_reply = match req.request.operation() {
+        Ok(Operation::Destroy(_)) => {
+            req.reply::<ReplyEmpty>().ok();
+            false
+        }
+        Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
+            req.dispatch(se);
+            true
+        }
+        _ => {
+            req.dispatch(se);
+            false
+        }
+    };
+    drop(req);
+    let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+    if no_reply {
+        // Never sent through the rings; answered so that the entry comes back.
+        st.out_header = [0; size_of::<fuse_out_header>()];
+        st.sent = Some(0);
+    }
+    while st.sent.is_none() {
+        st = slot.sent.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    let len = st.sent.take().unwrap_or(0);
+    // SAFETY: the request is done with (dropped above): its bytes may be overwritten; the
+    // header buffer is ours until the commit is submitted.
+    unsafe {
+        if st.staged {
+            std::ptr::copy_nonoverlapping(st.staging.as_ptr(), st.payload, len);
+        }
+        std::ptr::copy_nonoverlapping(
+            st.out_header.as_ptr(),
+            std::ptr::addr_of_mut!((*hdr).in_out).cast::<u8>(),
+            st.out_header.len(),
+        );
+        std::ptr::addr_of_mut!((*hdr).ring_ent_in_out.payload_sz).write(len as u32);
+    }
+    Ok(ent.commit_id)
+}
