@@ -36,6 +36,7 @@ use log::debug;
 use log::error;
 use log::warn;
 use zerocopy::FromBytes;
+use zerocopy::IntoBytes;
 
 use crate::Filesystem;
 use crate::channel::Channel;
@@ -212,6 +213,8 @@ struct SlotState {
     /// then waits in `staging` until the request is done with.
     staged: bool,
     staging: Vec<u8>,
+    /// The request's id (its reply's `unique`).
+    unique: u64,
     out_header: [u8; size_of::<fuse_out_header>()],
     /// Payload bytes of the reply, once sent.
     sent: Option<usize>,
@@ -221,43 +224,36 @@ struct SlotState {
 // it while it holds this state's lock or while no request of the entry is being served.
 unsafe impl Send for SlotState {}
 
-impl RingReply {
-    pub(crate) fn channel(&self) -> &ChannelSender {
-        &self.channel
-    }
-
-    pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
-        let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.sent.is_some() {
-            return Err(io::Error::other("a second reply to one ring request"));
-        }
+impl SlotState {
+    /// Copies the reply: its header to `out_header`, its payload to the entry's payload buffer
+    /// (or to `staging`).
+    fn fill(&mut self, data: &[IoSlice<'_>]) -> io::Result<usize> {
         let total: usize = data.iter().map(|s| s.len()).sum();
-        let header_len = st.out_header.len();
+        let header_len = self.out_header.len();
         let Some(payload_len) = total.checked_sub(header_len) else {
             return Err(io::Error::other("reply shorter than its header"));
         };
-        if payload_len > st.payload_size {
+        if payload_len > self.payload_size {
             return Err(io::Error::other(format!(
                 "reply of {payload_len} bytes, ring payload buffer {}",
-                st.payload_size
+                self.payload_size
             )));
         }
-        let st = &mut *st;
-        st.staging.clear();
+        self.staging.clear();
         let mut at = 0;
         for s in data {
             let mut s: &[u8] = s;
             if at < header_len {
                 let n = s.len().min(header_len - at);
-                st.out_header[at..at + n].copy_from_slice(&s[..n]);
+                self.out_header[at..at + n].copy_from_slice(&s[..n]);
                 at += n;
                 s = &s[n..];
             }
             if s.is_empty() {
                 continue;
             }
-            if st.staged {
-                st.staging.extend_from_slice(s);
+            if self.staged {
+                self.staging.extend_from_slice(s);
             } else {
                 // SAFETY: the request has no bytes in the payload buffer (not `staged`), the
                 // ring thread waits for this reply before using the entry again, and the
@@ -265,16 +261,48 @@ impl RingReply {
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         s.as_ptr(),
-                        st.payload.add(at - header_len),
+                        self.payload.add(at - header_len),
                         s.len(),
                     )
                 };
             }
             at += s.len();
         }
-        st.sent = Some(payload_len);
+        Ok(payload_len)
+    }
+
+    /// Answers the request with `errno` (0: success) and no payload.
+    fn answer(&mut self, errno: i32) {
+        let h = fuse_out_header {
+            len: size_of::<fuse_out_header>() as u32,
+            error: -errno,
+            unique: self.unique,
+        };
+        self.out_header.copy_from_slice(h.as_bytes());
+        self.staging.clear();
+        self.sent = Some(0);
+    }
+}
+
+impl RingReply {
+    pub(crate) fn channel(&self) -> &ChannelSender {
+        &self.channel
+    }
+
+    /// Writes the reply where the kernel takes it from; a reply that cannot be (longer than
+    /// the buffer) is answered with EIO instead, so that the entry always comes back.
+    pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.sent.is_some() {
+            return Err(io::Error::other("a second reply to one ring request"));
+        }
+        let res = st.fill(data);
+        match &res {
+            Ok(n) => st.sent = Some(*n),
+            Err(_) => st.answer(libc::EIO),
+        }
         self.slot.sent.notify_one();
-        Ok(())
+        res.map(|_| ())
     }
 }
 
@@ -402,6 +430,7 @@ fn serve_queue<FS: Filesystem>(
             payload_size: entry.payload_size,
             staged: false,
             staging: Vec::new(),
+            unique: 0,
             out_header: [0; size_of::<fuse_out_header>()],
             sent: None,
         }),
@@ -433,94 +462,50 @@ fn serve_queue<FS: Filesystem>(
                 _ => Err(e),
             };
         }
-        let commit_id = serve_request(&entry, &slot, dev, se)?;
+        let commit_id = serve_request(&entry, &slot, dev, se);
         next = uring_cmd(dev_fd, CMD_COMMIT_AND_FETCH, qid, commit_id, &entry);
     }
 }
 
-/// Serves the request in `entry`, leaves its reply there, returns the id to commit it with.
+/// Serves the request in `entry` and leaves its reply there (EIO for a request that cannot
+/// be parsed); returns the id to commit it with.
 fn serve_request<FS: Filesystem>(
     entry: &Entry,
     slot: &Arc<Slot>,
     dev: &Channel,
     se: &SessionEventLoop<FS>,
-) -> io::Result<u64> {
+) -> u64 {
     let hdr = entry.header();
     // SAFETY: the kernel has completed the command: the buffers are ours until the next SQE.
     let h: ReqHeader = unsafe { std::ptr::read(hdr) };
-    let (in_header, op_in, ent) = (
-        fuse_in_header::read_from_prefix(&h.in_out[..])
-            .map_err(|_| io::Error::other("in header"))?
-            .0,
-        h.op_in,
-        h.ring_ent_in_out,
-    );
-    let payload_len = ent.payload_sz as usize;
-    if payload_len > entry.payload_size {
-        return Err(io::Error::other("ring request larger than its payload buffer"));
-    }
-    // `len` covers every argument as on /dev/fuse: the operation's header is what is not in
-    // the payload (none for operations that only pass names).
-    let op_len = (in_header.len as usize)
-        .checked_sub(size_of::<fuse_in_header>() + payload_len)
-        .filter(|&n| n <= OP_IN_OUT_SZ)
-        .ok_or_else(|| io::Error::other("ring request with an inconsistent length"))?;
-    let head = size_of::<fuse_in_header>() + op_len;
-    // SAFETY: head <= HEADROOM (op_len <= OP_IN_OUT_SZ); the headroom is ours, and the
-    // request bytes (headroom tail plus payload) are not written until the request is done.
-    let data = unsafe {
-        let start = entry.payload().sub(head);
-        std::ptr::copy_nonoverlapping(
-            (&in_header as *const fuse_in_header).cast::<u8>(),
-            start,
-            size_of::<fuse_in_header>(),
-        );
-        std::ptr::copy_nonoverlapping(
-            op_in.as_ptr(),
-            start.add(size_of::<fuse_in_header>()),
-            op_len,
-        );
-        std::slice::from_raw_parts(start, head + payload_len)
-    };
+    let ent = h.ring_ent_in_out;
     {
         let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.staged = payload_len > 0;
+        st.unique = ent.commit_id;
+        st.staged = ent.payload_sz > 0;
         st.sent = None;
     }
-    let reply = RingReply {
-        slot: slot.clone(),
-        channel: dev.sender(),
-    };
-    let Some(req) = RequestWithSender::with_sender(ReplySender::Ring(reply), data) else {
-        return Err(io::Error::other("invalid ring request"));
-    };
-    let no_reply = match req.request.operation() {
-        Ok(Operation::Destroy(_)) => {
-            req.reply::<ReplyEmpty>().ok();
-            false
+    match request_bytes(entry, &h) {
+        Ok(data) => {
+            let reply = RingReply {
+                slot: slot.clone(),
+                channel: dev.sender(),
+            };
+            dispatch(se, data, reply, slot);
         }
-        Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
-            req.dispatch(se);
-            true
+        Err(e) => {
+            error!("{}: {e}", se.thread_name);
+            slot.state.lock().unwrap_or_else(|e| e.into_inner()).answer(libc::EIO);
         }
-        _ => {
-            req.dispatch(se);
-            false
-        }
-    };
-    drop(req);
-    let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-    if no_reply {
-        // Never sent through the rings; answered so that the entry comes back.
-        st.out_header = [0; size_of::<fuse_out_header>()];
-        st.sent = Some(0);
     }
+    let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
     while st.sent.is_none() {
         st = slot.sent.wait(st).unwrap_or_else(|e| e.into_inner());
     }
     let len = st.sent.take().unwrap_or(0);
-    // SAFETY: the request is done with (dropped above): its bytes may be overwritten; the
-    // header buffer is ours until the commit is submitted.
+    // SAFETY: the request is done with (dispatched and dropped): its bytes may be
+    // overwritten; the header buffer is ours until the commit is submitted; `len` is within
+    // the payload buffer (checked by `fill`).
     unsafe {
         if st.staged {
             std::ptr::copy_nonoverlapping(st.staging.as_ptr(), st.payload, len);
@@ -532,5 +517,270 @@ fn serve_request<FS: Filesystem>(
         );
         std::ptr::addr_of_mut!((*hdr).ring_ent_in_out.payload_sz).write(len as u32);
     }
-    Ok(ent.commit_id)
+    ent.commit_id
+}
+
+/// The request as `/dev/fuse` would deliver it, laid out in the entry's headroom and payload.
+fn request_bytes<'a>(entry: &'a Entry, h: &ReqHeader) -> io::Result<&'a [u8]> {
+    let in_header = fuse_in_header::read_from_prefix(&h.in_out[..])
+        .map_err(|_| io::Error::other("in header"))?
+        .0;
+    let payload_len = h.ring_ent_in_out.payload_sz as usize;
+    if payload_len > entry.payload_size {
+        return Err(io::Error::other("ring request larger than its payload buffer"));
+    }
+    // `len` covers every argument as on /dev/fuse: the operation's header is what is not in
+    // the payload (none for operations that only pass names).
+    let op_len = (in_header.len as usize)
+        .checked_sub(size_of::<fuse_in_header>() + payload_len)
+        .filter(|&n| n <= OP_IN_OUT_SZ)
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "ring request of length {} with {payload_len} payload bytes",
+                in_header.len
+            ))
+        })?;
+    let head = size_of::<fuse_in_header>() + op_len;
+    // SAFETY: head <= HEADROOM (op_len <= OP_IN_OUT_SZ); the headroom is ours, and the
+    // request bytes (headroom tail plus payload) are not written until the request is done.
+    unsafe {
+        let start = entry.payload().sub(head);
+        std::ptr::copy_nonoverlapping(
+            h.in_out.as_ptr(),
+            start,
+            size_of::<fuse_in_header>(),
+        );
+        std::ptr::copy_nonoverlapping(h.op_in.as_ptr(), start.add(size_of::<fuse_in_header>()), op_len);
+        Ok(std::slice::from_raw_parts(start, head + payload_len))
+    }
+}
+
+fn dispatch<FS: Filesystem>(se: &SessionEventLoop<FS>, data: &[u8], reply: RingReply, slot: &Slot) {
+    let Some(req) = RequestWithSender::with_sender(ReplySender::Ring(reply), data) else {
+        slot.state.lock().unwrap_or_else(|e| e.into_inner()).answer(libc::EIO);
+        return;
+    };
+    match req.request.operation() {
+        Ok(Operation::Destroy(_)) => req.reply::<ReplyEmpty>().ok(),
+        // Never sent through the rings (they have no reply); answered so that the entry
+        // comes back if one ever is.
+        Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
+            req.dispatch(se);
+            slot.state.lock().unwrap_or_else(|e| e.into_inner()).answer(0);
+        }
+        _ => req.dispatch(se),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+    use std::fs::File;
+
+    use super::*;
+    use crate::Errno;
+    use crate::FileHandle;
+    use crate::INodeNo;
+    use crate::LockOwner;
+    use crate::OpenFlags;
+    use crate::ReplyData;
+    use crate::ReplyEntry;
+    use crate::ReplyWrite;
+    use crate::Request;
+    use crate::SessionACL;
+    use crate::WriteFlags;
+    use crate::dev_fuse::DevFuse;
+    use crate::session::FilesystemHolder;
+
+    const LOOKUP: u32 = 1;
+    const READ: u32 = 15;
+    const WRITE: u32 = 16;
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Answers LOOKUP of "a" with EEXIST (anything else ENOENT), READ with `pattern(size)`,
+    /// WRITE with the size written if the data is `pattern(len)` (and checks the data again
+    /// after replying), EINVAL if not.
+    struct Probe;
+
+    impl Filesystem for Probe {
+        fn lookup(&self, _: &Request, _: INodeNo, name: &OsStr, reply: ReplyEntry) {
+            reply.error(if name == "a" { Errno::EEXIST } else { Errno::ENOENT });
+        }
+
+        fn read(
+            &self,
+            _: &Request,
+            _: INodeNo,
+            _: FileHandle,
+            _: u64,
+            size: u32,
+            _: OpenFlags,
+            _: Option<LockOwner>,
+            reply: ReplyData,
+        ) {
+            reply.data(&pattern(size as usize));
+        }
+
+        fn write(
+            &self,
+            _: &Request,
+            _: INodeNo,
+            _: FileHandle,
+            _: u64,
+            data: &[u8],
+            _: WriteFlags,
+            _: OpenFlags,
+            _: Option<LockOwner>,
+            reply: ReplyWrite,
+        ) {
+            if data == pattern(data.len()) {
+                reply.written(data.len() as u32);
+                // A filesystem may still look at the request after replying.
+                assert!(data == pattern(data.len()), "the reply overwrote the request");
+            } else {
+                reply.error(Errno::EINVAL);
+            }
+        }
+    }
+
+    struct Rig {
+        entry: Entry,
+        slot: Arc<Slot>,
+        dev: Channel,
+        se: SessionEventLoop<Probe>,
+    }
+
+    impl Rig {
+        fn new(payload_size: usize) -> Rig {
+            let entry = Entry::new(payload_size).unwrap();
+            let slot = Arc::new(Slot {
+                state: Mutex::new(SlotState {
+                    payload: entry.payload(),
+                    payload_size,
+                    staged: false,
+                    staging: Vec::new(),
+                    unique: 0,
+                    out_header: [0; size_of::<fuse_out_header>()],
+                    sent: None,
+                }),
+                sent: Condvar::new(),
+            });
+            // Replies go to the ring entry; the device is only there for backing files.
+            let dev = Channel::new(Arc::new(DevFuse(File::open("/dev/null").unwrap())));
+            let se = SessionEventLoop {
+                thread_name: "test".into(),
+                ch: dev.clone(),
+                filesystem: Arc::new(FilesystemHolder { fs: Some(Probe) }),
+                allowed: SessionACL::All,
+                session_owner: nix::unistd::geteuid(),
+            };
+            Rig {
+                entry,
+                slot,
+                dev,
+                se,
+            }
+        }
+
+        /// Puts a request in the entry as the kernel does (`len` as given, for bad ones), serves
+        /// it, and returns the reply's header (len, error, unique) and payload.
+        fn serve(&self, len: Option<u32>, opcode: u32, op: &[u8], payload: &[u8]) -> (u32, i32, u64, Vec<u8>) {
+            let unique: u64 = 0x1234_5678;
+            let mut h = Vec::new();
+            let len = len.unwrap_or((size_of::<fuse_in_header>() + op.len() + payload.len()) as u32);
+            h.extend_from_slice(&len.to_ne_bytes());
+            h.extend_from_slice(&opcode.to_ne_bytes());
+            h.extend_from_slice(&unique.to_ne_bytes());
+            h.extend_from_slice(&1u64.to_ne_bytes()); // nodeid
+            h.extend_from_slice(&[0; 16]); // uid, gid, pid, padding
+            let hdr = self.entry.header();
+            // SAFETY: the test plays the kernel: nothing else uses the entry.
+            unsafe {
+                // Stale bytes where the kernel writes nothing, as it may leave them.
+                std::ptr::write_bytes(hdr.cast::<u8>(), 0xa5, size_of::<ReqHeader>());
+                let base = hdr.cast::<u8>();
+                std::ptr::copy_nonoverlapping(h.as_ptr(), base, h.len());
+                std::ptr::copy_nonoverlapping(op.as_ptr(), base.add(IN_OUT_SZ), op.len());
+                std::ptr::copy_nonoverlapping(payload.as_ptr(), self.entry.payload(), payload.len());
+                std::ptr::addr_of_mut!((*hdr).ring_ent_in_out).write(EntInOut {
+                    flags: 0,
+                    commit_id: unique,
+                    payload_sz: payload.len() as u32,
+                    padding: 0,
+                    reserved: 0,
+                });
+            }
+            let commit = serve_request(&self.entry, &self.slot, &self.dev, &self.se);
+            assert_eq!(commit, unique);
+            // SAFETY: as above.
+            unsafe {
+                let out = std::ptr::read(hdr);
+                let n = out.ring_ent_in_out.payload_sz as usize;
+                let word = |at: usize| u32::from_ne_bytes(out.in_out[at..at + 4].try_into().unwrap());
+                let data = std::slice::from_raw_parts(self.entry.payload(), n).to_vec();
+                (
+                    word(0),
+                    word(4) as i32,
+                    u64::from_ne_bytes(out.in_out[8..16].try_into().unwrap()),
+                    data,
+                )
+            }
+        }
+    }
+
+    /// `fuse_read_in` / `fuse_write_in`: fh, offset, size, flags, lock_owner, flags, padding
+    fn rw_in(size: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&7u64.to_ne_bytes());
+        v.extend_from_slice(&0u64.to_ne_bytes());
+        v.extend_from_slice(&size.to_ne_bytes());
+        v.extend_from_slice(&[0; 20]);
+        v
+    }
+
+    #[test]
+    fn a_name_in_the_payload_reaches_the_filesystem() {
+        let rig = Rig::new(64 << 10);
+        let (len, err, unique, data) = rig.serve(None, LOOKUP, &[], b"a\0");
+        assert_eq!((len, err, unique, data.len()), (16, -libc::EEXIST, 0x1234_5678, 0));
+        let (_, err, _, _) = rig.serve(None, LOOKUP, &[], b"b\0");
+        assert_eq!(err, -libc::ENOENT);
+    }
+
+    #[test]
+    fn write_data_is_read_in_place_and_the_reply_follows_it() {
+        let rig = Rig::new(64 << 10);
+        let data = pattern(60_000);
+        let (len, err, _, out) = rig.serve(None, WRITE, &rw_in(60_000), &data);
+        assert_eq!(err, 0);
+        // fuse_write_out: size, padding
+        assert_eq!(len, 16 + 8);
+        assert_eq!(out.len(), 8);
+        assert_eq!(u32::from_ne_bytes(out[..4].try_into().unwrap()), 60_000);
+    }
+
+    #[test]
+    fn read_data_goes_to_the_payload_buffer() {
+        let rig = Rig::new(64 << 10);
+        let (len, err, _, out) = rig.serve(None, READ, &rw_in(50_000), &[]);
+        assert_eq!((len, err), (16 + 50_000, 0));
+        assert!(out == pattern(50_000), "read reply payload differs");
+    }
+
+    #[test]
+    fn what_cannot_be_served_is_answered_with_eio() {
+        let rig = Rig::new(16 << 10);
+        // A reply longer than the payload buffer.
+        let (len, err, unique, out) = rig.serve(None, READ, &rw_in(20_000), &[]);
+        assert_eq!((len, err, unique, out.len()), (16, -libc::EIO, 0x1234_5678, 0));
+        // A length that does not cover the payload.
+        let (_, err, _, _) = rig.serve(Some(41), LOOKUP, &[], b"a\0");
+        assert_eq!(err, -libc::EIO);
+        // The entry serves the next request as usual.
+        let (_, err, _, out) = rig.serve(None, READ, &rw_in(100), &[]);
+        assert_eq!((err, out), (0, pattern(100)));
+    }
 }
