@@ -5,9 +5,11 @@
 //! A server thread of that queue, pinned to that CPU, has registered ring entries (a header
 //! buffer and a payload buffer each) with `IORING_OP_URING_CMD`; the kernel copies the request
 //! into a free entry and completes that thread's command, the thread serves it and commits the
-//! reply with the same SQE that fetches its next request. The caller and the server thread
-//! so meet on one CPU instead of waking each other across CPUs, which is what a FUSE request
-//! mostly costs on a small virtual machine.
+//! reply with the same SQE that fetches its next request. The server thread so runs on the
+//! caller's CPU, where the caller is about to sleep, instead of being woken on another CPU,
+//! which is much of what a FUSE request costs on a small virtual machine. (The reply still
+//! wakes the caller with a plain wakeup, which may move it to an idle CPU: Linux 6.18 has
+//! no "wake on the current CPU" for ring requests.)
 //!
 //! Forgets, interrupts and anything sent before every queue has an entry still come through
 //! `/dev/fuse`: the session's ordinary event loops keep running beside the rings.
@@ -437,25 +439,35 @@ fn serve_queue<FS: Filesystem>(
         sent: Condvar::new(),
     });
     let mut next = uring_cmd(dev_fd, CMD_REGISTER, qid, 0, &entry);
+    let mut registered = false;
     loop {
         // SAFETY: the SQE's buffers (the entry) outlive the command: the entry is dropped
         // only after this loop, once the kernel has completed the command.
         unsafe { ring.submission().push(&next) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-        let Some(cqe) = ring.completion().next() else {
-            continue;
+        // Pushed once: an interrupted wait has submitted it already (or submits it next time).
+        let cqe = loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(cqe) = ring.completion().next() {
+                break cqe;
+            }
         };
         let res = cqe.result();
+        if res == -libc::EAGAIN && !registered {
+            // The kernel has not taken the INIT reply in yet.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
+        registered = true;
         if res < 0 {
             let e = io::Error::from_raw_os_error(-res);
             return match -res {
                 // The connection ended (unmount, abort) or the ring is being torn down.
-                libc::ENOTCONN | libc::ECANCELED | libc::ENODEV => {
+                libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV => {
                     debug!("{}: ring ended: {e}", se.thread_name);
                     Ok(())
                 }
