@@ -73,6 +73,45 @@ pub fn dev_no_sync(path: &std::path::Path) -> Result<u64> {
     Ok(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor))
 }
 
+/// The read-ahead, in KiB, of the block device `dev` (a whole disk, or a partition: its
+/// disk's), from sysfs; None for filesystems without one (tmpfs, ...).
+pub fn device_read_ahead_kb(dev: u64) -> Option<u64> {
+    let (ma, mi) = (libc::major(dev), libc::minor(dev));
+    [
+        format!("/sys/class/bdi/{ma}:{mi}/read_ahead_kb"),
+        format!("/sys/dev/block/{ma}:{mi}/../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// "MAJOR:MINOR" of the FUSE filesystem mounted last on `mnt`, from /proc/self/mountinfo:
+/// no request to a FUSE server (see `dev_no_sync`).
+pub fn fuse_mount_device(mnt: &std::path::Path) -> Option<String> {
+    fuse_mount_device_in(&std::fs::read_to_string("/proc/self/mountinfo").ok()?, mnt)
+}
+
+fn fuse_mount_device_in(mountinfo: &str, mnt: &std::path::Path) -> Option<String> {
+    // mountinfo escapes space, tab, newline and backslash as octal.
+    let mut want = String::new();
+    for c in mnt.to_str()?.chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => want.push_str(&format!("\\{:03o}", c as u32)),
+            c => want.push(c),
+        }
+    }
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            let f: Vec<&str> = mount.split(' ').collect();
+            let dev = f.get(2).copied();
+            (f.get(4) == Some(&want.as_str()) && fs.starts_with("fuse")).then_some(dev)?
+        })
+        .last()
+        .map(|d| d.to_string())
+}
+
 pub fn fstat(fd: BorrowedFd) -> Result<Stat> {
     let mut st = std::mem::MaybeUninit::<Stat>::uninit();
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -677,6 +716,23 @@ pub fn drop_later<T: Send + 'static>(v: T) {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// The newest FUSE mount on the path, found with mountinfo's escapes; not a mount of
+    /// another type there, nor one on a longer path.
+    #[test]
+    fn fuse_mount_device_reads_mountinfo() {
+        let info = "\
+24 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+40 24 0:40 / /mnt/a\\040b rw - fuse layervol rw,user_id=0
+41 40 0:41 / /mnt/a\\040b rw - fuse layervol rw,user_id=0
+42 41 0:42 / /mnt/a\\040b rw - tmpfs tmpfs rw
+43 24 0:43 / /mnt/a\\040b/c rw - fuse.other x rw
+";
+        let p = std::path::Path::new;
+        assert_eq!(fuse_mount_device_in(info, p("/mnt/a b")).as_deref(), Some("0:41"));
+        assert_eq!(fuse_mount_device_in(info, p("/mnt/a b/c")).as_deref(), Some("0:43"));
+        assert_eq!(fuse_mount_device_in(info, p("/mnt/a")), None);
+    }
 
     /// The `*xattrat` calls and the `/proc/self/fd` path form they replace behave alike,
     /// on a name in a directory and on the directory itself (empty name).

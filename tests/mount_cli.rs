@@ -562,3 +562,30 @@ fn requests_go_over_io_uring_when_the_kernel_offers_it() {
         umount(&s);
     }
 }
+
+/// The read-ahead of a block device (or of a partition's disk), from sysfs.
+fn device_read_ahead_kb(dev: u64) -> Option<u64> {
+    let (ma, mi) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    [
+        format!("/sys/class/bdi/{ma}:{mi}/read_ahead_kb"),
+        format!("/sys/dev/block/{ma}:{mi}/../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// The mount reads ahead as far as its layers' device does (kernel overlayfs reads lower files
+/// with the lower device's read-ahead; a FUSE mount starts at 128 KiB).
+#[test]
+fn the_mount_reads_ahead_like_its_layers() {
+    let s = Stack::new();
+    s.mount_ok("lowerdir=l1:l2,upperdir=u,workdir=w");
+    let mnt = std::fs::metadata(s.p("m")).unwrap().dev();
+    let ours = device_read_ahead_kb(mnt).expect("a FUSE mount has a bdi");
+    match device_read_ahead_kb(std::fs::metadata(s.p("l1")).unwrap().dev()) {
+        Some(layers) => assert_eq!(ours, layers, "read_ahead_kb of the mount and of the layers"),
+        // Layers on a filesystem without a block device (tmpfs): the kernel's default.
+        None => assert_eq!(ours, 128),
+    }
+    umount(&s);
+}

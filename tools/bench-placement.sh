@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tools/bench-placement.sh — how much of a FUSE round trip is where the scheduler puts the two
-# sides: the same metadata loops on kernel overlayfs and on layervol, the daemon and the calling
-# process free, pinned together to one CPU, and pinned to two different CPUs.
+# sides: the same metadata loops on kernel overlayfs and on layervol served over /dev/fuse, the
+# daemon and the calling process free, pinned together to one CPU, and pinned to two different
+# CPUs; and on layervol served over its per-CPU io_uring queues (when the kernel offers them).
 #
 # Usage:  sudo tools/bench-placement.sh [--files N] [--rounds R]
 #
@@ -18,14 +19,17 @@
 #            caller waits for)
 #   reopen   `: > f` on each of them again (LOOKUP, OPEN with O_TRUNC, GETXATTR, RELEASE)
 #
-# Placements (taskset): "free" as a user runs it; "together" = daemon and caller on CPU 0;
-# "apart" = daemon on CPU 0, caller on CPU 1. Prints seconds per loop and the ratio to kernel
-# overlayfs measured in the same round.
+# Placements (taskset), with `-o io_uring=off`: "free" as a user runs it; "together" = daemon
+# and caller on CPU 0; "apart" = daemon on CPU 0, caller on CPU 1. Then "io_uring, free": the
+# default transport where the kernel has FUSE over io_uring (its ring threads pin themselves
+# to their queue's CPU, so pinning the daemon means nothing there). Prints seconds per loop and
+# the ratio to kernel overlayfs measured in the same round.
 #
 # Why: a FUSE request wakes a daemon thread, its reply wakes the caller, both with plain (not
 # "sync") wakeups; on an otherwise idle machine the scheduler then puts the woken side on the
 # idle CPU, so every request crosses CPUs twice. On this 2-vCPU VM that crossing, not the
-# daemon's work, is most of a metadata request's cost (see README, "Benchmark").
+# daemon's work, is most of a metadata request's cost (see README, "Benchmark"). Over io_uring
+# the request goes to a thread of the caller's CPU, and only the reply's wakeup may cross.
 set -euo pipefail
 export LC_ALL=C
 
@@ -59,9 +63,9 @@ trap cleanup EXIT
 
 now() { date +%s.%N; }
 
-# run_one IMPL DAEMON_CPU CALLER_CPU -> prints "create_seconds reopen_seconds"
+# run_one IMPL DAEMON_CPU CALLER_CPU [TRANSPORT] -> prints "create_seconds reopen_seconds"
 run_one() {
-  local impl=$1 dcpu=$2 ccpu=$3
+  local impl=$1 dcpu=$2 ccpu=$3 transport=${4:-off}
   umount "$MNT" 2> /dev/null || true
   rm -rf "${WORK:?}"/{lower,upper,work}
   mkdir -p "$WORK"/{lower,upper,work,mnt}
@@ -69,7 +73,7 @@ run_one() {
   if [[ $impl == kernel ]]; then
     mount -t overlay overlay -o "$opts" "$MNT"
   else
-    ${dcpu:+taskset -c "$dcpu"} "$LAYERVOL" -o "$opts" "$MNT"
+    ${dcpu:+taskset -c "$dcpu"} "$LAYERVOL" -o "$opts,io_uring=$transport" "$MNT"
   fi
   local pin=(${ccpu:+taskset -c "$ccpu"})
   local t0 t1 t2
@@ -85,14 +89,15 @@ run_one() {
 }
 
 printf '%d files per loop, %d round(s), %s\n' "$FILES" "$ROUNDS" "$(uname -r)"
-printf '%-6s %-28s %9s %9s %14s %14s\n' round placement create_s reopen_s create/kernel reopen/kernel
+printf '%-6s %-32s %9s %9s %14s %14s\n' round placement create_s reopen_s create/kernel reopen/kernel
 for ((r = 1; r <= ROUNDS; r++)); do
   read -r kc kr < <(run_one kernel "" "")
-  printf '%-6s %-28s %9.3f %9.3f %14s %14s\n' "$r" "kernel overlayfs" "$kc" "$kr" 1.00 1.00
-  for p in "free::" "together:0:0" "apart:0:1"; do
-    IFS=: read -r name dcpu ccpu <<< "$p"
-    read -r c o < <(run_one layervol "$dcpu" "$ccpu")
-    printf '%-6s %-28s %9.3f %9.3f %14.2f %14.2f\n' "$r" "layervol, $name" "$c" "$o" \
+  printf '%-6s %-32s %9.3f %9.3f %14s %14s\n' "$r" "kernel overlayfs" "$kc" "$kr" 1.00 1.00
+  for p in "/dev/fuse, free:::off" "/dev/fuse, together:0:0:off" "/dev/fuse, apart:0:1:off" \
+    "io_uring, free:::on"; do
+    IFS=: read -r name dcpu ccpu transport <<< "$p"
+    read -r c o < <(run_one layervol "$dcpu" "$ccpu" "$transport")
+    printf '%-6s %-32s %9.3f %9.3f %14.2f %14.2f\n' "$r" "layervol, $name" "$c" "$o" \
       "$(echo "$c / $kc" | bc -l)" "$(echo "$o / $kr" | bc -l)"
   done
 done
