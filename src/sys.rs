@@ -73,6 +73,13 @@ pub fn dev_no_sync(path: &std::path::Path) -> Result<u64> {
     Ok(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor))
 }
 
+/// O_LARGEFILE as the kernel sets it in every open's flags on 64-bit architectures (and so in
+/// the flags of FUSE CREATE and OPEN requests); the libc crate defines O_LARGEFILE as 0 there.
+#[cfg(target_arch = "aarch64")]
+pub const O_LARGEFILE_KERNEL: i32 = 0o400000;
+#[cfg(not(target_arch = "aarch64"))]
+pub const O_LARGEFILE_KERNEL: i32 = 0o100000;
+
 /// The read-ahead, in KiB, of the block device `dev` (a whole disk, or a partition: its
 /// disk's), from sysfs; None for filesystems without one (tmpfs, ...).
 pub fn device_read_ahead_kb(dev: u64) -> Option<u64> {

@@ -311,7 +311,8 @@ impl Overlay {
         kind: &NewKind,
         open: Option<i32>,
     ) -> Result<Option<OwnedFd>> {
-        const PLAIN: i32 = libc::O_ACCMODE | libc::O_APPEND | libc::O_LARGEFILE | libc::O_CLOEXEC;
+        const PLAIN: i32 =
+            libc::O_ACCMODE | libc::O_APPEND | sys::O_LARGEFILE_KERNEL | libc::O_CLOEXEC;
         match kind {
             NewKind::File { mode } => {
                 let open = open.filter(|f| f & !PLAIN == 0);

@@ -744,4 +744,32 @@ mod tests {
         assert!(ov.handle(fh).unwrap().may_free_data(), "a removed file");
         ov.release(fh);
     }
+
+    /// A FUSE create keeps the fd that made the file as the handle's, with the flags the
+    /// kernel sends (O_LARGEFILE set): the file is opened once, and not closed. Needs root.
+    #[test]
+    fn create_open_opens_the_new_file_once() {
+        let t = tempfile::tempdir().unwrap();
+        let ov = crate::fs::test_overlay(t.path(), |_| {});
+        // SAFETY: a plain syscall; its fd, checked, is owned from here on.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
+        assert!(raw >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a new fd nothing else owns.
+        let ino = unsafe { OwnedFd::from_raw_fd(raw) };
+        let path = CString::new(t.path().join("upper").as_os_str().as_bytes()).unwrap();
+        assert!(
+            // SAFETY: a valid inotify fd and a NUL-terminated path.
+            unsafe {
+                libc::inotify_add_watch(ino.as_raw_fd(), path.as_ptr(), libc::IN_OPEN | libc::IN_CLOSE)
+            } >= 0
+        );
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | crate::sys::O_LARGEFILE_KERNEL;
+        let (_, _, (fh, _, fd)) = ov.create_open(ROOT_INO, c"new", 0o644, flags, 0, 0).unwrap();
+        drop(fd);
+        let ev = events(&ino);
+        let opens = ev.iter().filter(|m| *m & libc::IN_OPEN != 0).count();
+        let closes = ev.iter().filter(|m| *m & libc::IN_CLOSE != 0).count();
+        assert_eq!((opens, closes), (1, 0), "inotify events {ev:x?}");
+        ov.release(fh);
+    }
 }

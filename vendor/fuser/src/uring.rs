@@ -220,6 +220,10 @@ struct SlotState {
     out_header: [u8; size_of::<fuse_out_header>()],
     /// Payload bytes of the reply, once sent.
     sent: Option<usize>,
+    /// The ring thread waits for a reply sent from another thread (a filesystem that keeps
+    /// the reply object past its method): only then is it woken (a futex call otherwise
+    /// spent on every request).
+    waiting: bool,
 }
 
 // SAFETY: `payload` points into the ring entry owned by the ring thread, which only touches
@@ -303,7 +307,9 @@ impl RingReply {
             Ok(n) => st.sent = Some(*n),
             Err(_) => st.answer(libc::EIO),
         }
-        self.slot.sent.notify_one();
+        if st.waiting {
+            self.slot.sent.notify_one();
+        }
         res.map(|_| ())
     }
 }
@@ -435,6 +441,7 @@ fn serve_queue<FS: Filesystem>(
             unique: 0,
             out_header: [0; size_of::<fuse_out_header>()],
             sent: None,
+            waiting: false,
         }),
         sent: Condvar::new(),
     });
@@ -512,8 +519,10 @@ fn serve_request<FS: Filesystem>(
     }
     let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
     while st.sent.is_none() {
+        st.waiting = true;
         st = slot.sent.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+    st.waiting = false;
     let len = st.sent.take().unwrap_or(0);
     // SAFETY: the request is done with (dispatched and dropped): its bytes may be
     // overwritten; the header buffer is ours until the commit is submitted; `len` is within
@@ -607,6 +616,7 @@ mod tests {
     const LOOKUP: u32 = 1;
     const READ: u32 = 15;
     const WRITE: u32 = 16;
+    const FLUSH: u32 = 25;
 
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -618,6 +628,14 @@ mod tests {
     struct Probe;
 
     impl Filesystem for Probe {
+        /// Replies from another thread, later.
+        fn flush(&self, _: &Request, _: INodeNo, _: FileHandle, _: LockOwner, reply: ReplyEmpty) {
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                reply.error(Errno::EBADF);
+            });
+        }
+
         fn lookup(&self, _: &Request, _: INodeNo, name: &OsStr, reply: ReplyEntry) {
             reply.error(if name == "a" { Errno::EEXIST } else { Errno::ENOENT });
         }
@@ -677,6 +695,7 @@ mod tests {
                     unique: 0,
                     out_header: [0; size_of::<fuse_out_header>()],
                     sent: None,
+                    waiting: false,
                 }),
                 sent: Condvar::new(),
             });
@@ -780,6 +799,16 @@ mod tests {
         let (len, err, _, out) = rig.serve(None, READ, &rw_in(50_000), &[]);
         assert_eq!((len, err), (16 + 50_000, 0));
         assert!(out == pattern(50_000), "read reply payload differs");
+    }
+
+    #[test]
+    fn a_reply_sent_later_from_another_thread_is_waited_for() {
+        let rig = Rig::new(16 << 10);
+        // fuse_flush_in: fh, unused, padding, lock_owner
+        let (len, err, _, _) = rig.serve(None, FLUSH, &[0; 24], &[]);
+        assert_eq!((len, err), (16, -libc::EBADF));
+        let (_, err, _, out) = rig.serve(None, READ, &rw_in(10), &[]);
+        assert_eq!((err, out), (0, pattern(10)));
     }
 
     #[test]
