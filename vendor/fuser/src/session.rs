@@ -323,7 +323,14 @@ impl<FS: Filesystem> Session<FS> {
             match ring_threads {
                 // Joined after the event loops: the kernel ends both when the connection ends.
                 Ok(t) => threads.extend(t),
-                Err(e) => error!("cannot start the io_uring threads: {e}"),
+                // The kernel holds every request until each CPU queue has an entry: without
+                // them the mount would hang. Ending the session (the caller exits, closing
+                // /dev/fuse) aborts the connection instead.
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "cannot start the io_uring threads: {e}"
+                    )));
+                }
             }
         }
 
