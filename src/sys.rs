@@ -736,8 +736,14 @@ mod tests {
 43 24 0:43 / /mnt/a\\040b/c rw - fuse.other x rw
 ";
         let p = std::path::Path::new;
-        assert_eq!(fuse_mount_device_in(info, p("/mnt/a b")).as_deref(), Some("0:41"));
-        assert_eq!(fuse_mount_device_in(info, p("/mnt/a b/c")).as_deref(), Some("0:43"));
+        assert_eq!(
+            fuse_mount_device_in(info, p("/mnt/a b")).as_deref(),
+            Some("0:41")
+        );
+        assert_eq!(
+            fuse_mount_device_in(info, p("/mnt/a b/c")).as_deref(),
+            Some("0:43")
+        );
         assert_eq!(fuse_mount_device_in(info, p("/mnt/a")), None);
     }
 

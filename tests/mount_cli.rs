@@ -500,7 +500,10 @@ fn directories_deeper_than_path_max() {
 /// requests sleeps between them.
 fn thread_sleeps(pid: i32) -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
         let n = status
@@ -540,8 +543,11 @@ fn requests_go_over_io_uring_when_the_kernel_offers_it() {
         let after = thread_sleeps(pid[0]);
         let served = |prefix: &str| -> (usize, u64) {
             let mine = |v: &[(String, u64)]| -> (usize, u64) {
-                let t: Vec<u64> =
-                    v.iter().filter(|(c, _)| c.starts_with(prefix)).map(|(_, n)| *n).collect();
+                let t: Vec<u64> = v
+                    .iter()
+                    .filter(|(c, _)| c.starts_with(prefix))
+                    .map(|(_, n)| *n)
+                    .collect();
                 (t.len(), t.iter().sum())
             };
             let (n, a) = mine(&after);
@@ -553,11 +559,20 @@ fn requests_go_over_io_uring_when_the_kernel_offers_it() {
         // 200 files written and read back: over 1000 requests.
         if rings {
             assert_eq!(ring_threads, 2 * cpus, "{opt}: ring threads {after:?}");
-            assert!(ring_sleeps >= 600, "{opt}: ring threads slept {ring_sleeps} times");
-            assert!(dev_sleeps < 100, "{opt}: /dev/fuse workers slept {dev_sleeps} times");
+            assert!(
+                ring_sleeps >= 600,
+                "{opt}: ring threads slept {ring_sleeps} times"
+            );
+            assert!(
+                dev_sleeps < 100,
+                "{opt}: /dev/fuse workers slept {dev_sleeps} times"
+            );
         } else {
             assert_eq!(ring_threads, 0, "{opt}: ring threads {after:?}");
-            assert!(dev_sleeps >= 600, "{opt}: /dev/fuse workers slept {dev_sleeps} times");
+            assert!(
+                dev_sleeps >= 600,
+                "{opt}: /dev/fuse workers slept {dev_sleeps} times"
+            );
         }
         umount(&s);
     }

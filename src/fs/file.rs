@@ -753,18 +753,28 @@ mod tests {
         let ov = crate::fs::test_overlay(t.path(), |_| {});
         // SAFETY: a plain syscall; its fd, checked, is owned from here on.
         let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
-        assert!(raw >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        assert!(
+            raw >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: `raw` is a new fd nothing else owns.
         let ino = unsafe { OwnedFd::from_raw_fd(raw) };
         let path = CString::new(t.path().join("upper").as_os_str().as_bytes()).unwrap();
         assert!(
             // SAFETY: a valid inotify fd and a NUL-terminated path.
             unsafe {
-                libc::inotify_add_watch(ino.as_raw_fd(), path.as_ptr(), libc::IN_OPEN | libc::IN_CLOSE)
+                libc::inotify_add_watch(
+                    ino.as_raw_fd(),
+                    path.as_ptr(),
+                    libc::IN_OPEN | libc::IN_CLOSE,
+                )
             } >= 0
         );
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | crate::sys::O_LARGEFILE_KERNEL;
-        let (_, _, (fh, _, fd)) = ov.create_open(ROOT_INO, c"new", 0o644, flags, 0, 0).unwrap();
+        let (_, _, (fh, _, fd)) = ov
+            .create_open(ROOT_INO, c"new", 0o644, flags, 0, 0)
+            .unwrap();
         drop(fd);
         let ev = events(&ino);
         let opens = ev.iter().filter(|m| *m & libc::IN_OPEN != 0).count();

@@ -313,13 +313,14 @@ impl<FS: Filesystem> Session<FS> {
         }
 
         if let Some(rings) = rings {
-            let ring_threads = crate::uring::start(rings, &ring_dev, |thread_name| SessionEventLoop {
-                thread_name,
-                filesystem: filesystem.clone(),
-                ch: ring_dev.clone(),
-                allowed,
-                session_owner,
-            });
+            let ring_threads =
+                crate::uring::start(rings, &ring_dev, |thread_name| SessionEventLoop {
+                    thread_name,
+                    filesystem: filesystem.clone(),
+                    ch: ring_dev.clone(),
+                    allowed,
+                    session_owner,
+                });
             match ring_threads {
                 // Joined after the event loops: the kernel ends both when the connection ends.
                 Ok(t) => threads.extend(t),
@@ -461,7 +462,10 @@ impl<FS: Filesystem> Session<FS> {
             self.proto_version = Some(v);
 
             if let Some(threads) = self.config.io_uring_threads.filter(|&n| n > 0) {
-                if config.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+                if config
+                    .capabilities()
+                    .contains(InitFlags::FUSE_OVER_IO_URING)
+                {
                     // The kernel's `max_payload_sz`: what a request or a reply may carry.
                     let payload_size = (config.max_write as usize)
                         .max(usize::from(config.max_pages()) * page_size::get())

@@ -112,7 +112,10 @@ impl std::fmt::Debug for PreparedRing {
 
 /// Rings for `threads_per_queue` threads per possible CPU, each entry with a payload buffer
 /// of `payload_size` bytes (at least what the kernel may send or accept in one request).
-pub(crate) fn prepare(payload_size: usize, threads_per_queue: usize) -> io::Result<Vec<PreparedRing>> {
+pub(crate) fn prepare(
+    payload_size: usize,
+    threads_per_queue: usize,
+) -> io::Result<Vec<PreparedRing>> {
     let mut rings = Vec::new();
     for qid in 0..possible_cpus()? {
         for _ in 0..threads_per_queue {
@@ -326,17 +329,13 @@ pub(crate) fn start<FS: Filesystem>(
         let name = format!("fuser-ring-{}.{i}", prepared.qid);
         let se = event_loop(name.clone());
         let dev = dev.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    let res = serve_queue(prepared, &dev, &se);
-                    if let Err(e) = &res {
-                        error!("{}: {e}", se.thread_name);
-                    }
-                    res
-                })?,
-        );
+        threads.push(std::thread::Builder::new().name(name).spawn(move || {
+            let res = serve_queue(prepared, &dev, &se);
+            if let Err(e) = &res {
+                error!("{}: {e}", se.thread_name);
+            }
+            res
+        })?);
     }
     Ok(threads)
 }
@@ -379,9 +378,8 @@ fn uring_cmd(dev_fd: i32, op: u32, qid: u16, commit_id: u64, entry: &Entry) -> s
     };
     let mut cmd = [0u8; 80];
     // SAFETY: CmdReq is plain old data of 24 bytes.
-    let bytes: &[u8] = unsafe {
-        std::slice::from_raw_parts((&req as *const CmdReq).cast(), size_of::<CmdReq>())
-    };
+    let bytes: &[u8] =
+        unsafe { std::slice::from_raw_parts((&req as *const CmdReq).cast(), size_of::<CmdReq>()) };
     cmd[..bytes.len()].copy_from_slice(bytes);
     let mut builder = opcode::UringCmd80::new(types::Fd(dev_fd), op).cmd(cmd);
     if op == CMD_REGISTER {
@@ -456,7 +454,11 @@ fn serve_queue<FS: Filesystem>(
         let cqe = loop {
             match ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
                 Err(e) => return Err(e),
             }
             if let Some(cqe) = ring.completion().next() {
@@ -514,7 +516,10 @@ fn serve_request<FS: Filesystem>(
         }
         Err(e) => {
             error!("{}: {e}", se.thread_name);
-            slot.state.lock().unwrap_or_else(|e| e.into_inner()).answer(libc::EIO);
+            slot.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answer(libc::EIO);
         }
     }
     let mut st = slot.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -548,7 +553,9 @@ fn request_bytes<'a>(entry: &'a Entry, h: &ReqHeader) -> io::Result<&'a [u8]> {
         .0;
     let payload_len = h.ring_ent_in_out.payload_sz as usize;
     if payload_len > entry.payload_size {
-        return Err(io::Error::other("ring request larger than its payload buffer"));
+        return Err(io::Error::other(
+            "ring request larger than its payload buffer",
+        ));
     }
     // `len` covers every argument as on /dev/fuse: the operation's header is what is not in
     // the payload (none for operations that only pass names).
@@ -566,19 +573,22 @@ fn request_bytes<'a>(entry: &'a Entry, h: &ReqHeader) -> io::Result<&'a [u8]> {
     // request bytes (headroom tail plus payload) are not written until the request is done.
     unsafe {
         let start = entry.payload().sub(head);
+        std::ptr::copy_nonoverlapping(h.in_out.as_ptr(), start, size_of::<fuse_in_header>());
         std::ptr::copy_nonoverlapping(
-            h.in_out.as_ptr(),
-            start,
-            size_of::<fuse_in_header>(),
+            h.op_in.as_ptr(),
+            start.add(size_of::<fuse_in_header>()),
+            op_len,
         );
-        std::ptr::copy_nonoverlapping(h.op_in.as_ptr(), start.add(size_of::<fuse_in_header>()), op_len);
         Ok(std::slice::from_raw_parts(start, head + payload_len))
     }
 }
 
 fn dispatch<FS: Filesystem>(se: &SessionEventLoop<FS>, data: &[u8], reply: RingReply, slot: &Slot) {
     let Some(req) = RequestWithSender::with_sender(ReplySender::Ring(reply), data) else {
-        slot.state.lock().unwrap_or_else(|e| e.into_inner()).answer(libc::EIO);
+        slot.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .answer(libc::EIO);
         return;
     };
     match req.request.operation() {
@@ -587,7 +597,10 @@ fn dispatch<FS: Filesystem>(se: &SessionEventLoop<FS>, data: &[u8], reply: RingR
         // comes back if one ever is.
         Ok(Operation::Forget(_) | Operation::BatchForget(_)) => {
             req.dispatch(se);
-            slot.state.lock().unwrap_or_else(|e| e.into_inner()).answer(0);
+            slot.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .answer(0);
         }
         _ => req.dispatch(se),
     }
@@ -637,7 +650,11 @@ mod tests {
         }
 
         fn lookup(&self, _: &Request, _: INodeNo, name: &OsStr, reply: ReplyEntry) {
-            reply.error(if name == "a" { Errno::EEXIST } else { Errno::ENOENT });
+            reply.error(if name == "a" {
+                Errno::EEXIST
+            } else {
+                Errno::ENOENT
+            });
         }
 
         fn read(
@@ -669,7 +686,10 @@ mod tests {
             if data == pattern(data.len()) {
                 reply.written(data.len() as u32);
                 // A filesystem may still look at the request after replying.
-                assert!(data == pattern(data.len()), "the reply overwrote the request");
+                assert!(
+                    data == pattern(data.len()),
+                    "the reply overwrote the request"
+                );
             } else {
                 reply.error(Errno::EINVAL);
             }
@@ -718,10 +738,17 @@ mod tests {
 
         /// Puts a request in the entry as the kernel does (`len` as given, for bad ones), serves
         /// it, and returns the reply's header (len, error, unique) and payload.
-        fn serve(&self, len: Option<u32>, opcode: u32, op: &[u8], payload: &[u8]) -> (u32, i32, u64, Vec<u8>) {
+        fn serve(
+            &self,
+            len: Option<u32>,
+            opcode: u32,
+            op: &[u8],
+            payload: &[u8],
+        ) -> (u32, i32, u64, Vec<u8>) {
             let unique: u64 = 0x1234_5678;
             let mut h = Vec::new();
-            let len = len.unwrap_or((size_of::<fuse_in_header>() + op.len() + payload.len()) as u32);
+            let len =
+                len.unwrap_or((size_of::<fuse_in_header>() + op.len() + payload.len()) as u32);
             h.extend_from_slice(&len.to_ne_bytes());
             h.extend_from_slice(&opcode.to_ne_bytes());
             h.extend_from_slice(&unique.to_ne_bytes());
@@ -735,7 +762,11 @@ mod tests {
                 let base = hdr.cast::<u8>();
                 std::ptr::copy_nonoverlapping(h.as_ptr(), base, h.len());
                 std::ptr::copy_nonoverlapping(op.as_ptr(), base.add(IN_OUT_SZ), op.len());
-                std::ptr::copy_nonoverlapping(payload.as_ptr(), self.entry.payload(), payload.len());
+                std::ptr::copy_nonoverlapping(
+                    payload.as_ptr(),
+                    self.entry.payload(),
+                    payload.len(),
+                );
                 std::ptr::addr_of_mut!((*hdr).ring_ent_in_out).write(EntInOut {
                     flags: 0,
                     commit_id: unique,
@@ -750,7 +781,8 @@ mod tests {
             unsafe {
                 let out = std::ptr::read(hdr);
                 let n = out.ring_ent_in_out.payload_sz as usize;
-                let word = |at: usize| u32::from_ne_bytes(out.in_out[at..at + 4].try_into().unwrap());
+                let word =
+                    |at: usize| u32::from_ne_bytes(out.in_out[at..at + 4].try_into().unwrap());
                 let data = std::slice::from_raw_parts(self.entry.payload(), n).to_vec();
                 (
                     word(0),
@@ -776,7 +808,10 @@ mod tests {
     fn a_name_in_the_payload_reaches_the_filesystem() {
         let rig = Rig::new(64 << 10);
         let (len, err, unique, data) = rig.serve(None, LOOKUP, &[], b"a\0");
-        assert_eq!((len, err, unique, data.len()), (16, -libc::EEXIST, 0x1234_5678, 0));
+        assert_eq!(
+            (len, err, unique, data.len()),
+            (16, -libc::EEXIST, 0x1234_5678, 0)
+        );
         let (_, err, _, _) = rig.serve(None, LOOKUP, &[], b"b\0");
         assert_eq!(err, -libc::ENOENT);
     }
@@ -816,7 +851,10 @@ mod tests {
         let rig = Rig::new(16 << 10);
         // A reply longer than the payload buffer.
         let (len, err, unique, out) = rig.serve(None, READ, &rw_in(20_000), &[]);
-        assert_eq!((len, err, unique, out.len()), (16, -libc::EIO, 0x1234_5678, 0));
+        assert_eq!(
+            (len, err, unique, out.len()),
+            (16, -libc::EIO, 0x1234_5678, 0)
+        );
         // A length that does not cover the payload.
         let (_, err, _, _) = rig.serve(Some(41), LOOKUP, &[], b"a\0");
         assert_eq!(err, -libc::EIO);
