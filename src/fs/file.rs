@@ -685,6 +685,25 @@ mod tests {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
 
+    /// An inotify fd watching `path` for `mask`.
+    fn watch(path: &std::path::Path, mask: u32) -> OwnedFd {
+        // SAFETY: a plain syscall; its fd, checked, is owned from here on.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
+        assert!(
+            raw >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a new fd nothing else owns.
+        let ino = unsafe { OwnedFd::from_raw_fd(raw) };
+        let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+        assert!(
+            // SAFETY: a valid inotify fd and a NUL-terminated path.
+            unsafe { libc::inotify_add_watch(ino.as_raw_fd(), path.as_ptr(), mask) } >= 0
+        );
+        ino
+    }
+
     /// Reads the pending inotify events of `fd` (non-blocking) and returns their masks.
     fn events(fd: &OwnedFd) -> Vec<u32> {
         let mut buf = [0u8; 4096];
@@ -716,20 +735,7 @@ mod tests {
         let h = ov.handle(fh).unwrap();
         assert!(!h.may_free_data(), "a linked file");
         drop(h);
-        // SAFETY: a plain syscall; its fd, checked, is owned from here on.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
-        assert!(
-            raw >= 0,
-            "inotify_init1: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `raw` is a new fd nothing else owns.
-        let ino = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = CString::new(t.path().join("upper/a").as_os_str().as_bytes()).unwrap();
-        assert!(
-            // SAFETY: a valid inotify fd and a NUL-terminated path.
-            unsafe { libc::inotify_add_watch(ino.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE) } >= 0
-        );
+        let ino = watch(&t.path().join("upper/a"), libc::IN_CLOSE);
         ov.release(fh);
         assert!(
             events(&ino).iter().any(|m| m & libc::IN_CLOSE != 0),
@@ -751,26 +757,7 @@ mod tests {
     fn create_open_opens_the_new_file_once() {
         let t = tempfile::tempdir().unwrap();
         let ov = crate::fs::test_overlay(t.path(), |_| {});
-        // SAFETY: a plain syscall; its fd, checked, is owned from here on.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK) };
-        assert!(
-            raw >= 0,
-            "inotify_init1: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `raw` is a new fd nothing else owns.
-        let ino = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = CString::new(t.path().join("upper").as_os_str().as_bytes()).unwrap();
-        assert!(
-            // SAFETY: a valid inotify fd and a NUL-terminated path.
-            unsafe {
-                libc::inotify_add_watch(
-                    ino.as_raw_fd(),
-                    path.as_ptr(),
-                    libc::IN_OPEN | libc::IN_CLOSE,
-                )
-            } >= 0
-        );
+        let ino = watch(&t.path().join("upper"), libc::IN_OPEN | libc::IN_CLOSE);
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | crate::sys::O_LARGEFILE_KERNEL;
         let (_, _, (fh, _, fd)) = ov
             .create_open(ROOT_INO, c"new", 0o644, flags, 0, 0)
