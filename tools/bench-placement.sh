@@ -20,8 +20,8 @@
 #   reopen   `: > f` on each of them again (LOOKUP, OPEN with O_TRUNC, GETXATTR, RELEASE)
 #
 # Placements (taskset), with `-o io_uring=off`: "free" as a user runs it; "together" = daemon
-# and caller on CPU 0; "apart" = daemon on CPU 0, caller on CPU 1. Then "io_uring, free": the
-# default transport where the kernel has FUSE over io_uring (its ring threads pin themselves
+# and caller on CPU 0; "apart" = daemon on CPU 0, caller on CPU 1. Then "io_uring, free":
+# `-o io_uring=on`, where the kernel has FUSE over io_uring (its ring threads pin themselves
 # to their queue's CPU, so pinning the daemon means nothing there). Prints seconds per loop and
 # the ratio to kernel overlayfs measured in the same round.
 #

@@ -92,9 +92,9 @@ if ! grep -qw overlay /proc/filesystems; then
 fi
 grep -qw overlay /proc/filesystems || log "warning: kernel overlayfs not available (needed as the test oracle)"
 
-# FUSE over io_uring (Linux 6.14+): off by default in the kernel; layervol serves its requests
-# over per-CPU rings when it is on (a metadata request then stays on the caller's CPU), and
-# over /dev/fuse otherwise. Takes effect for mounts made after this.
+# FUSE over io_uring (Linux 6.14+): off by default in the kernel; with it on, a mount with
+# `-o io_uring=on` serves its requests over per-CPU rings (a metadata request then stays on
+# the caller's CPU); without, over /dev/fuse. Takes effect for mounts made after this.
 URING_PARAM=/sys/module/fuse/parameters/enable_uring
 if [[ -w $URING_PARAM ]]; then
   [[ $(cat "$URING_PARAM") == Y ]] || echo Y > "$URING_PARAM" || log "cannot enable $URING_PARAM"

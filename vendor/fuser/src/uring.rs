@@ -447,7 +447,7 @@ fn serve_queue<FS: Filesystem>(
     let mut registered = false;
     loop {
         // SAFETY: the SQE's buffers (the entry) outlive the command: the entry is dropped
-        // only after this loop, once the kernel has completed the command.
+        // only once the kernel has completed the command (or leaked, see below).
         unsafe { ring.submission().push(&next) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         // Pushed once: an interrupted wait has submitted it already (or submits it next time).
@@ -459,7 +459,12 @@ fn serve_queue<FS: Filesystem>(
                         e.raw_os_error(),
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                     ) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // The command may still be in the kernel, which would write into the
+                    // entry's buffers after they were freed: they are left to the process.
+                    std::mem::forget(entry);
+                    return Err(e);
+                }
             }
             if let Some(cqe) = ring.completion().next() {
                 break cqe;
