@@ -93,6 +93,10 @@ pub fn lstat(p: &str) -> Op {
 pub fn chmod(p: &str, mode: u32) -> Op {
     Op::Chmod(s(p), mode)
 }
+/// `op` as an unprivileged process with these ids would make it.
+pub fn as_user(uid: u32, gid: u32, op: Op) -> Op {
+    Op::AsUser(uid, gid, Box::new(op))
+}
 pub fn chown(p: &str, uid: u32, gid: u32) -> Op {
     Op::Chown(s(p), uid, gid)
 }

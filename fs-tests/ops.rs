@@ -95,6 +95,11 @@ pub enum Op {
     Ino(String, String),
     /// Records `fstat(slot).st_ino` under a label.
     Fino(String, Slot),
+    // --- credentials ---
+    /// Runs the op with this thread's filesystem uid and gid switched to `(uid, gid)`, which
+    /// also drops its filesystem capabilities (CAP_FSETID among them), as an unprivileged
+    /// process would run it.
+    AsUser(u32, u32, Box<Op>),
     // --- control (executed by the scenario runner) ---
     /// Snapshots the whole merged view for comparison.
     Checkpoint,
@@ -232,6 +237,7 @@ impl fmt::Display for Op {
             Op::RemoveXattr(p, n) => write!(f, "lremovexattr({p:?}, {n:?})"),
             Op::Open(s, p, fl, m) => write!(f, "fd{s} = open({p:?}, {}, {m:o})", flag_names(*fl)),
             Op::Close(s) => write!(f, "close(fd{s})"),
+            Op::AsUser(u, g, op) => write!(f, "as {u}:{g}: {op}"),
             Op::Read(s) => write!(f, "read(fd{s})"),
             Op::Write(s, d) => write!(f, "write(fd{s}, {})", b(d)),
             Op::Pread(s, o, l) => write!(f, "pread(fd{s}, {o}, {l})"),
@@ -478,6 +484,10 @@ impl Exec {
                 }
                 Err(e) => Outcome::Err(e),
             },
+            Op::AsUser(uid, gid, op) => {
+                let _as = sys::FsCreds::switch(*uid, *gid);
+                self.apply(op)
+            }
             Op::Checkpoint | Op::Remount | Op::Rotate | Op::Snapshot => {
                 unreachable!("control ops are run by the scenario runner")
             }

@@ -449,3 +449,33 @@ pub fn minor(dev: u64) -> u32 {
 pub fn makedev(major: u32, minor: u32) -> u64 {
     libc::makedev(major, minor)
 }
+
+/// This thread's filesystem uid and gid switched to a user's until dropped. Going from fsuid 0
+/// to another drops the thread's filesystem capabilities (CAP_FSETID, CAP_DAC_OVERRIDE, ...)
+/// and going back restores them; other threads keep their credentials.
+pub struct FsCreds(());
+
+impl FsCreds {
+    pub fn switch(uid: u32, gid: u32) -> FsCreds {
+        // Group first: once the fsuid is not 0 the thread may no longer pick any group.
+        unsafe {
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+        }
+        assert_eq!(
+            unsafe { libc::setfsuid(u32::MAX) },
+            uid as i32,
+            "setfsuid({uid})"
+        );
+        FsCreds(())
+    }
+}
+
+impl Drop for FsCreds {
+    fn drop(&mut self) {
+        unsafe {
+            libc::setfsuid(0);
+            libc::setfsgid(0);
+        }
+    }
+}

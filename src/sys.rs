@@ -73,6 +73,20 @@ pub fn dev_no_sync(path: &std::path::Path) -> Result<u64> {
     Ok(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor))
 }
 
+/// The supplementary groups of thread `tid` (from /proc: `Groups:` of its status).
+pub fn supplementary_groups(tid: u32) -> Result<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .ok_or(Errno::EIO)?;
+    Ok(line
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .collect())
+}
+
 /// O_LARGEFILE as the kernel sets it in every open's flags on 64-bit architectures (and so in
 /// the flags of FUSE CREATE and OPEN requests); the libc crate defines O_LARGEFILE as 0 there.
 #[cfg(target_arch = "aarch64")]

@@ -604,3 +604,48 @@ fn the_mount_reads_ahead_like_its_layers() {
     }
     umount(&s);
 }
+
+/// The daemon clears set-ID bits itself (FUSE_HANDLE_KILLPRIV_V2), so the kernel does not ask
+/// it for security.capability before every write (it did: one GETXATTR per write() call,
+/// doubling the requests of small writes). What set-ID bits a write, truncate or chown leaves
+/// is checked against kernel overlayfs by fs-tests' `setid` scenarios.
+#[test]
+fn writes_do_not_ask_for_security_capability_each_time() {
+    let s = Stack::new();
+    let log = s.p("daemon.log");
+    let mut child = Command::new(BIN)
+        .current_dir(&s.root)
+        .env("LAYERVOL_LOG", "fuser::request=debug")
+        .args(["-f", "-o", "lowerdir=l1:l2,upperdir=u,workdir=w", "m"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !s.mounted() {
+        assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.p("m/a"))
+            .unwrap();
+        for i in 0..100u64 {
+            f.write_at(b"x", i).unwrap();
+        }
+    }
+    umount(&s);
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert!(
+        count(" WRITE ") >= 100,
+        "the log shows every request:\n{log}"
+    );
+    let asked = count("GETXATTR name \"security.capability\"");
+    assert!(
+        asked <= 2,
+        "{asked} GETXATTR of security.capability for 100 writes"
+    );
+}

@@ -12,6 +12,7 @@ mod mount;
 mod opaque;
 mod rename;
 mod rmdir;
+mod setid;
 mod special;
 mod whiteout;
 mod xattr;
@@ -30,6 +31,7 @@ pub fn all() -> Vec<(&'static str, Vec<Scenario>)> {
         ("symlink", links::symlinks()),
         ("special", special::scenarios()),
         ("xattr", xattr::scenarios()),
+        ("setid", setid::scenarios()),
         ("io", io::scenarios()),
         ("errors", errors::scenarios()),
         ("mount", mount::scenarios()),

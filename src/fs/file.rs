@@ -78,6 +78,24 @@ impl SetAttr {
     }
 }
 
+/// Who makes a change that may clear set-ID bits (see [`Overlay::clear_set_id`]), as the
+/// kernel describes the caller of a request.
+pub struct Caller {
+    /// The caller's filesystem gid.
+    pub gid: u32,
+    /// The calling thread, whose supplementary groups count too.
+    pub pid: u32,
+    /// Whether the caller may keep set-ID bits (CAP_FSETID).
+    pub fsetid: bool,
+}
+
+impl Caller {
+    /// Whether the caller is in group `gid` (its filesystem gid or a supplementary group).
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || sys::supplementary_groups(self.pid).is_ok_and(|g| g.contains(&gid))
+    }
+}
+
 /// An open file: the handle number, the I/O mode the kernel must use, and the real fd.
 pub type Opened = (u64, IoMode, Arc<OwnedFd>);
 
@@ -527,6 +545,38 @@ impl Overlay {
             sys::fchownat(d.as_fd(), &n, u32::MAX, u32::MAX)?;
         }
         self.getattr(ino, fh)
+    }
+
+    /// Clears set-ID bits of a regular file as the kernel does when `caller` writes to it,
+    /// truncates it or changes its owner: set-user-ID always; set-group-ID when group
+    /// execute is set (without it the bit marks mandatory locking, not a privilege) or when
+    /// a caller without CAP_FSETID is not in the file's group. The kernel leaves this to the
+    /// filesystem with FUSE_HANDLE_KILLPRIV_V2; the daemon itself keeps the bits when it
+    /// writes (it has CAP_FSETID).
+    pub fn clear_set_id(&self, ino: u64, fh: Option<u64>, caller: &Caller) -> Result<()> {
+        let st = self.getattr(ino, fh)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(());
+        }
+        let mut mode = st.st_mode & 0o7777;
+        mode &= !libc::S_ISUID;
+        if mode & libc::S_ISGID != 0
+            && (mode & libc::S_IXGRP != 0 || !(caller.fsetid || caller.in_group(st.st_gid)))
+        {
+            mode &= !libc::S_ISGID;
+        }
+        if mode == st.st_mode & 0o7777 {
+            return Ok(());
+        }
+        let a = SetAttr {
+            mode: Some(mode),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: SetTime::Omit,
+            mtime: SetTime::Omit,
+        };
+        self.setattr(ino, fh, a).map(drop)
     }
 
     /// setattr on an open file whose names are all gone: act on the open fd.

@@ -17,7 +17,7 @@ use fuser::{
 use tracing::{debug, warn};
 
 use super::dir::NewKind;
-use super::file::{SetAttr, SetTime};
+use super::file::{Caller, SetAttr, SetTime};
 use super::{Attr, IoMode, Overlay};
 use crate::sys::Errno;
 
@@ -139,6 +139,25 @@ impl FuseAdapter {
         reply.entry(&ttl, &attr(st), Generation(0));
     }
 
+    /// Clears set-ID bits as `req`'s caller changes the file (FUSE_HANDLE_KILLPRIV_V2);
+    /// `fsetid`: whether the caller may keep them.
+    fn clear_set_id(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        fsetid: bool,
+    ) -> Result<(), fuser::Errno> {
+        let caller = Caller {
+            gid: req.gid(),
+            pid: req.pid(),
+            fsetid,
+        };
+        self.fs
+            .clear_set_id(ino.0, fh.map(|f| f.0), &caller)
+            .map_err(err)
+    }
+
     fn create_kind(
         &self,
         reply: ReplyEntry,
@@ -170,7 +189,10 @@ impl Filesystem for FuseAdapter {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_SPLICE_READ
             | InitFlags::FUSE_SPLICE_WRITE
-            | InitFlags::FUSE_SPLICE_MOVE;
+            | InitFlags::FUSE_SPLICE_MOVE
+            // Set-ID bits are cleared here (write, truncate, chown, open with O_TRUNC): the
+            // kernel then stops asking for security.capability before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -216,7 +238,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -230,8 +252,15 @@ impl Filesystem for FuseAdapter {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<BsdFileFlags>,
+        kill_suidgid: bool,
         reply: ReplyAttr,
     ) {
+        if kill_suidgid {
+            // Asked for every truncate by a caller without CAP_FSETID and for every owner
+            // change, privileged or not (then root is taken as privileged).
+            let fsetid = size.is_none() && req.uid() == 0;
+            tri!(reply, self.clear_set_id(req, ino, fh, fsetid));
+        }
         let a = SetAttr {
             mode,
             uid,
@@ -354,11 +383,22 @@ impl Filesystem for FuseAdapter {
         self.create_kind(reply, newparent, newname, req, NewKind::Link { target });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        flags: OpenFlags,
+        kill_suidgid: bool,
+        reply: ReplyOpen,
+    ) {
         let (fh, mut mode, fd) = match self.fs.open(ino.0, flags.0) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
+        if kill_suidgid && let Err(e) = self.clear_set_id(req, ino, Some(FileHandle(fh)), false) {
+            self.fs.release(fh);
+            return reply.error(e);
+        }
         if mode == IoMode::Passthrough {
             let backing = if self.passthrough.load(std::sync::atomic::Ordering::Relaxed) {
                 reply.open_backing(&*fd)
@@ -404,16 +444,19 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            tri!(reply, self.clear_set_id(req, ino, Some(fh), false));
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),
@@ -649,6 +692,8 @@ impl Filesystem for FuseAdapter {
         mode: u32,
         _umask: u32,
         flags: i32,
+        // Set for O_TRUNC, but a created file has no set-ID bits to lose.
+        _kill_suidgid: bool,
         reply: ReplyCreate,
     ) {
         let r = run(|| {

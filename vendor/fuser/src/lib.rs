@@ -440,6 +440,8 @@ pub trait Filesystem: Send + Sync + 'static {
     }
 
     /// Set file attributes.
+    /// `kill_suidgid`: the filesystem must clear the set-ID bits as the kernel would for this
+    /// truncate or owner change (only with `FUSE_HANDLE_KILLPRIV_V2`).
     fn setattr(
         &self,
         _req: &Request,
@@ -456,6 +458,7 @@ pub trait Filesystem: Send + Sync + 'static {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         flags: Option<BsdFileFlags>,
+        _kill_suidgid: bool,
         reply: ReplyAttr,
     ) {
         warn!(
@@ -574,7 +577,16 @@ pub trait Filesystem: Send + Sync + 'static {
     /// anything in fh. There are also some flags (`direct_io`, `keep_cache`) which the
     /// filesystem may set, to change the way the file is opened. See `fuse_file_info`
     /// structure in <`fuse_common.h`> for more details.
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    /// `kill_suidgid`: the open truncates and the filesystem must clear the set-ID bits
+    /// (only with `FUSE_HANDLE_KILLPRIV_V2`).
+    fn open(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _flags: OpenFlags,
+        _kill_suidgid: bool,
+        reply: ReplyOpen,
+    ) {
         reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
@@ -839,6 +851,7 @@ pub trait Filesystem: Send + Sync + 'static {
     /// opened. See `fuse_file_info` structure in <`fuse_common.h`> for more details. If
     /// this method is not implemented or under Linux kernel versions earlier than
     /// 2.6.15, the `mknod()` and `open()` methods will be called instead.
+    /// `kill_suidgid`: as for `open()`.
     fn create(
         &self,
         _req: &Request,
@@ -847,6 +860,7 @@ pub trait Filesystem: Send + Sync + 'static {
         mode: u32,
         umask: u32,
         flags: i32,
+        _kill_suidgid: bool,
         reply: ReplyCreate,
     ) {
         warn!(
