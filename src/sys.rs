@@ -123,13 +123,14 @@ fn fuse_mount_device_in(mountinfo: &str, mnt: &std::path::Path) -> Option<String
     }
     mountinfo
         .lines()
-        .filter_map(|l| {
+        // The last mount on that point is the one on top.
+        .rev()
+        .find_map(|l| {
             let (mount, fs) = l.split_once(" - ")?;
             let f: Vec<&str> = mount.split(' ').collect();
             let dev = f.get(2).copied();
             (f.get(4) == Some(&want.as_str()) && fs.starts_with("fuse")).then_some(dev)?
         })
-        .last()
         .map(|d| d.to_string())
 }
 
