@@ -83,6 +83,20 @@ pub fn scenarios() -> Vec<Scenario> {
             chown("g", 1000, 2000),
             stat("g"),
         ]),
+        Scenario::new("unprivileged_chown_clears_set_id")
+            .lower(lower())
+            .ops([
+                // The owner gives the file to a group of theirs (here their fsgid).
+                as_user(U, U, chown("s", U, U)),
+                stat("s"),
+                as_user(U, U, chown("g", u32::MAX, U)),
+                stat("g"),
+                chmod("g", 0o2766),
+                as_user(U, U, chown("g", U, u32::MAX)),
+                stat("g"),
+                as_user(1001, 1001, chown("k", u32::MAX, u32::MAX)),
+                stat("k"),
+            ]),
         Scenario::new("unprivileged_fallocate_clears_set_id")
             .lower(lower())
             .ops([
