@@ -232,6 +232,14 @@ pub struct Mount {
     _watchdog: Option<Watchdog>,
 }
 
+/// More mount options for every layervol mount, overlay and volume
+/// (`FS_TESTS_LAYERVOL_OPTIONS`, e.g. `io_uring=on`): the suite against another configuration.
+pub fn layervol_extra_options() -> Option<String> {
+    std::env::var("FS_TESTS_LAYERVOL_OPTIONS")
+        .ok()
+        .filter(|o| !o.is_empty())
+}
+
 /// Options of the second kernel mount when `FS_TESTS_IMPL=kernel`: [`KERNEL_OPTIONS`]
 /// unless `FS_TESTS_KERNEL2_OPTIONS` overrides them. Mounting the "candidate" with other
 /// options (e.g. `redirect_dir=off,index=off`) shows which scenarios depend on which kernel
@@ -310,7 +318,12 @@ impl Mount {
 
     fn fuse(imp: Impl, via: MountVia, stack: &Stack) -> Result<Mount, String> {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_layervol"));
-        let opts = stack.options();
+        let mut opts = stack.options();
+        if imp == Impl::Layervol
+            && let Some(extra) = layervol_extra_options()
+        {
+            opts = format!("{opts},{extra}");
+        }
         let cmd = match (imp, via) {
             (Impl::FuseOverlayfs, _) => {
                 let mut c = Command::new("fuse-overlayfs");

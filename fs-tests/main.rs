@@ -53,7 +53,8 @@
 //! - `FS_TESTS_TMPDIR` (default /tmp), `FS_TESTS_KEEP=1` keeps the directories of failed
 //!   scenarios, `FS_TESTS_TIMEOUT` (seconds, default 120) aborts a hung FUSE mount,
 //!   `FS_TESTS_TRACE=1` prints every op with both outcomes (use with `--test-threads=1`),
-//!   `FS_TESTS_KERNEL2_OPTIONS` overrides the options of the second kernel mount.
+//!   `FS_TESTS_KERNEL2_OPTIONS` overrides the options of the second kernel mount,
+//!   `FS_TESTS_LAYERVOL_OPTIONS` adds options to every layervol mount (e.g. `io_uring=on`).
 //!
 //! Run: `cargo test --release --test fs-tests [-- FILTER] [--list]`, as root.
 

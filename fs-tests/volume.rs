@@ -161,8 +161,11 @@ impl Volume {
     /// `layervol mount VOL MNT`.
     pub fn mount(&self) -> Result<Mount, String> {
         let mut cmd = Command::new(layervol_bin());
-        cmd.arg("mount")
-            .arg(&self.path)
+        cmd.arg("mount");
+        if let Some(extra) = harness::layervol_extra_options() {
+            cmd.arg("-o").arg(extra);
+        }
+        cmd.arg(&self.path)
             .arg(&self.mnt)
             .env("LAYERVOL_RUN_DIR", &self.run_dir);
         Mount::spawn(Impl::Layervol, cmd, &self.mnt, self.log.clone())
