@@ -60,12 +60,17 @@ impl Stack {
             .args(["-f", "-o", opts, "m"])
             .spawn()
             .unwrap();
+        self.wait_mounted();
+        child
+    }
+
+    /// Waits until the mount is listed (a foreground daemon mounts after it starts).
+    fn wait_mounted(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !self.mounted() {
             assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        child
     }
 
     fn mounted(&self) -> bool {
@@ -620,11 +625,7 @@ fn writes_do_not_ask_for_security_capability_each_time() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.mounted() {
-        assert!(std::time::Instant::now() < deadline, "no mount after 10 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    s.wait_mounted();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
