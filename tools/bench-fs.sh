@@ -19,6 +19,8 @@
 #   LAYERVOL          layervol binary (default: <this script's dir>/../target/release/layervol).
 #                     It is run as `$LAYERVOL -o lowerdir=L,upperdir=U,workdir=W MNT`, must daemonise
 #                     and return once the mount is ready; `umount MNT` ends it.
+#   LAYERVOL_OPTIONS  more mount options for the layervol mounts, overlay and volume (e.g.
+#                     io_uring=on); shown in the table's header line.
 #   BENCH_WORKDIR     work dir root (default /var/tmp/layervol-bench; must not be tmpfs)
 #   BENCH_TREE_CACHE  cache of the "real tree" (default /var/tmp/layervol-bench-tree)
 #   BENCH_TIMEOUT     per-workload timeout in seconds (default 900)
@@ -55,6 +57,7 @@ export LC_ALL=C
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAYERVOL=${LAYERVOL:-$SCRIPT_DIR/../target/release/layervol}
+LAYERVOL_OPTIONS=${LAYERVOL_OPTIONS:-}
 WORKROOT=${BENCH_WORKDIR:-/var/tmp/layervol-bench}
 TREE_CACHE=${BENCH_TREE_CACHE:-/var/tmp/layervol-bench-tree}
 TIMEOUT=${BENCH_TIMEOUT:-900}
@@ -330,10 +333,10 @@ do_mount() { # $1 impl
   case $1 in
     kernel) timeout -k 5 "$MOUNT_TIMEOUT" mount -t overlay overlay -o "$opts" "$MNT" ;;
     fuse-overlayfs) timeout -k 5 "$MOUNT_TIMEOUT" fuse-overlayfs -o "$opts" "$MNT" ;;
-    layervol) timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" -o "$opts" "$MNT" ;;
+    layervol) timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" -o "$opts${LAYERVOL_OPTIONS:+,$LAYERVOL_OPTIONS}" "$MNT" ;;
     layervol-volume)
       "$LAYERVOL" volume create "$UPPER/vol" --from "$LOWER" &&
-        timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" mount "$UPPER/vol" "$MNT" ;;
+        timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" mount ${LAYERVOL_OPTIONS:+-o "$LAYERVOL_OPTIONS"} "$UPPER/vol" "$MNT" ;;
   esac
 }
 wait_mounted() {
@@ -487,12 +490,13 @@ fi
 table() {
   local w i p a b hdr sep row
   printf '### layervol benchmark (%s)\n\n' "$( ((QUICK)) && echo quick || echo full)"
-  printf 'Kernel %s, %s CPUs, %s GiB RAM, work dir on %s; %s; lower: %s MiB file + tree of %s files (%s MiB); %s; cold caches; seconds (lower is better).%s\n\n' \
+  printf 'Kernel %s, %s CPUs, %s GiB RAM, work dir on %s; %s; lower: %s MiB file + tree of %s files (%s MiB); %s; cold caches; seconds (lower is better).%s%s\n\n' \
     "$(uname -r)" "$(nproc)" "$(awk '/MemTotal/ { printf "%d", $2 / 1048576 }' /proc/meminfo)" \
     "$fstype" "$(date -u +%Y-%m-%d)" "$BIG_MIB" "$TREE_FILES" \
     "$(awk -F'[= ]' '{ printf "%d", $2 / 1048576 }' <<<"$TREE_INFO")" \
     "$( ((REPS > 1)) && echo "median of $REPS runs per cell" || echo "one run per cell")" \
-    "${layervol_rev:+ layervol at $layervol_rev.}"
+    "${layervol_rev:+ layervol at $layervol_rev.}" \
+    "${LAYERVOL_OPTIONS:+ layervol mounted with -o $LAYERVOL_OPTIONS.}"
   hdr="| workload |" sep="|---|"
   for i in "${IMPLS[@]}"; do hdr+=" $i (s) |"; sep+="---:|"; done
   for p in "${PAIRS[@]}"; do hdr+=" ${p%%:*}/${p##*:} |"; sep+="---:|"; done
