@@ -209,3 +209,41 @@ pub fn remount() -> Op {
 pub fn rotate() -> Op {
     Op::Rotate
 }
+
+/// The xattr form (`system.posix_acl_access` / `system.posix_acl_default`) of a POSIX ACL
+/// written as `setfacl` short text, entries in canonical order: `"u::rw,u:1000:r,g::-,m::rw,o::-"`.
+pub fn acl(text: &str) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for entry in text.split(',') {
+        let mut parts = entry.split(':');
+        let (tag, id, perms) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(i), Some(p)) => (t, i, p),
+            _ => panic!("ACL entry {entry:?} is not tag:id:perms"),
+        };
+        let tag: u16 = match (tag, id.is_empty()) {
+            ("u", true) => 0x01,
+            ("u", false) => 0x02,
+            ("g", true) => 0x04,
+            ("g", false) => 0x08,
+            ("m", true) => 0x10,
+            ("o", true) => 0x20,
+            _ => panic!("ACL entry {entry:?}: unknown tag"),
+        };
+        let perm = perms.chars().fold(0u16, |p, c| match c {
+            'r' => p | 4,
+            'w' => p | 2,
+            'x' => p | 1,
+            '-' => p,
+            _ => panic!("ACL entry {entry:?}: bad permission {c:?}"),
+        });
+        let id = if id.is_empty() {
+            u32::MAX
+        } else {
+            id.parse().expect("numeric id")
+        };
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}

@@ -494,7 +494,8 @@ mod xattrat {
     }
 }
 
-/// Value of xattr `key` on `dir/name`, or `None` if it is not set.
+/// Value of xattr `key` on `dir/name`, or `None` if it is not set. An empty name (the fd
+/// itself) needs an fd that is not O_PATH; an O_PATH directory is `dir/.`.
 pub fn getxattr(dir: BorrowedFd, name: &CStr, key: &CStr) -> Result<Option<Vec<u8>>> {
     let mut path = None;
     xattr_value(|buf| {

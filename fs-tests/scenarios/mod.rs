@@ -2,6 +2,7 @@
 
 use crate::scenario::Scenario;
 
+mod acl;
 mod copyup;
 mod errors;
 mod io;
@@ -32,6 +33,7 @@ pub fn all() -> Vec<(&'static str, Vec<Scenario>)> {
         ("special", special::scenarios()),
         ("xattr", xattr::scenarios()),
         ("setid", setid::scenarios()),
+        ("acl", acl::scenarios()),
         ("io", io::scenarios()),
         ("errors", errors::scenarios()),
         ("mount", mount::scenarios()),

@@ -10,6 +10,7 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use super::acl;
 use super::copyup::remove_tree;
 use super::{Attr, Node, Overlay};
 use crate::layer::{self, EntryKind};
@@ -23,6 +24,24 @@ pub struct DirEntry {
     pub fmt: u32,
 }
 
+/// Who creates: the caller's filesystem ids and umask (applied here, not by the kernel: a
+/// default ACL of the directory replaces it).
+#[derive(Debug, Clone, Copy)]
+pub struct Creator {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+}
+
+impl Creator {
+    /// Root with no umask (tests, internal callers).
+    pub const ROOT: Creator = Creator {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+    };
+}
+
 /// What to create.
 pub enum NewKind<'a> {
     File { mode: u32 },
@@ -30,6 +49,32 @@ pub enum NewKind<'a> {
     Node { mode: u32, rdev: u64 },
     Symlink { target: &'a CStr },
     Link { target: Arc<Node> },
+}
+
+/// A whiteout made in place in `updir` got the directory's default ACL (as an access ACL)
+/// from the upper's filesystem; kernel overlayfs makes the whiteouts of removals in its work
+/// dir, without one. (Renames leave theirs with RENAME_WHITEOUT in place, in both.)
+fn strip_inherited_acl(updir: BorrowedFd, name: &CStr) -> Result<()> {
+    match sys::getxattr(updir, c".", acl::DEFAULT) {
+        Ok(Some(_)) => match sys::removexattr(updir, name, acl::ACCESS) {
+            Ok(()) | Err(Errno::ENODATA) => Ok(()),
+            Err(e) => Err(e),
+        },
+        Ok(None) | Err(Errno::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl NewKind<'_> {
+    /// The mode of the kinds that have one of their own (not symlinks, not links).
+    fn mode_mut(&mut self) -> Option<&mut u32> {
+        match self {
+            NewKind::File { mode } | NewKind::Dir { mode } | NewKind::Node { mode, .. } => {
+                Some(mode)
+            }
+            NewKind::Symlink { .. } | NewKind::Link { .. } => None,
+        }
+    }
 }
 
 fn dtype_fmt(t: u8) -> u32 {
@@ -139,16 +184,15 @@ impl Overlay {
         Ok(self.list_dir(node)?.is_empty())
     }
 
-    /// Creates `name` in `parent` as `uid:gid`. Returns the new node with one kernel lookup.
+    /// Creates `name` in `parent` for `who`. Returns the new node with one kernel lookup.
     pub fn create_entry(
         &self,
         parent_ino: u64,
         name: &CStr,
         kind: NewKind,
-        uid: u32,
-        gid: u32,
+        who: Creator,
     ) -> Result<(Arc<Node>, Attr)> {
-        self.make_entry(parent_ino, name, kind, uid, gid, None)
+        self.make_entry(parent_ino, name, kind, who, None)
             .map(|(n, st, _)| (n, st))
     }
 
@@ -158,9 +202,8 @@ impl Overlay {
         &self,
         parent_ino: u64,
         name: &CStr,
-        kind: NewKind,
-        uid: u32,
-        gid: u32,
+        mut kind: NewKind,
+        who: Creator,
         open: Option<i32>,
     ) -> Result<(Arc<Node>, Attr, Option<OwnedFd>)> {
         let _s = self.stable();
@@ -196,8 +239,8 @@ impl Overlay {
         let updir = self.upper_dir(&parent)?;
         let pst = sys::fstat(updir.as_fd())?;
         let (uid, gid) = (
-            self.cfg.uid_map.to_layer(uid),
-            self.cfg.gid_map.to_layer(gid),
+            self.cfg.uid_map.to_layer(who.uid),
+            self.cfg.gid_map.to_layer(who.gid),
         );
         let gid = if pst.st_mode & libc::S_ISGID != 0 {
             pst.st_gid
@@ -205,6 +248,21 @@ impl Overlay {
             gid
         };
         let is_dir = matches!(kind, NewKind::Dir { .. });
+        // The umask, or the parent's default ACL (FUSE_DONT_MASK): made in place, the object
+        // gets the ACLs from the upper's filesystem; made in the work dir, from us below.
+        let inherited = match kind.mode_mut() {
+            Some(mode) => {
+                let parent_default = match sys::getxattr(updir.as_fd(), c".", acl::DEFAULT) {
+                    Ok(v) => v,
+                    Err(Errno::EOPNOTSUPP) => None,
+                    Err(e) => return Err(e),
+                };
+                let i = acl::inherit(parent_default.as_deref(), *mode, who.umask, is_dir);
+                *mode = i.mode;
+                Some(i)
+            }
+            None => None,
+        };
         // The name is free in the merged view, so the upper holds nothing there or a whiteout:
         // the object is made in place, and only if that finds something the upper is looked at.
         // Over a whiteout the object is built in the work dir and swapped in atomically.
@@ -239,9 +297,9 @@ impl Overlay {
                     None => sys::fchownat(dir, &tmp, uid, gid)?,
                 }
             }
-            // The kernel applied the caller's umask to the mode already (and ours is 0), but
-            // a default ACL of the upper directory or set-id rules may have changed it, and
-            // chown clears set-id bits: the mode goes on after the owner where it differs.
+            // The mode is final (umask or default ACL applied above; ours is 0), but set-id
+            // rules may have changed it, and chown clears set-id bits: the mode goes on after
+            // the owner where it differs.
             let want = match &kind {
                 NewKind::File { mode } | NewKind::Node { mode, .. } => Some(*mode & 0o7777),
                 NewKind::Dir { mode } => Some(
@@ -260,6 +318,13 @@ impl Overlay {
                 match &fd {
                     Some(fd) => sys::fchmod(fd.as_fd(), want)?,
                     None => sys::fchmodat(dir, &tmp, want)?,
+                }
+            }
+            if over_whiteout && let Some(i) = &inherited {
+                for (key, value) in [(acl::ACCESS, &i.access), (acl::DEFAULT, &i.default)] {
+                    if let Some(value) = value {
+                        sys::setxattr(dir, &tmp, key, value, 0)?;
+                    }
                 }
             }
             // Like the kernel: a new directory in a merged directory is opaque, so it never
@@ -375,6 +440,9 @@ impl Overlay {
             }
         } else {
             sys::mknodat(updir.as_fd(), name, libc::S_IFCHR, 0)?;
+        }
+        if whiteout || !in_upper {
+            strip_inherited_acl(updir.as_fd(), name)?;
         }
         node.unlink_name(&parent, name);
         self.nlink_changed(&node, -1)?;
@@ -576,10 +644,10 @@ mod tests {
         ov.unlink(ROOT_INO, b).unwrap();
         assert_eq!(ov.lookup(ROOT_INO, b).err(), Some(Errno::ENOENT));
         let (target, _) = ov
-            .create_entry(ROOT_INO, a, NewKind::File { mode: 0o644 }, 0, 0)
+            .create_entry(ROOT_INO, a, NewKind::File { mode: 0o644 }, Creator::ROOT)
             .unwrap();
         std::fs::remove_file(upper.join("a")).unwrap();
-        let r = ov.create_entry(ROOT_INO, b, NewKind::Link { target }, 0, 0);
+        let r = ov.create_entry(ROOT_INO, b, NewKind::Link { target }, Creator::ROOT);
         assert!(r.is_err(), "linked a file that is gone: {r:?}");
         assert_eq!(
             ov.lookup(ROOT_INO, b).err(),

@@ -11,6 +11,8 @@ use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 
+use super::acl;
+use super::dir::Creator;
 use super::{Attr, Handle, IoMode, Node, Overlay};
 use crate::sys::{self, Errno, Result};
 
@@ -146,8 +148,7 @@ impl Overlay {
         name: &CStr,
         mode: u32,
         flags: i32,
-        uid: u32,
-        gid: u32,
+        who: Creator,
     ) -> Result<(Arc<Node>, Attr, Opened)> {
         let _s = self.stable();
         // A new file is empty and in the upper: nothing to truncate or copy up.
@@ -157,8 +158,7 @@ impl Overlay {
             parent,
             name,
             super::dir::NewKind::File { mode },
-            uid,
-            gid,
+            who,
             Some(oflags),
         )?;
         let fd = match fd {
@@ -668,7 +668,13 @@ impl Overlay {
         let _s = self.stable();
         let node = self.node(ino)?;
         let (d, n) = self.locate(&node)?;
-        sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key))?.ok_or(Errno::ENODATA)
+        match sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key)) {
+            Ok(v) => v.ok_or(Errno::ENODATA),
+            // The kernel checks permissions with the ACLs it gets here: a layer without ACLs
+            // has none (as under kernel overlayfs), it must not fail the check.
+            Err(Errno::EOPNOTSUPP) if acl::is_acl_key(key) => Err(Errno::ENODATA),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
@@ -684,7 +690,17 @@ impl Overlay {
         Ok(out)
     }
 
-    pub fn setxattr(&self, ino: u64, key: &CStr, value: &[u8], flags: i32) -> Result<()> {
+    /// Sets xattr `key`; `acl_kill_sgid` (the access ACL, set by a caller outside the file's
+    /// group without CAP_FSETID) first clears set-group-ID, which the upper's filesystem keeps
+    /// for us, as kernel overlayfs does before it sets the ACL with the mounter's rights.
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        key: &CStr,
+        value: &[u8],
+        flags: i32,
+        acl_kill_sgid: bool,
+    ) -> Result<()> {
         if is_layervol_key(key) {
             return Err(Errno::EPERM);
         }
@@ -696,6 +712,12 @@ impl Overlay {
         }
         self.copy_up(&node, true)?;
         let (d, n) = self.locate(&node)?;
+        if acl_kill_sgid && key.as_c_str() == acl::ACCESS {
+            let st = sys::fstatat(d.as_fd(), &n)?;
+            if st.st_mode & libc::S_ISGID != 0 {
+                sys::fchmodat(d.as_fd(), &n, st.st_mode & 0o7777 & !libc::S_ISGID)?;
+            }
+        }
         sys::setxattr(d.as_fd(), &n, key, value, flags)
     }
 
@@ -730,6 +752,7 @@ fn is_layervol_key(key: &CStr) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::Creator;
     use crate::fs::ROOT_INO;
     use std::ffi::CString;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -779,7 +802,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let ov = crate::fs::test_overlay(t.path(), |_| {});
         let (_, _, (fh, _, fd)) = ov
-            .create_open(ROOT_INO, c"a", 0o644, libc::O_RDWR, 0, 0)
+            .create_open(ROOT_INO, c"a", 0o644, libc::O_RDWR, Creator::ROOT)
             .unwrap();
         drop(fd);
         let h = ov.handle(fh).unwrap();
@@ -793,7 +816,7 @@ mod tests {
         );
 
         let (_, _, (fh, _, fd)) = ov
-            .create_open(ROOT_INO, c"b", 0o644, libc::O_RDWR, 0, 0)
+            .create_open(ROOT_INO, c"b", 0o644, libc::O_RDWR, Creator::ROOT)
             .unwrap();
         drop(fd);
         ov.unlink(ROOT_INO, c"b").unwrap();
@@ -810,7 +833,7 @@ mod tests {
         let ino = watch(&t.path().join("upper"), libc::IN_OPEN | libc::IN_CLOSE);
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | crate::sys::O_LARGEFILE_KERNEL;
         let (_, _, (fh, _, fd)) = ov
-            .create_open(ROOT_INO, c"new", 0o644, flags, 0, 0)
+            .create_open(ROOT_INO, c"new", 0o644, flags, Creator::ROOT)
             .unwrap();
         drop(fd);
         let ev = events(&ino);

@@ -16,7 +16,7 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
-use super::dir::NewKind;
+use super::dir::{Creator, NewKind};
 use super::file::{Caller, SetAttr, SetTime};
 use super::{Attr, IoMode, Overlay};
 use crate::sys::Errno;
@@ -42,6 +42,15 @@ impl FuseAdapter {
 
 fn err(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e as i32)
+}
+
+/// The creator of a new object as the kernel describes the caller.
+fn creator(req: &Request, umask: u32) -> Creator {
+    Creator {
+        uid: req.uid(),
+        gid: req.gid(),
+        umask,
+    }
 }
 
 fn cstr(name: &OsStr) -> Result<CString, fuser::Errno> {
@@ -165,12 +174,13 @@ impl FuseAdapter {
         name: &OsStr,
         req: &Request,
         kind: NewKind,
+        umask: u32,
     ) {
         let r = run(|| {
             let name = cstr(name)?;
             Ok(self
                 .fs
-                .create_entry(parent.0, &name, kind, req.uid(), req.gid())?)
+                .create_entry(parent.0, &name, kind, creator(req, umask))?)
         });
         match r {
             Ok((_, st)) => self.entry(reply, &st),
@@ -192,7 +202,13 @@ impl Filesystem for FuseAdapter {
             | InitFlags::FUSE_SPLICE_MOVE
             // Set-ID bits are cleared here (write, truncate, chown, open with O_TRUNC): the
             // kernel then stops asking for security.capability before every write.
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            // POSIX ACLs as kernel overlayfs has them: the kernel checks permissions with the
+            // ACLs (and caches them), and leaves the umask and default ACLs of new objects to
+            // us; the extended SETXATTR says when setting an ACL must clear set-group-ID.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK
+            | InitFlags::FUSE_SETXATTR_EXT;
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -288,7 +304,7 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -300,7 +316,7 @@ impl Filesystem for FuseAdapter {
                 rdev: rdev as u64,
             }
         };
-        self.create_kind(reply, parent, name, req, kind);
+        self.create_kind(reply, parent, name, req, kind, umask);
     }
 
     fn mkdir(
@@ -309,10 +325,10 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        self.create_kind(reply, parent, name, req, NewKind::Dir { mode });
+        self.create_kind(reply, parent, name, req, NewKind::Dir { mode }, umask);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -346,6 +362,7 @@ impl Filesystem for FuseAdapter {
             link_name,
             req,
             NewKind::Symlink { target: &target },
+            0,
         );
     }
 
@@ -380,7 +397,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let target = tri!(reply, self.fs.node(ino.0).map_err(err));
-        self.create_kind(reply, newparent, newname, req, NewKind::Link { target });
+        self.create_kind(reply, newparent, newname, req, NewKind::Link { target }, 0);
     }
 
     fn open(
@@ -653,10 +670,11 @@ impl Filesystem for FuseAdapter {
         value: &[u8],
         flags: i32,
         _position: u32,
+        acl_kill_sgid: bool,
         reply: ReplyEmpty,
     ) {
         let name = tri!(reply, cstr(name));
-        match self.fs.setxattr(ino.0, &name, value, flags) {
+        match self.fs.setxattr(ino.0, &name, value, flags, acl_kill_sgid) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -690,7 +708,7 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         // Set for O_TRUNC, but a created file has no set-ID bits to lose.
         _kill_suidgid: bool,
@@ -700,7 +718,7 @@ impl Filesystem for FuseAdapter {
             let name = cstr(name)?;
             let (_, st, (fh, mut mode, _)) =
                 self.fs
-                    .create_open(parent.0, &name, mode, flags, req.uid(), req.gid())?;
+                    .create_open(parent.0, &name, mode, flags, creator(req, umask))?;
             if mode == IoMode::Passthrough {
                 // A create reply cannot carry a passthrough backing.
                 mode = self.fs.passthrough_refused(fh)?;

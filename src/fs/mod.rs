@@ -6,6 +6,7 @@
 //! is no global lock on any path. The kernel serialises directory operations on the same names
 //! (VFS i_rwsem), which this code relies on exactly as kernel overlayfs does.
 
+pub(crate) mod acl;
 mod copyup;
 mod dir;
 mod file;

@@ -105,6 +105,7 @@ use super::store::{
     LAYERS_DIR, LayerState, MAPS_DIR, TREE_DIR, Volume, is_squash_dir_name, layer_dir_epoch,
 };
 use super::{MapId, now_unix_secs};
+use crate::fs::acl;
 use crate::layer::{self, EntryKind as LKind, RelPath, XattrNames};
 use crate::sys::{self, Errno, Stat};
 
@@ -1629,6 +1630,13 @@ struct StackDir {
     fd: Rc<OwnedFd>,
 }
 
+/// See `Squasher::dir_finish`.
+struct DirFinish {
+    rel: RelPath,
+    times: [libc::timespec; 2],
+    default_acl: Option<Vec<u8>>,
+}
+
 struct DirJob {
     out: RelPath,
     /// The directory's lower stack: where it was found in each source, topmost first.
@@ -1663,7 +1671,9 @@ struct Builder<'a> {
     data_bytes: u64,
     block_count: u64,
     maps_used: BTreeSet<MapId>,
-    dir_times: Vec<(RelPath, [libc::timespec; 2])>,
+    /// What directories get after their entries: times (creating entries changes them) and
+    /// default ACLs (which entries created before would inherit).
+    dir_finish: Vec<DirFinish>,
     /// The change times the sources' objects show (their layers' tables, see `ctimes`).
     ctimes_in: Ctimes,
     /// The change times the output's objects must show.
@@ -1757,7 +1767,7 @@ impl<'a> Builder<'a> {
             data_bytes: 0,
             block_count: 0,
             maps_used: BTreeSet::new(),
-            dir_times: Vec::new(),
+            dir_finish: Vec::new(),
             ctimes_in,
             ctimes_out: Ctimes::default(),
             shown: None,
@@ -1805,8 +1815,7 @@ impl<'a> Builder<'a> {
         )
         .map_err(errno_io("open", &self.out_path))?;
         self.copy_attrs(&top_root, out_root.as_fd(), sys::dot(), &RelPath::root())?;
-        self.dir_times
-            .push((RelPath::root(), sys::times_of(&top_root.st)));
+        self.finish_later(&top_root, &RelPath::root())?;
         self.record(
             out_root.as_fd(),
             sys::dot(),
@@ -1822,13 +1831,47 @@ impl<'a> Builder<'a> {
         while let Some(job) = queue.pop() {
             self.process_dir(job, &mut queue)?;
         }
-        // Directory times last: creating entries changed them.
-        for (rel, times) in std::mem::take(&mut self.dir_times) {
+        // Where the manifest has each path, if a default ACL changes an entry's xattrs.
+        let mut entry_of: Option<HashMap<Vec<u8>, usize>> = None;
+        for DirFinish {
+            rel,
+            times,
+            default_acl,
+        } in std::mem::take(&mut self.dir_finish)
+        {
             let d = sys::open_dir_in_root(self.out_root.as_fd(), rel.as_cstr())
                 .map_err(errno_io("open", self.out_file(&rel)))?;
+            if let Some(v) = default_acl {
+                sys::setxattr(d.as_fd(), sys::dot(), acl::DEFAULT, &v, 0)
+                    .map_err(errno_io("set the default ACL of", self.out_file(&rel)))?;
+                let entry_of = entry_of.get_or_insert_with(|| {
+                    (self.entries.iter().enumerate())
+                        .map(|(i, e)| (e.path.0.clone(), i))
+                        .collect()
+                });
+                if let Some(&i) = entry_of.get(rel.as_bytes()) {
+                    self.entries[i].xattrs_crc32c = scan::xattrs_crc(d.as_fd(), sys::dot())
+                        .map_err(errno_io("read xattrs of", self.out_file(&rel)))?;
+                }
+            }
             sys::utimensat(d.as_fd(), sys::dot(), &times)
                 .map_err(errno_io("set times of", self.out_file(&rel)))?;
         }
+        Ok(())
+    }
+
+    /// Queues what directory `top` gets once its entries exist (see `dir_finish`).
+    fn finish_later(&mut self, top: &Hit, rel: &RelPath) -> Result<()> {
+        let default_acl = match sys::getxattr(top.dir.as_fd(), &top.name, acl::DEFAULT) {
+            Ok(v) => v,
+            Err(Errno::EOPNOTSUPP) => None,
+            Err(e) => return Err(errno_io("read the default ACL of", self.src_path(top))(e)),
+        };
+        self.dir_finish.push(DirFinish {
+            rel: rel.clone(),
+            times: sys::times_of(&top.st),
+            default_acl,
+        });
         Ok(())
     }
 
@@ -2147,7 +2190,7 @@ impl<'a> Builder<'a> {
             sys::setxattr(out_dir, name, &self.x.redirect, &r, 0)
                 .map_err(errno_io("set the redirect of", p()))?;
         }
-        self.dir_times.push((rel.clone(), sys::times_of(&top.st)));
+        self.finish_later(top, rel)?;
         self.record(out_dir, name, rel, EntryKind::Dir, Some(&top.st))
     }
 
@@ -2635,6 +2678,9 @@ impl<'a> Builder<'a> {
             .map_err(errno_io("list xattrs of", self.src_path(h)))?;
         for key in keys {
             let k = key.to_bytes();
+            if is_dir && key.as_c_str() == acl::DEFAULT {
+                continue; // set after the entries (`dir_finish`)
+            }
             if blockmap::PRIVATE_XATTR_PREFIXES
                 .iter()
                 .any(|pre| k.starts_with(pre.as_bytes()))

@@ -791,6 +791,9 @@ pub trait Filesystem: Send + Sync + 'static {
     }
 
     /// Set an extended attribute.
+    /// `acl_kill_sgid`: `name` is the access ACL and the caller may not keep the file's
+    /// set-group-ID bit, which the filesystem must clear (`FUSE_SETXATTR_EXT` negotiated).
+    #[allow(clippy::too_many_arguments)]
     fn setxattr(
         &self,
         _req: &Request,
@@ -799,6 +802,7 @@ pub trait Filesystem: Send + Sync + 'static {
         _value: &[u8],
         flags: i32,
         position: u32,
+        _acl_kill_sgid: bool,
         reply: ReplyEmpty,
     ) {
         warn!(

@@ -519,6 +519,10 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
+            crate::ll::request::op::SETXATTR_EXT.store(
+                (init.capabilities() & config.requested).contains(InitFlags::FUSE_SETXATTR_EXT),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);

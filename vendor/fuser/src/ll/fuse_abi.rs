@@ -365,6 +365,10 @@ pub(crate) struct fuse_create_in {
     pub(crate) open_flags: u32,
 }
 
+/// In the `setxattr_flags` of SETXATTR (`FUSE_SETXATTR_EXT`, ABI 7.33): an access ACL set by a
+/// caller not in the file's group and without CAP_FSETID; the filesystem clears set-group-ID.
+pub(crate) const FUSE_SETXATTR_ACL_KILL_SGID: u32 = 1 << 0;
+
 /// In the `open_flags` of OPEN and CREATE: the open truncates, and the caller may not keep
 /// set-ID bits (no CAP_FSETID); the filesystem must clear them (`FUSE_HANDLE_KILLPRIV_V2`).
 pub(crate) const FUSE_OPEN_KILL_SUIDGID: u32 = 1 << 0;

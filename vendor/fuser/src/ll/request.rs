@@ -234,7 +234,7 @@ fn validate_off_t(name: &'static str, value: u64) -> Result<(), Errno> {
     Ok(())
 }
 
-mod op {
+pub(crate) mod op {
     use std::cmp;
     use std::convert::TryInto;
     use std::ffi::OsStr;
@@ -276,6 +276,13 @@ mod op {
     use crate::ll::request::abi::*;
     use crate::ll::request::validate_off_t;
     use crate::time::system_time_from_time;
+    use std::sync::atomic::Ordering;
+
+    /// Whether the kernel was granted `FUSE_SETXATTR_EXT`: SETXATTR's argument then has the
+    /// extension's 8 more bytes, which nothing in the request itself tells apart. Set once by
+    /// the INIT reply; the process's sessions all ask for the same flags.
+    pub(crate) static SETXATTR_EXT: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 
     /// Look up a directory entry by name and get its attributes.
     ///
@@ -841,10 +848,17 @@ mod op {
         #[expect(dead_code)]
         header: &'a fuse_in_header,
         arg: &'a fuse_setxattr_in,
+        /// The extension's `setxattr_flags` (FUSE_SETXATTR_EXT), 0 without it.
+        setxattr_flags: u32,
         name: &'a OsStr,
         value: &'a [u8],
     }
     impl<'a> SetXAttr<'a> {
+        /// FUSE_SETXATTR_ACL_KILL_SGID: an access ACL set by a caller that is not in the
+        /// file's group and lacks CAP_FSETID; the filesystem must clear set-group-ID.
+        pub(crate) fn acl_kill_sgid(&self) -> bool {
+            self.setxattr_flags & FUSE_SETXATTR_ACL_KILL_SGID != 0
+        }
         pub(crate) fn name(&self) -> &'a OsStr {
             self.name
         }
@@ -1730,13 +1744,23 @@ mod op {
                 arg: data.fetch()?,
             }),
             fuse_opcode::FUSE_SETXATTR => Operation::SetXAttr({
+                let arg: &fuse_setxattr_in = data.fetch()?;
+                // The extension's (setxattr_flags, padding) follow once negotiated.
+                let setxattr_flags = if SETXATTR_EXT.load(Ordering::Relaxed) {
+                    data.fetch::<[u32; 2]>()?[0]
+                } else {
+                    0
+                };
                 let out = SetXAttr {
                     header,
-                    arg: data.fetch()?,
+                    arg,
+                    setxattr_flags,
                     name: data.fetch_str()?,
                     value: data.fetch_all(),
                 };
-                assert!(out.value.len() == out.arg.size as usize);
+                if out.value.len() != out.arg.size as usize {
+                    return None;
+                }
                 out
             }),
             fuse_opcode::FUSE_GETXATTR => Operation::GetXAttr(GetXAttr {
