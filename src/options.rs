@@ -243,6 +243,8 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
             "upperdir" => upper = Some(val()?.to_string()),
             "workdir" => work = Some(val()?.to_string()),
             "userxattr" => cfg.userxattr = true,
+            "acl" => cfg.acl = true,
+            "noacl" => cfg.acl = false,
             "squash_to_root" => {
                 cfg.squash_uid = Some(0);
                 cfg.squash_gid = Some(0);
@@ -293,12 +295,12 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
             // Kernel overlay features that layervol always provides (redirect_dir, index,
             // xino) or that have no meaning for it; the value is checked, then accepted.
             "redirect_dir" | "index" | "xino" | "metacopy" | "nfs_export" | "uuid" | "verity"
-            | "fast_ino" | "writeback" | "noxattrs" | "static_nlink" | "noacl" | "atime"
-            | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "diratime"
-            | "nodiratime" | "lazytime" | "nolazytime" | "async" | "auto" | "noauto" | "user"
-            | "nouser" | "users" | "defaults" | "_netdev" | "nofail" | "auto_unmount"
-            | "subtype" | "blksize" | "max_read" | "context" | "fscontext" | "defcontext"
-            | "rootcontext" | "plugins" | "xattr_permissions" => ignored.push(opt.clone()),
+            | "fast_ino" | "writeback" | "noxattrs" | "static_nlink" | "atime" | "relatime"
+            | "norelatime" | "strictatime" | "nostrictatime" | "diratime" | "nodiratime"
+            | "lazytime" | "nolazytime" | "async" | "auto" | "noauto" | "user" | "nouser"
+            | "users" | "defaults" | "_netdev" | "nofail" | "auto_unmount" | "subtype"
+            | "blksize" | "max_read" | "context" | "fscontext" | "defcontext" | "rootcontext"
+            | "plugins" | "xattr_permissions" => ignored.push(opt.clone()),
             _ if k.starts_with("x-") => {}
             _ => return Err(OptionError::Unknown(opt.clone())),
         }

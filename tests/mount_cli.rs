@@ -650,3 +650,106 @@ fn writes_do_not_ask_for_security_capability_each_time() {
         "{asked} GETXATTR of security.capability for 100 writes"
     );
 }
+
+/// `cat PATH` as uid 1000 (no supplementary groups): whether it could read the file.
+fn readable_by_user_1000(path: &Path) -> bool {
+    Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "cat"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("setpriv (util-linux)")
+        .success()
+}
+
+/// POSIX ACLs take part in permission checks, as under kernel overlayfs; `noacl` (as in
+/// fuse-overlayfs) leaves them to mode bits and keeps ACLs as plain xattrs, and then the
+/// kernel does not ask for the mount root's ACL on every path walk of a caller who does not
+/// own it (which it does with ACLs on: the root inode cannot cache them).
+#[test]
+fn acls_grant_access_unless_noacl() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Stack::new();
+    // uid 1000 must reach the mount point.
+    std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = s.p("l1/secret");
+    std::fs::write(&secret, b"s").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // u::rw, u:1000:r, g::-, m::r, o::-
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 6u16, u32::MAX),
+        (2, 4, 1000),
+        (4, 0, u32::MAX),
+        (16, 4, u32::MAX),
+        (32, 0, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let key = c"system.posix_acl_access";
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: plain syscalls on NUL-terminated strings and a buffer of the given length.
+    let r = unsafe {
+        libc::lsetxattr(
+            c(&secret).as_ptr(),
+            key.as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "lsetxattr: {}", std::io::Error::last_os_error());
+    let get = |p: &Path| {
+        let mut buf = vec![0u8; 256];
+        // SAFETY: as above.
+        let n = unsafe {
+            libc::lgetxattr(
+                c(p).as_ptr(),
+                key.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        buf.truncate(usize::try_from(n).expect("lgetxattr"));
+        buf
+    };
+
+    s.mount_ok("lowerdir=l1:l2,upperdir=u,workdir=w");
+    assert!(
+        readable_by_user_1000(&s.p("m/secret")),
+        "the ACL grants read"
+    );
+    umount(&s);
+
+    let log = s.p("daemon.log");
+    let mut child = Command::new(BIN)
+        .current_dir(&s.root)
+        .env("LAYERVOL_LOG", "fuser::request=debug")
+        .args(["-f", "-o", "lowerdir=l1:l2,upperdir=u,workdir=w,noacl", "m"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    s.wait_mounted();
+    assert!(
+        !readable_by_user_1000(&s.p("m/secret")),
+        "noacl: mode 0600 decides"
+    );
+    for _ in 0..10 {
+        assert!(readable_by_user_1000(&s.p("m/b")));
+    }
+    assert_eq!(get(&s.p("m/secret")), acl, "noacl: the ACL is still there");
+    umount(&s);
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    let asked = log
+        .lines()
+        .filter(|l| l.contains("GETXATTR name \"system.posix_acl_access\""))
+        .count();
+    assert!(
+        asked <= 1,
+        "noacl: {asked} GETXATTR of system.posix_acl_access (only the one above expected)"
+    );
+}

@@ -251,7 +251,7 @@ impl Overlay {
         // The umask, or the parent's default ACL (FUSE_DONT_MASK): made in place, the object
         // gets the ACLs from the upper's filesystem; made in the work dir, from us below.
         let inherited = match kind.mode_mut() {
-            Some(mode) => {
+            Some(mode) if self.cfg.acl => {
                 let parent_default = match sys::getxattr(updir.as_fd(), c".", acl::DEFAULT) {
                     Ok(v) => v,
                     Err(Errno::EOPNOTSUPP) => None,
@@ -261,7 +261,8 @@ impl Overlay {
                 *mode = i.mode;
                 Some(i)
             }
-            None => None,
+            // `noacl`: the kernel applied the umask.
+            _ => None,
         };
         // The name is free in the merged view, so the upper holds nothing there or a whiteout:
         // the object is made in place, and only if that finds something the upper is looked at.
@@ -441,7 +442,7 @@ impl Overlay {
         } else {
             sys::mknodat(updir.as_fd(), name, libc::S_IFCHR, 0)?;
         }
-        if whiteout || !in_upper {
+        if self.cfg.acl && (whiteout || !in_upper) {
             strip_inherited_acl(updir.as_fd(), name)?;
         }
         node.unlink_name(&parent, name);

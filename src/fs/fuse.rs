@@ -203,12 +203,16 @@ impl Filesystem for FuseAdapter {
             // Set-ID bits are cleared here (write, truncate, chown, open with O_TRUNC): the
             // kernel then stops asking for security.capability before every write.
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2
-            // POSIX ACLs as kernel overlayfs has them: the kernel checks permissions with the
-            // ACLs (and caches them), and leaves the umask and default ACLs of new objects to
-            // us; the extended SETXATTR says when setting an ACL must clear set-group-ID.
-            | InitFlags::FUSE_POSIX_ACL
-            | InitFlags::FUSE_DONT_MASK
-            | InitFlags::FUSE_SETXATTR_EXT;
+            // The extended SETXATTR says when setting an ACL must clear set-group-ID.
+            | InitFlags::FUSE_SETXATTR_EXT
+            // POSIX ACLs as kernel overlayfs has them (unless `noacl`): the kernel checks
+            // permissions with the ACLs (and caches them, except the root's: see the README),
+            // and leaves the umask and default ACLs of new objects to us.
+            | if self.fs.cfg.acl {
+                InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK
+            } else {
+                InitFlags::empty()
+            };
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);

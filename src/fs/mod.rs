@@ -76,6 +76,10 @@ pub struct Config {
     pub work: Option<PathBuf>,
     /// Use `user.overlay.*` xattrs instead of `trusted.overlay.*` (rootless layers).
     pub userxattr: bool,
+    /// POSIX ACLs as kernel overlayfs has them: the kernel checks permissions with them, new
+    /// objects get the umask or their directory's default ACL here. Off (`noacl`): ACLs
+    /// are kept as plain xattrs, the kernel applies the umask and checks mode bits only.
+    pub acl: bool,
     /// Report every file as owned by this uid / gid.
     pub squash_uid: Option<u32>,
     pub squash_gid: Option<u32>,
@@ -110,6 +114,7 @@ impl Default for Config {
             upper: None,
             work: None,
             userxattr: false,
+            acl: true,
             squash_uid: None,
             squash_gid: None,
             uid_map: IdMap::default(),
