@@ -2316,6 +2316,52 @@ mod tests {
         0x66, 0x6f, 0x6f, 0x2e, 0x74, 0x78, 0x74, 0x00, // name
     ]);
 
+    /// SETXATTR of `user.k` = `vv`, `len` bytes of it: the extended argument
+    /// (FUSE_SETXATTR_EXT) with ACL_KILL_SGID set, or the compatible 8-byte one.
+    #[cfg(target_endian = "little")]
+    fn setxattr_request(ext: bool) -> (AlignedData<[u8; 72]>, usize) {
+        let mut v = Vec::new();
+        let len: u32 = if ext { 65 } else { 57 };
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&21u32.to_le_bytes()); // opcode
+        v.extend_from_slice(&7u64.to_le_bytes()); // unique
+        v.extend_from_slice(&1u64.to_le_bytes()); // nodeid
+        v.extend_from_slice(&[0; 16]); // uid, gid, pid, padding
+        v.extend_from_slice(&2u32.to_le_bytes()); // size
+        v.extend_from_slice(&0u32.to_le_bytes()); // flags
+        if ext {
+            v.extend_from_slice(&1u32.to_le_bytes()); // setxattr_flags
+            v.extend_from_slice(&0u32.to_le_bytes()); // padding
+        }
+        v.extend_from_slice(b"user.k\0vv");
+        let mut data = AlignedData([0u8; 72]);
+        data.0[..v.len()].copy_from_slice(&v);
+        (data, v.len())
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn setxattr_with_and_without_the_extension() {
+        for ext in [true, false] {
+            SETXATTR_EXT.store(ext, std::sync::atomic::Ordering::Relaxed);
+            let (data, len) = setxattr_request(ext);
+            let req = AnyRequest::try_from(&data[..len]).unwrap();
+            match req.operation().unwrap() {
+                Operation::SetXAttr(x) => {
+                    assert_eq!(x.name(), OsStr::new("user.k"), "ext {ext}");
+                    assert_eq!(x.value(), b"vv", "ext {ext}");
+                    assert_eq!(x.acl_kill_sgid(), ext);
+                }
+                _ => panic!("Unexpected request operation"),
+            }
+        }
+        // A value shorter than its announced size is refused, not a panic.
+        let (mut data, len) = setxattr_request(false);
+        data.0[0] = (len - 1) as u8;
+        let req = AnyRequest::try_from(&data[..len - 1]).unwrap();
+        assert!(req.operation().is_err());
+    }
+
     #[test]
     fn short_read_header() {
         match AnyRequest::try_from(&INIT_REQUEST[..20]) {
