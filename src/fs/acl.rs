@@ -167,10 +167,50 @@ mod tests {
         assert_eq!(got.default.as_deref(), Some(&d[..]));
     }
 
+    /// Makes a directory `name` in `root` with default ACL `default`, creates an object of
+    /// `perm` in it (a directory if `is_dir`) and compares what the kernel's filesystem gave
+    /// it with `inherit`. `None`: this filesystem has no ACLs.
+    fn kernel_agrees(
+        root: &std::fs::File,
+        name: &str,
+        default: &[u8],
+        perm: u32,
+        is_dir: bool,
+    ) -> Option<Result<(), String>> {
+        use crate::sys;
+        let pc = std::ffi::CString::new(name).unwrap();
+        sys::mkdirat(root.as_fd(), &pc, 0o755).unwrap();
+        if sys::setxattr(root.as_fd(), &pc, DEFAULT, default, 0) == Err(sys::Errno::EOPNOTSUPP) {
+            return None;
+        }
+        let pfd = sys::openat(root.as_fd(), &pc, libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        let obj = c"o";
+        let kind = if is_dir {
+            sys::mkdirat(pfd.as_fd(), obj, perm).unwrap();
+            libc::S_IFDIR
+        } else {
+            sys::mknodat(pfd.as_fd(), obj, libc::S_IFREG | perm, 0).unwrap();
+            libc::S_IFREG
+        };
+        let st = sys::fstatat(pfd.as_fd(), obj).unwrap();
+        let got = inherit(Some(default), kind | perm, 0o022, is_dir);
+        let kernel = Inherited {
+            mode: st.st_mode,
+            access: sys::getxattr(pfd.as_fd(), obj, ACCESS).unwrap(),
+            default: sys::getxattr(pfd.as_fd(), obj, DEFAULT).unwrap(),
+        };
+        Some(if got == kernel {
+            Ok(())
+        } else {
+            Err(format!(
+                "mode {perm:o}, dir {is_dir}: computed {got:?}, kernel {kernel:?}"
+            ))
+        })
+    }
+
     /// The kernel is the oracle: objects made by the upper's filesystem in a directory with
     /// a default ACL get the mode and access ACL `inherit` computes, for every permission
-    /// mode and a few ACLs (this process's umask is 0 in the daemon; here it is whatever the
-    /// test runner has, and a default ACL makes the kernel ignore it).
+    /// mode and a few ACLs (a default ACL makes the kernel ignore the umask).
     #[test]
     fn inherit_matches_the_kernel() {
         let dir = tempfile::tempdir().unwrap();
@@ -198,33 +238,56 @@ mod tests {
             ]),
         ];
         for (n, d) in defaults.iter().enumerate() {
-            let parent = format!("p{n}");
-            std::fs::create_dir(dir.path().join(&parent)).unwrap();
-            let pc = std::ffi::CString::new(parent.clone()).unwrap();
-            if crate::sys::setxattr(root.as_fd(), &pc, DEFAULT, d, 0)
-                == Err(crate::sys::Errno::EOPNOTSUPP)
-            {
-                eprintln!("no ACLs on {}: skipped", dir.path().display());
-                return;
-            }
-            let pfd = std::fs::File::open(dir.path().join(&parent)).unwrap();
             for perm in 0..=0o777u32 {
-                for (kind, is_dir) in [(libc::S_IFREG, false), (libc::S_IFDIR, true)] {
-                    let name = std::ffi::CString::new(format!("{perm:o}{is_dir}")).unwrap();
-                    if is_dir {
-                        crate::sys::mkdirat(pfd.as_fd(), &name, perm).unwrap();
-                    } else {
-                        crate::sys::mknodat(pfd.as_fd(), &name, kind | perm, 0).unwrap();
+                for is_dir in [false, true] {
+                    let name = format!("p{n}-{perm:o}-{is_dir}");
+                    match kernel_agrees(&root, &name, d, perm, is_dir) {
+                        None => return eprintln!("no ACLs on {}: skipped", dir.path().display()),
+                        Some(r) => r.unwrap(),
                     }
-                    let st = crate::sys::fstatat(pfd.as_fd(), &name).unwrap();
-                    let got = inherit(Some(d), kind | perm, 0o022, is_dir);
-                    assert_eq!(got.mode, st.st_mode, "acl {n}, mode {perm:o}, dir {is_dir}");
-                    let access = crate::sys::getxattr(pfd.as_fd(), &name, ACCESS).unwrap();
-                    assert_eq!(got.access, access, "acl {n}, mode {perm:o}, dir {is_dir}");
-                    let default = crate::sys::getxattr(pfd.as_fd(), &name, DEFAULT).unwrap();
-                    assert_eq!(got.default, default, "acl {n}, mode {perm:o}, dir {is_dir}");
                 }
             }
         }
+    }
+
+    /// Any valid default ACL (named entries in id order, a mask whenever there are any) and
+    /// any mode, set-ID and sticky bits included: `inherit` agrees with the kernel.
+    #[test]
+    fn inherit_matches_the_kernel_for_any_acl() {
+        use proptest::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::File::open(dir.path()).unwrap();
+        let case = std::cell::Cell::new(0u32);
+        let named = || proptest::collection::btree_map(1000u32..1010, 0u16..8, 0..3);
+        let strategy = (
+            (0u16..8, 0u16..8, 0u16..8, proptest::option::of(0u16..8)),
+            (named(), named()),
+            (0u32..=0o7777, any::<bool>()),
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(400));
+        runner
+            .run(
+                &strategy,
+                |((uo, go, o, mask), (users, groups), (perm, is_dir))| {
+                    let mut e = vec![(USER_OBJ, uo, NO_ID)];
+                    e.extend(users.iter().map(|(&id, &p)| (USER, p, id)));
+                    e.push((GROUP_OBJ, go, NO_ID));
+                    e.extend(groups.iter().map(|(&id, &p)| (GROUP, p, id)));
+                    let needs_mask = !users.is_empty() || !groups.is_empty();
+                    if let Some(m) = mask.or(needs_mask.then_some(7)) {
+                        e.push((MASK, m, NO_ID));
+                    }
+                    e.push((OTHER, o, NO_ID));
+                    // mkdir keeps only the permission and sticky bits.
+                    let perm = if is_dir { perm & 0o1777 } else { perm };
+                    case.set(case.get() + 1);
+                    match kernel_agrees(&root, &format!("c{}", case.get()), &acl(&e), perm, is_dir)
+                    {
+                        None => Ok(()),
+                        Some(r) => r.map_err(|m| TestCaseError::fail(format!("{e:?}: {m}"))),
+                    }
+                },
+            )
+            .unwrap();
     }
 }
