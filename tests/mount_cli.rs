@@ -663,6 +663,105 @@ fn readable_by_user_1000(path: &Path) -> bool {
         .success()
 }
 
+/// The xattr form of a POSIX ACL: `(tag, perm, id)` entries in canonical order.
+fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    acl
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+fn set_acl(path: &Path, acl: &[u8]) {
+    let key = c"system.posix_acl_access";
+    // SAFETY: a plain syscall on NUL-terminated strings and a buffer of the given length.
+    let r = unsafe {
+        libc::lsetxattr(
+            cpath(path).as_ptr(),
+            key.as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "lsetxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn get_acl(path: &Path) -> Vec<u8> {
+    let key = c"system.posix_acl_access";
+    let mut buf = vec![0u8; 256];
+    // SAFETY: as above.
+    let n = unsafe {
+        libc::lgetxattr(
+            cpath(path).as_ptr(),
+            key.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).unwrap_or_else(|_| {
+        panic!(
+            "lgetxattr {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        )
+    });
+    buf.truncate(n);
+    buf
+}
+
+/// With `uidmapping=`/`gidmapping=`, the ids named in ACLs are shown and stored mapped like
+/// owners, so the kernel's permission checks (in mount ids) find the right user.
+#[test]
+fn acl_ids_are_mapped_like_owners() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Stack::new();
+    std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = s.p("l1/secret");
+    std::fs::write(&secret, b"s").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with = |u: u32, g: u32| {
+        acl_bytes(&[
+            (1, 6, u32::MAX),
+            (2, 4, u),
+            (4, 0, u32::MAX),
+            (8, 4, g),
+            (16, 4, u32::MAX),
+            (32, 0, u32::MAX),
+        ])
+    };
+    // Layer ids 101000 / 102000 are mount ids 1000 / 2000.
+    set_acl(&secret, &with(101_000, 102_000));
+    s.mount_ok(
+        "lowerdir=l1:l2,upperdir=u,workdir=w,uidmapping=0:100000:65536,gidmapping=0:100000:65536",
+    );
+    assert_eq!(get_acl(&s.p("m/secret")), with(1000, 2000));
+    assert!(
+        readable_by_user_1000(&s.p("m/secret")),
+        "the ACL names mount uid 1000"
+    );
+    set_acl(&s.p("m/secret"), &with(1001, 2001));
+    assert_eq!(
+        get_acl(&s.p("u/secret")),
+        with(101_001, 102_001),
+        "stored in layer ids"
+    );
+    assert!(!readable_by_user_1000(&s.p("m/secret")));
+    umount(&s);
+}
+
 /// POSIX ACLs take part in permission checks, as under kernel overlayfs; `noacl` (as in
 /// fuse-overlayfs) leaves them to mode bits and keeps ACLs as plain xattrs, and then the
 /// kernel does not ask for the mount root's ACL on every path walk of a caller who does not
@@ -677,45 +776,14 @@ fn acls_grant_access_unless_noacl() {
     std::fs::write(&secret, b"s").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     // u::rw, u:1000:r, g::-, m::r, o::-
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (1u16, 6u16, u32::MAX),
+    let acl = acl_bytes(&[
+        (1, 6, u32::MAX),
         (2, 4, 1000),
         (4, 0, u32::MAX),
         (16, 4, u32::MAX),
         (32, 0, u32::MAX),
-    ] {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&id.to_le_bytes());
-    }
-    let key = c"system.posix_acl_access";
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: plain syscalls on NUL-terminated strings and a buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            c(&secret).as_ptr(),
-            key.as_ptr(),
-            acl.as_ptr().cast(),
-            acl.len(),
-            0,
-        )
-    };
-    assert_eq!(r, 0, "lsetxattr: {}", std::io::Error::last_os_error());
-    let get = |p: &Path| {
-        let mut buf = vec![0u8; 256];
-        // SAFETY: as above.
-        let n = unsafe {
-            libc::lgetxattr(
-                c(p).as_ptr(),
-                key.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        buf.truncate(usize::try_from(n).expect("lgetxattr"));
-        buf
-    };
+    ]);
+    set_acl(&secret, &acl);
 
     s.mount_ok("lowerdir=l1:l2,upperdir=u,workdir=w");
     assert!(
@@ -740,7 +808,11 @@ fn acls_grant_access_unless_noacl() {
     for _ in 0..10 {
         assert!(readable_by_user_1000(&s.p("m/b")));
     }
-    assert_eq!(get(&s.p("m/secret")), acl, "noacl: the ACL is still there");
+    assert_eq!(
+        get_acl(&s.p("m/secret")),
+        acl,
+        "noacl: the ACL is still there"
+    );
     umount(&s);
     child.wait().unwrap();
     let log = std::fs::read_to_string(&log).unwrap();

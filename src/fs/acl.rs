@@ -56,6 +56,24 @@ pub fn inherit(parent_default: Option<&[u8]>, mode: u32, umask: u32, is_dir: boo
     }
 }
 
+/// `value` (an ACL xattr) with the ids of its named entries mapped by `uid` and `gid` (the
+/// id mappings between layers and mount); `None` if it does not parse, to be passed as it is.
+pub fn map_ids(
+    value: &[u8],
+    uid: impl Fn(u32) -> u32,
+    gid: impl Fn(u32) -> u32,
+) -> Option<Vec<u8>> {
+    let mut entries = parse(value)?;
+    for e in &mut entries {
+        match e.tag {
+            USER => e.id = uid(e.id),
+            GROUP => e.id = gid(e.id),
+            _ => {}
+        }
+    }
+    Some(serialize(&entries))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     tag: u16,
@@ -142,6 +160,31 @@ mod tests {
     }
 
     const NO_ID: u32 = u32::MAX;
+
+    #[test]
+    fn map_ids_maps_named_entries_only() {
+        let a = acl(&[
+            (USER_OBJ, 7, NO_ID),
+            (USER, 6, 1000),
+            (GROUP_OBJ, 5, NO_ID),
+            (GROUP, 3, 2000),
+            (MASK, 7, NO_ID),
+            (OTHER, 1, NO_ID),
+        ]);
+        let mapped = map_ids(&a, |u| u + 1, |g| g + 2).unwrap();
+        assert_eq!(
+            mapped,
+            acl(&[
+                (USER_OBJ, 7, NO_ID),
+                (USER, 6, 1001),
+                (GROUP_OBJ, 5, NO_ID),
+                (GROUP, 3, 2002),
+                (MASK, 7, NO_ID),
+                (OTHER, 1, NO_ID),
+            ])
+        );
+        assert_eq!(map_ids(b"junk", |u| u, |g| g), None);
+    }
 
     #[test]
     fn without_a_default_acl_the_umask_applies() {

@@ -669,6 +669,13 @@ impl Overlay {
         let node = self.node(ino)?;
         let (d, n) = self.locate(&node)?;
         match sys::getxattr(d.as_fd(), &n, &self.x.to_layer(key)) {
+            // ACL entries name layer ids, which the mount shows mapped like owners.
+            Ok(Some(v)) if acl::is_acl_key(key) && self.maps_ids() => Ok(acl::map_ids(
+                &v,
+                |u| self.cfg.uid_map.to_view(u),
+                |g| self.cfg.gid_map.to_view(g),
+            )
+            .unwrap_or(v)),
             Ok(v) => v.ok_or(Errno::ENODATA),
             // The kernel checks permissions with the ACLs it gets here: a layer without ACLs
             // has none (as under kernel overlayfs), it must not fail the check.
@@ -712,6 +719,17 @@ impl Overlay {
         }
         self.copy_up(&node, true)?;
         let (d, n) = self.locate(&node)?;
+        let mapped;
+        let value = if acl::is_acl_key(key) && self.maps_ids() {
+            mapped = acl::map_ids(
+                value,
+                |u| self.cfg.uid_map.to_layer(u),
+                |g| self.cfg.gid_map.to_layer(g),
+            );
+            mapped.as_deref().unwrap_or(value)
+        } else {
+            value
+        };
         if acl_kill_sgid && key.as_c_str() == acl::ACCESS {
             let st = sys::fstatat(d.as_fd(), &n)?;
             if st.st_mode & libc::S_ISGID != 0 {

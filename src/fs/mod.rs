@@ -455,6 +455,11 @@ impl Overlay {
         }
     }
 
+    /// Whether ids in the layers and ids in the mount differ (`uidmapping=`, `gidmapping=`).
+    fn maps_ids(&self) -> bool {
+        !self.cfg.uid_map.0.is_empty() || !self.cfg.gid_map.0.is_empty()
+    }
+
     pub fn read_only(&self) -> bool {
         self.layers.read().upper.is_none()
     }
