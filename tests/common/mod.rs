@@ -78,7 +78,8 @@ impl VolDir {
         let out = self.run(args);
         assert!(
             out.status.success(),
-            "layervol {args:?}: {}",
+            "layervol {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
