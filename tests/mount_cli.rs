@@ -53,6 +53,21 @@ impl Stack {
         );
     }
 
+    /// `layervol -f -o OPTS m` logging every request it serves to the returned file, once
+    /// the mount is listed.
+    fn mount_logging_requests(&self, opts: &str) -> (std::process::Child, PathBuf) {
+        let log = self.p("daemon.log");
+        let child = Command::new(BIN)
+            .current_dir(&self.root)
+            .env("LAYERVOL_LOG", "fuser::request=debug")
+            .args(["-f", "-o", opts, "m"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.wait_mounted();
+        (child, log)
+    }
+
     /// `layervol -f -o OPTS m`, once the mount is listed.
     fn mount_foreground(&self, opts: &str) -> std::process::Child {
         let child = Command::new(BIN)
@@ -617,15 +632,7 @@ fn the_mount_reads_ahead_like_its_layers() {
 #[test]
 fn writes_do_not_ask_for_security_capability_each_time() {
     let s = Stack::new();
-    let log = s.p("daemon.log");
-    let mut child = Command::new(BIN)
-        .current_dir(&s.root)
-        .env("LAYERVOL_LOG", "fuser::request=debug")
-        .args(["-f", "-o", "lowerdir=l1:l2,upperdir=u,workdir=w", "m"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    s.wait_mounted();
+    let (mut child, log) = s.mount_logging_requests("lowerdir=l1:l2,upperdir=u,workdir=w");
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -722,16 +729,22 @@ fn get_acl(path: &Path) -> Vec<u8> {
     buf
 }
 
-/// With `uidmapping=`/`gidmapping=`, the ids named in ACLs are shown and stored mapped like
-/// owners, so the kernel's permission checks (in mount ids) find the right user.
-#[test]
-fn acl_ids_are_mapped_like_owners() {
+/// A stack that uid 1000 can reach, with `l1/secret`: root's, mode 0600.
+fn stack_with_a_secret() -> (Stack, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     let s = Stack::new();
     std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
     let secret = s.p("l1/secret");
     std::fs::write(&secret, b"s").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (s, secret)
+}
+
+/// With `uidmapping=`/`gidmapping=`, the ids named in ACLs are shown and stored mapped like
+/// owners, so the kernel's permission checks (in mount ids) find the right user.
+#[test]
+fn acl_ids_are_mapped_like_owners() {
+    let (s, secret) = stack_with_a_secret();
     let with = |u: u32, g: u32| {
         acl_bytes(&[
             (1, 6, u32::MAX),
@@ -768,13 +781,7 @@ fn acl_ids_are_mapped_like_owners() {
 /// own it (which it does with ACLs on: the root inode cannot cache them).
 #[test]
 fn acls_grant_access_unless_noacl() {
-    use std::os::unix::fs::PermissionsExt;
-    let s = Stack::new();
-    // uid 1000 must reach the mount point.
-    std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let secret = s.p("l1/secret");
-    std::fs::write(&secret, b"s").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (s, secret) = stack_with_a_secret();
     // u::rw, u:1000:r, g::-, m::r, o::-
     let acl = acl_bytes(&[
         (1, 6, u32::MAX),
@@ -792,15 +799,7 @@ fn acls_grant_access_unless_noacl() {
     );
     umount(&s);
 
-    let log = s.p("daemon.log");
-    let mut child = Command::new(BIN)
-        .current_dir(&s.root)
-        .env("LAYERVOL_LOG", "fuser::request=debug")
-        .args(["-f", "-o", "lowerdir=l1:l2,upperdir=u,workdir=w,noacl", "m"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    s.wait_mounted();
+    let (mut child, log) = s.mount_logging_requests("lowerdir=l1:l2,upperdir=u,workdir=w,noacl");
     assert!(
         !readable_by_user_1000(&s.p("m/secret")),
         "noacl: mode 0600 decides"

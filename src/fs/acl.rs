@@ -161,28 +161,22 @@ mod tests {
 
     const NO_ID: u32 = u32::MAX;
 
-    #[test]
-    fn map_ids_maps_named_entries_only() {
-        let a = acl(&[
+    /// An ACL with every kind of entry, naming `user` and `group`.
+    fn with_named(user: u32, group: u32) -> Vec<u8> {
+        acl(&[
             (USER_OBJ, 7, NO_ID),
-            (USER, 6, 1000),
+            (USER, 6, user),
             (GROUP_OBJ, 5, NO_ID),
-            (GROUP, 3, 2000),
+            (GROUP, 3, group),
             (MASK, 7, NO_ID),
             (OTHER, 1, NO_ID),
-        ]);
-        let mapped = map_ids(&a, |u| u + 1, |g| g + 2).unwrap();
-        assert_eq!(
-            mapped,
-            acl(&[
-                (USER_OBJ, 7, NO_ID),
-                (USER, 6, 1001),
-                (GROUP_OBJ, 5, NO_ID),
-                (GROUP, 3, 2002),
-                (MASK, 7, NO_ID),
-                (OTHER, 1, NO_ID),
-            ])
-        );
+        ])
+    }
+
+    #[test]
+    fn map_ids_maps_named_entries_only() {
+        let mapped = map_ids(&with_named(1000, 2000), |u| u + 1, |g| g + 2).unwrap();
+        assert_eq!(mapped, with_named(1001, 2002));
         assert_eq!(map_ids(b"junk", |u| u, |g| g), None);
     }
 
@@ -259,14 +253,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::File::open(dir.path()).unwrap();
         let defaults = [
-            acl(&[
-                (USER_OBJ, 7, NO_ID),
-                (USER, 6, 1000),
-                (GROUP_OBJ, 5, NO_ID),
-                (GROUP, 3, 2000),
-                (MASK, 7, NO_ID),
-                (OTHER, 1, NO_ID),
-            ]),
+            with_named(1000, 2000),
             acl(&[
                 (USER_OBJ, 6, NO_ID),
                 (USER, 7, 1000),
