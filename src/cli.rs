@@ -12,8 +12,9 @@ Mount options (-o, comma-separated; `\\,` and `\\:` escape):
   upperdir=DIR          writable layer (needs workdir); without it the mount is read-only
   workdir=DIR           empty dir on the upper's filesystem, for atomic copy-up
   userxattr             use user.overlay.* xattrs (rootless layers)
-  noacl                 POSIX ACLs are kept as xattrs but not used in permission checks, and
-                        new objects do not inherit default ACLs (as fuse-overlayfs's noacl).
+  noacl                 POSIX ACLs are kept as xattrs but play no part in permission checks,
+                        and the kernel applies the umask to new objects (as fuse-overlayfs's
+                        noacl).
                         With ACLs (the default, as kernel overlayfs), every path walk through
                         the mount's root by a user who does not own it asks the daemon for
                         the root's ACL (the kernel cannot cache the FUSE root's ACLs)
