@@ -161,6 +161,9 @@ pub fn pread(slot: Slot, off: u64, len: usize) -> Op {
 pub fn pwrite(slot: Slot, off: u64, data: impl AsRef<[u8]>) -> Op {
     Op::Pwrite(slot, off, data.as_ref().to_vec())
 }
+pub fn copy_range(from: Slot, off_in: u64, to: Slot, off_out: u64, len: usize) -> Op {
+    Op::CopyRange(from, off_in, to, off_out, len)
+}
 pub fn ftruncate(slot: Slot, len: u64) -> Op {
     Op::Ftruncate(slot, len)
 }

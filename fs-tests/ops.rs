@@ -76,6 +76,8 @@ pub enum Op {
     Write(Slot, Vec<u8>),
     Pread(Slot, u64, usize),
     Pwrite(Slot, u64, Vec<u8>),
+    /// `copy_file_range(in, &off_in, out, &off_out, len, 0)`: the bytes copied.
+    CopyRange(Slot, u64, Slot, u64, usize),
     Ftruncate(Slot, u64),
     Fallocate(Slot, i32, u64, u64),
     Fsync(Slot),
@@ -242,6 +244,9 @@ impl fmt::Display for Op {
             Op::Write(s, d) => write!(f, "write(fd{s}, {})", b(d)),
             Op::Pread(s, o, l) => write!(f, "pread(fd{s}, {o}, {l})"),
             Op::Pwrite(s, o, d) => write!(f, "pwrite(fd{s}, {o}, {})", b(d)),
+            Op::CopyRange(a, oa, z, oz, l) => {
+                write!(f, "copy_file_range(fd{a}, {oa}, fd{z}, {oz}, {l})")
+            }
             Op::Ftruncate(s, l) => write!(f, "ftruncate(fd{s}, {l})"),
             Op::Fallocate(s, m, o, l) => write!(f, "fallocate(fd{s}, {m:#x}, {o}, {l})"),
             Op::Fsync(s) => write!(f, "fsync(fd{s})"),
@@ -437,6 +442,12 @@ impl Exec {
             Op::Pwrite(s, o, d) => value(self.with_fd(*s, |fd| sys::pwrite(fd, *o, d)), |n| {
                 Outcome::Count(n as u64)
             }),
+            Op::CopyRange(a, oa, z, oz, l) => value(
+                self.with_fd(*a, |fin| {
+                    self.with_fd(*z, |fout| sys::copy_file_range(fin, *oa, fout, *oz, *l))
+                }),
+                |n| Outcome::Count(n as u64),
+            ),
             Op::Ftruncate(s, l) => unit(self.with_fd(*s, |fd| sys::ftruncate(fd, *l))),
             Op::Fallocate(s, m, o, l) => {
                 unit(self.with_fd(*s, |fd| sys::fallocate(fd, *m, *o, *l)))

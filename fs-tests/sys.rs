@@ -269,6 +269,29 @@ pub fn pread(fd: &OwnedFd, off: u64, len: usize) -> SysResult<Vec<u8>> {
     Ok(buf)
 }
 
+pub fn copy_file_range(
+    fin: &OwnedFd,
+    off_in: u64,
+    fout: &OwnedFd,
+    off_out: u64,
+    len: usize,
+) -> SysResult<usize> {
+    let mut off_in = off_in as libc::loff_t;
+    let mut off_out = off_out as libc::loff_t;
+    // SAFETY: plain syscall on valid fds and offsets that live across the call.
+    let n = check(unsafe {
+        libc::copy_file_range(
+            fin.as_raw_fd(),
+            &mut off_in,
+            fout.as_raw_fd(),
+            &mut off_out,
+            len,
+            0,
+        )
+    })?;
+    Ok(n as usize)
+}
+
 pub fn pwrite(fd: &OwnedFd, off: u64, data: &[u8]) -> SysResult<usize> {
     let mut done = 0usize;
     while done < data.len() {

@@ -382,6 +382,34 @@ pub fn fstatvfs(fd: BorrowedFd) -> Result<libc::statvfs> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// One `copy_file_range` of up to `len` bytes from `src` at `off_in` to `dst` at `off_out`;
+/// the bytes copied (0 at the end of `src`).
+pub fn copy_file_range(
+    src: BorrowedFd,
+    off_in: u64,
+    dst: BorrowedFd,
+    off_out: u64,
+    len: usize,
+) -> Result<usize> {
+    let mut off_in = off_in as libc::loff_t;
+    let mut off_out = off_out as libc::loff_t;
+    // SAFETY: plain syscall on valid fds and offsets that live across the call.
+    let n = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            dst.as_raw_fd(),
+            &mut off_out,
+            len,
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    Ok(n as usize)
+}
+
 /// Copies `len` bytes from `src` to `dst` at the same offsets, in kernel space when it can.
 pub fn copy_range(src: BorrowedFd, dst: BorrowedFd, len: u64) -> Result<()> {
     let mut off_in: libc::loff_t = 0;

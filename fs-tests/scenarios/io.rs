@@ -12,6 +12,30 @@ fn lower() -> Layer {
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
+        // copy_file_range between lower and new files: into a new file, into a lower file
+        // (copied up), past the source's end (short), within one file, into O_APPEND (EBADF),
+        // from a write-only descriptor (EBADF); then a snapshot or rotation, and more.
+        Scenario::new("copy_file_range").lower(lower()).ops([
+            open(1, "page", O_RDONLY),
+            open_mode(2, "new", O_RDWR | O_CREAT, 0o644),
+            copy_range(1, 100, 2, 0, 5000),
+            fstat(2),
+            pread(2, 0, 8000),
+            open(3, "f", O_RDWR),
+            copy_range(1, 0, 3, 4, 3),
+            pread(3, 0, 100),
+            copy_range(1, 12_000, 2, 10_000, 4096),
+            copy_range(2, 0, 2, 6000, 100),
+            pread(2, 5900, 300),
+            open(4, "d/g", O_WRONLY | O_APPEND),
+            copy_range(1, 0, 4, 0, 10),
+            copy_range(4, 0, 2, 0, 1),
+            checkpoint(),
+            rotate(),
+            read("new"),
+            read("f"),
+            read("d/g"),
+        ]),
         Scenario::new("truncate_grow_and_shrink")
             .lower(lower())
             .ops([

@@ -345,6 +345,37 @@ impl Overlay {
         Ok(done as u32)
     }
 
+    /// FUSE copy_file_range: up to `len` bytes of handle `fh_in` at `off_in` to `fh_out` at
+    /// `off_out`, copied by the kernel between the layers' files (no data through the
+    /// daemon). EXDEV where that cannot be done here (a partial file of a volume, layers on
+    /// filesystems that cannot copy between them): the kernel then copies with READ and WRITE.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let _s = self.stable();
+        let (hi, ho) = (self.handle(fh_in)?, self.handle(fh_out)?);
+        let fi = self.read_fd(&hi)?;
+        let fo = self.write_fd(&ho)?;
+        if hi.partial.load(Ordering::Acquire) || ho.partial.load(Ordering::Acquire) {
+            return Err(Errno::EXDEV);
+        }
+        // The reply counts in 32 bits.
+        let len = len.min(1 << 30) as usize;
+        match sys::copy_file_range(fi.as_fd(), off_in, fo.as_fd(), off_out, len) {
+            Ok(n) => {
+                self.mark_dirty(ho.node.ino, off_out, n as u64);
+                Ok(n as u32)
+            }
+            Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => Err(Errno::EXDEV),
+            Err(e) => Err(e),
+        }
+    }
+
     fn mark_dirty(&self, ino: u64, off: u64, len: u64) {
         if len > 0 {
             let r = crate::volume::extents::blocks_of_bytes(off, len, self.cfg.block_size);
