@@ -824,3 +824,36 @@ fn acls_grant_access_unless_noacl() {
         "noacl: {asked} GETXATTR of system.posix_acl_access (only the one above expected)"
     );
 }
+
+/// copy_file_range within the mount is served by the daemon in one request (the kernel then
+/// sends no READ or WRITE for it): `cp` copies files this way.
+#[test]
+fn copy_file_range_is_one_request() {
+    use std::os::fd::AsRawFd;
+    let s = Stack::new();
+    std::fs::write(s.p("l2/big"), vec![7u8; 300_000]).unwrap();
+    let (mut child, log) = s.mount_logging_requests("lowerdir=l1:l2,upperdir=u,workdir=w");
+    let src = std::fs::File::open(s.p("m/big")).unwrap();
+    let dst = std::fs::File::create(s.p("m/copy")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    // SAFETY: plain syscall on open fds and offsets that live across the call.
+    let n = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            dst.as_raw_fd(),
+            &mut off_out,
+            300_000,
+            0,
+        )
+    };
+    assert_eq!(n, 300_000, "{}", std::io::Error::last_os_error());
+    drop((src, dst));
+    assert_eq!(std::fs::read(s.p("m/copy")).unwrap(), vec![7u8; 300_000]);
+    umount(&s);
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count(" COPY_FILE_RANGE "), 1, "{log}");
+    assert_eq!(count(" WRITE "), 0, "no data through the daemon");
+}
