@@ -114,6 +114,26 @@ pub fn scenarios() -> Vec<Scenario> {
                 getxattr("shared/olddir", DEFAULT),
                 readdir("shared/olddir"),
             ]),
+        // ACLs follow their objects through copy-up of hard links, renames of directories
+        // (a redirect) and a rename over a lower file.
+        Scenario::new("acls_through_links_and_renames")
+            .lower(lower().hardlink("f2", "f").file("shared/sub/x", "x"))
+            .ops([
+                chmod("f2", 0o640),
+                getxattr("f", ACCESS),
+                as_user(U, U, read("f")),
+                as_user(U, U, write_at("f", 0, "W")),
+                rename("shared", "moved"),
+                create("moved/new", 0o666),
+                stat("moved/new"),
+                getxattr("moved/new", ACCESS),
+                getxattr("moved/sub", DEFAULT),
+                rename("moved/new", "moved/sub/x"),
+                getxattr("moved/sub/x", ACCESS),
+                mkdir_mode("moved/sub/deeper", 0o777),
+                stat("moved/sub/deeper"),
+                getxattr("moved/sub/deeper", DEFAULT),
+            ]),
         Scenario::new("access_acl_from_outside_the_group_clears_set_group_id")
             .lower(lower())
             .ops([
