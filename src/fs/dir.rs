@@ -419,7 +419,8 @@ impl Overlay {
         }
         self.upper()?;
         self.keep_other_names(&node)?;
-        let whiteout = self.lower_has(&parent, name)?;
+        // A name the upper does not hold comes from a lower layer: no need to look there.
+        let whiteout = !node.has_upper() || self.lower_has(&parent, name)?;
         self.copy_up(&parent, true)?;
         let updir = self.upper_dir(&parent)?;
         let in_upper = match sys::fstatat(updir.as_fd(), name) {
