@@ -1,9 +1,9 @@
-//! POSIX ACLs of new objects. The kernel leaves the umask and a directory's default ACL to a
-//! FUSE server that negotiates FUSE_POSIX_ACL with FUSE_DONT_MASK: this is what kernel
-//! overlayfs and the upper's filesystem do at create time (`posix_acl_create` and
-//! `posix_acl_create_masq` in fs/posix_acl.c), on the xattr form of an ACL
-//! (`posix_acl_xattr_header`: a little-endian version 2, then 8-byte entries of tag, perm,
-//! id).
+//! POSIX ACLs in their xattr form (`posix_acl_xattr_header`: a little-endian version 2, then
+//! 8-byte entries of tag, perm, id): what new objects inherit, and the ids of ACL entries
+//! mapped between layers and mount (`uidmapping=`). The kernel leaves the umask and a
+//! directory's default ACL to a FUSE server that negotiates FUSE_POSIX_ACL with
+//! FUSE_DONT_MASK; `inherit` does what kernel overlayfs and the upper's filesystem do at
+//! create time (`posix_acl_create` and `posix_acl_create_masq` in fs/posix_acl.c).
 
 use std::ffi::CStr;
 
@@ -40,14 +40,14 @@ pub struct Inherited {
 /// the ACL masks the mode. Bits other than the permissions are kept. A default ACL that does
 /// not parse is treated as absent (the upper's filesystem would not have stored it).
 pub fn inherit(parent_default: Option<&[u8]>, mode: u32, umask: u32, is_dir: bool) -> Inherited {
-    let Some(default) = parent_default.filter(|d| parse(d).is_some_and(|e| !e.is_empty())) else {
+    let parsed = parent_default.and_then(|d| Some((d, parse(d).filter(|e| !e.is_empty())?)));
+    let Some((default, mut entries)) = parsed else {
         return Inherited {
             mode: mode & !(umask & 0o777),
             access: None,
             default: None,
         };
     };
-    let mut entries = parse(default).expect("checked above");
     let (perm_bits, not_equiv) = create_masq(&mut entries, mode & 0o777);
     Inherited {
         mode: (mode & !0o777) | perm_bits,
