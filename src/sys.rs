@@ -412,38 +412,18 @@ pub fn copy_file_range(
 
 /// Copies `len` bytes from `src` to `dst` at the same offsets, in kernel space when it can.
 pub fn copy_range(src: BorrowedFd, dst: BorrowedFd, len: u64) -> Result<()> {
-    let mut off_in: libc::loff_t = 0;
-    let mut off_out: libc::loff_t = 0;
-    let mut left = len;
-    while left > 0 {
-        let chunk = left.min(1 << 30) as usize;
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                chunk,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = Errno::last();
-            if matches!(
-                e,
-                Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL
-            ) {
-                return copy_range_userspace(src, dst, off_in as u64, len);
+    let mut off = 0;
+    while off < len {
+        let chunk = (len - off).min(1 << 30) as usize;
+        match copy_file_range(src, off, dst, off, chunk) {
+            Ok(0) => break, // source shrank: nothing more to copy
+            Ok(n) => off += n as u64,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL) => {
+                return copy_range_userspace(src, dst, off, len);
             }
-            if e == Errno::EINTR {
-                continue;
-            }
-            return Err(e);
+            Err(e) => return Err(e),
         }
-        if n == 0 {
-            break; // source shrank: nothing more to copy
-        }
-        left -= n as u64;
     }
     Ok(())
 }
