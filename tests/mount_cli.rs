@@ -681,52 +681,26 @@ fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
     acl
 }
 
-fn cpath(p: &Path) -> std::ffi::CString {
-    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+/// `path`'s directory, open, and its name in it (for the `*at` calls of `layervol::sys`).
+fn dir_and_name(path: &Path) -> (std::fs::File, std::ffi::CString) {
+    let dir = std::fs::File::open(path.parent().unwrap()).unwrap();
+    let name = path.file_name().unwrap().as_encoded_bytes();
+    (dir, std::ffi::CString::new(name).unwrap())
 }
 
 fn set_acl(path: &Path, acl: &[u8]) {
-    let key = c"system.posix_acl_access";
-    // SAFETY: a plain syscall on NUL-terminated strings and a buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            cpath(path).as_ptr(),
-            key.as_ptr(),
-            acl.as_ptr().cast(),
-            acl.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "lsetxattr {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    use std::os::fd::AsFd;
+    let (dir, name) = dir_and_name(path);
+    layervol::sys::setxattr(dir.as_fd(), &name, c"system.posix_acl_access", acl, 0)
+        .unwrap_or_else(|e| panic!("setxattr {}: {e:?}", path.display()));
 }
 
 fn get_acl(path: &Path) -> Vec<u8> {
-    let key = c"system.posix_acl_access";
-    let mut buf = vec![0u8; 256];
-    // SAFETY: as above.
-    let n = unsafe {
-        libc::lgetxattr(
-            cpath(path).as_ptr(),
-            key.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).unwrap_or_else(|_| {
-        panic!(
-            "lgetxattr {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        )
-    });
-    buf.truncate(n);
-    buf
+    use std::os::fd::AsFd;
+    let (dir, name) = dir_and_name(path);
+    layervol::sys::getxattr(dir.as_fd(), &name, c"system.posix_acl_access")
+        .unwrap_or_else(|e| panic!("getxattr {}: {e:?}", path.display()))
+        .unwrap_or_else(|| panic!("{} has no ACL", path.display()))
 }
 
 /// A stack that uid 1000 can reach, with `l1/secret`: root's, mode 0600.
@@ -829,25 +803,14 @@ fn acls_grant_access_unless_noacl() {
 /// sends no READ or WRITE for it): `cp` copies files this way.
 #[test]
 fn copy_file_range_is_one_request() {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let s = Stack::new();
     std::fs::write(s.p("l2/big"), vec![7u8; 300_000]).unwrap();
     let (mut child, log) = s.mount_logging_requests("lowerdir=l1:l2,upperdir=u,workdir=w");
     let src = std::fs::File::open(s.p("m/big")).unwrap();
     let dst = std::fs::File::create(s.p("m/copy")).unwrap();
-    let (mut off_in, mut off_out) = (0i64, 0i64);
-    // SAFETY: plain syscall on open fds and offsets that live across the call.
-    let n = unsafe {
-        libc::copy_file_range(
-            src.as_raw_fd(),
-            &mut off_in,
-            dst.as_raw_fd(),
-            &mut off_out,
-            300_000,
-            0,
-        )
-    };
-    assert_eq!(n, 300_000, "{}", std::io::Error::last_os_error());
+    let n = layervol::sys::copy_file_range(src.as_fd(), 0, dst.as_fd(), 0, 300_000).unwrap();
+    assert_eq!(n, 300_000);
     drop((src, dst));
     assert_eq!(std::fs::read(s.p("m/copy")).unwrap(), vec![7u8; 300_000]);
     umount(&s);
