@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 
 use crate::cli::Cli;
 use crate::fs::Overlay;
-use crate::fs::fuse::FuseAdapter;
+use crate::fs::fuse::{FuseAdapter, NodeIds};
 use crate::options::{self, MountPlan};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -128,7 +128,6 @@ fn serve(
     let signals = stop_signals();
     signals.thread_block().context("cannot block signals")?;
     let fs = Arc::new(Overlay::new(plan.cfg.clone()).context("cannot open the layers")?);
-    let adapter = FuseAdapter::new(fs.clone());
     let mut config = fuser::Config::default();
     let mut mo = vec![
         fuser::MountOption::FSName(plan.fsname.clone()),
@@ -147,19 +146,31 @@ fn serve(
     config.clone_fd = plan.threads > 1;
     // Two threads per CPU queue: one may block on the disk while the other serves.
     config.io_uring_threads = plan.io_uring.then_some(2);
-    let session = fuser::Session::new(adapter, mnt, &config)
-        .with_context(|| format!("cannot mount on `{}`", mnt.display()))?;
-    read_ahead_like_the_layers(plan, mnt);
+    // The view one directory below the FUSE root (see `mount`), or, for a caller who may
+    // not create filesystems, at the FUSE root through fusermount3.
+    let detached = crate::mount::create(&config.mount_options, plan.allow_other)
+        .context("cannot create the FUSE filesystem")?;
+    let (session, detached, ids) = match detached {
+        Some((dev, d)) => {
+            let adapter = FuseAdapter::new(fs.clone(), NodeIds::BELOW_SHELL);
+            let acl = config.acl;
+            let session =
+                fuser::Session::from_fd(adapter, dev, acl, config).context("FUSE handshake")?;
+            (session, Some(d), NodeIds::BELOW_SHELL)
+        }
+        None => {
+            let adapter = FuseAdapter::new(fs.clone(), NodeIds::AT_ROOT);
+            let session = fuser::Session::new(adapter, mnt, &config)
+                .with_context(|| format!("cannot mount on `{}`", mnt.display()))?;
+            (session, None, NodeIds::AT_ROOT)
+        }
+    };
     let notifier = session.notifier();
     fs.set_invalidator(Box::new(move |ino| {
         // Attributes only (offset -1): never touches page cache, so it cannot deadlock
         // against the request that triggered it.
-        let _ = notifier.inval_inode(fuser::INodeNo(ino), -1, 0);
+        let _ = notifier.inval_inode(fuser::INodeNo(ids.kernel(ino)), -1, 0);
     }));
-    if let Some(after) = after {
-        after(&fs, mnt)?;
-    }
-    on_ready();
     // fuser unmounts the mountpoint when its session ends, also when the session ended
     // because the filesystem was unmounted: `umount` returns before this daemon has exited,
     // so by then a new mount may be there, and it would go. The session runs with that
@@ -168,6 +179,14 @@ fn serve(
     let mut bg = session.spawn().context("cannot start the FUSE session")?;
     let session_thread = std::mem::replace(&mut bg.guard, std::thread::spawn(|| Ok(())));
     std::mem::forget(bg);
+    if let Some(d) = detached {
+        d.attach(mnt)?;
+    }
+    read_ahead_like_the_layers(plan, mnt);
+    if let Some(after) = after {
+        after(&fs, mnt)?;
+    }
+    on_ready();
     unmount_on_signal(signals, mnt.to_path_buf())?;
     let ran = session_thread
         .join()

@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod layer;
+pub mod mount;
 pub mod options;
 pub mod sys;
 pub mod volume;

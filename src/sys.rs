@@ -134,6 +134,18 @@ fn fuse_mount_device_in(mountinfo: &str, mnt: &std::path::Path) -> Option<String
         .map(|d| d.to_string())
 }
 
+/// `open_tree(2)`: an fd of the mount at `path` (relative to `dir`), or with
+/// `OPEN_TREE_CLONE` a detached clone of it rooted there.
+pub fn open_tree(dir: RawFd, path: &CStr, flags: libc::c_uint) -> Result<OwnedFd> {
+    // SAFETY: plain syscall with a NUL-terminated path.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, dir, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 pub fn fstat(fd: BorrowedFd) -> Result<Stat> {
     let mut st = std::mem::MaybeUninit::<Stat>::uninit();
     check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;

@@ -820,3 +820,92 @@ fn copy_file_range_is_one_request() {
     assert_eq!(count(" COPY_FILE_RANGE "), 1, "{log}");
     assert_eq!(count(" WRITE "), 0, "no data through the daemon");
 }
+
+/// The kernel never caches the ACLs of a FUSE mount's root inode (it exists before FUSE_INIT
+/// grants ACLs), so layervol attaches a directory below it: a user who does not own the
+/// mount's root walks through it from the kernel's caches, one GETXATTR per directory the
+/// first time and none after (with the view at the FUSE root: one more on every walk).
+#[test]
+fn non_owners_walk_through_the_root_from_the_cache() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Stack::new();
+    std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(s.p("l2/d/e")).unwrap();
+    std::fs::write(s.p("l2/d/e/f"), b"f").unwrap();
+    let (mut child, log) = s.mount_logging_requests("lowerdir=l1:l2,upperdir=u,workdir=w");
+    let walks = Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c"])
+        .arg(r#"for i in $(seq 20); do stat -c %s "$1" || exit 1; done"#)
+        .arg("sh")
+        .arg(s.p("m/d/e/f"))
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(walks.status.success(), "{walks:?}");
+    assert_eq!(String::from_utf8_lossy(&walks.stdout), "1\n".repeat(20));
+    let served = std::fs::read_to_string(&log).unwrap();
+    // The mount's root is the view below the FUSE root.
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f[4] == s.p("m").to_str().unwrap())
+        .map(|f| f[3].to_string());
+    umount(&s);
+    child.wait().unwrap();
+    let acl_reads = served
+        .lines()
+        .filter(|l| l.contains(" GETXATTR ") && l.contains("posix_acl_access"))
+        .count();
+    assert!(
+        acl_reads <= 3,
+        "{acl_reads} ACL reads for 20 walks:\n{served}"
+    );
+    assert_eq!(root.as_deref(), Some("/view"));
+}
+
+/// A user without the privilege to create filesystems mounts through fusermount3 (the view
+/// is then the FUSE root) and unmounts with `fusermount3 -u`.
+#[test]
+fn an_unprivileged_user_mounts_through_fusermount3() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Stack::new();
+    std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["l1", "l2", "u", "w", "m", "l1/a", "l2/a", "l2/b"] {
+        nix::unistd::chown(&s.p(d), Some(1000.into()), Some(1000.into())).unwrap();
+    }
+    let as_user = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .args(args)
+            .current_dir(&s.root)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let out = as_user(&[
+        BIN,
+        "-o",
+        "lowerdir=l1:l2,upperdir=u,workdir=w,userxattr",
+        "m",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let cat = as_user(&["cat", "m/a", "m/b"]);
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "topb", "{cat:?}");
+    assert!(as_user(&["sh", "-c", "echo new > m/b"]).status.success());
+    assert_eq!(std::fs::read(s.p("u/b")).unwrap(), b"new\n");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(s.p("m").to_str().unwrap()))
+        .expect("mounted");
+    assert!(
+        line.contains(" / ") && line.contains("user_id=1000"),
+        "{line}"
+    );
+    let out = as_user(&["fusermount3", "-u", "m"]);
+    assert!(out.status.success(), "{out:?}");
+}

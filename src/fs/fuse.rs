@@ -19,11 +19,12 @@ use tracing::{debug, warn};
 
 use super::dir::{Creator, NewKind};
 use super::file::{Caller, SetAttr, SetTime};
-use super::{Attr, IoMode, Overlay};
+use super::{Attr, IoMode, Overlay, ROOT_INO};
 use crate::sys::Errno;
 
 pub struct FuseAdapter {
     fs: Arc<Overlay>,
+    ids: NodeIds,
     ttl: Duration,
     passthrough: std::sync::atomic::AtomicBool,
     /// Passthrough backing ids, kept until release (dropping one closes it in the kernel).
@@ -31,8 +32,9 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Overlay>) -> Self {
+    pub fn new(fs: Arc<Overlay>, ids: NodeIds) -> Self {
         FuseAdapter {
+            ids,
             ttl: fs.cfg.ttl,
             passthrough: fs.cfg.passthrough.into(),
             fs,
@@ -133,7 +135,59 @@ fn run<T>(f: impl FnOnce() -> Result<T, ErrWrap>) -> Result<T, fuser::Errno> {
     f().map_err(|e| e.0)
 }
 
+/// The FUSE root's node id.
+const FUSE_ROOT_ID: u64 = 1;
+/// The engine's name for the shell (the FUSE root below the view): no node has it.
+const SHELL: u64 = u64::MAX;
+
+/// How the kernel's node ids map to the engine's inodes: one to one, except the overlay's
+/// root, whose node id is `view`. That is `FUSE_ROOT_ID`, or `mount::VIEW_NODE` when the
+/// FUSE root is the shell that `mount` attaches the view from (the engine calls it `SHELL`).
+#[derive(Clone, Copy, Debug)]
+pub struct NodeIds {
+    view: u64,
+}
+
+impl NodeIds {
+    /// The view is the FUSE root.
+    pub const AT_ROOT: NodeIds = NodeIds { view: FUSE_ROOT_ID };
+    /// The FUSE root is the shell; the view's node id is `mount::VIEW_NODE`.
+    pub const BELOW_SHELL: NodeIds = NodeIds {
+        view: crate::mount::VIEW_NODE,
+    };
+
+    /// The engine's inode for the kernel's node id `n`.
+    fn engine(self, n: u64) -> u64 {
+        match n {
+            n if n == self.view => ROOT_INO,
+            FUSE_ROOT_ID => SHELL,
+            n => n,
+        }
+    }
+
+    /// The kernel's node id for the engine's inode `ino`.
+    pub fn kernel(self, ino: u64) -> u64 {
+        if ino == ROOT_INO { self.view } else { ino }
+    }
+}
+
 impl FuseAdapter {
+    /// The engine's inode for the kernel's node id `n`.
+    fn ino(&self, n: INodeNo) -> u64 {
+        self.ids.engine(n.0)
+    }
+
+    /// Attributes of the shell: a directory only its owner (the daemon) may enter.
+    fn shell_attr(&self) -> Result<Attr, Errno> {
+        let mut st = self.fs.getattr(ROOT_INO, None)?;
+        st.st_ino = FUSE_ROOT_ID;
+        st.st_mode = libc::S_IFDIR | 0o700;
+        st.st_uid = nix::unistd::geteuid().as_raw();
+        st.st_gid = nix::unistd::getegid().as_raw();
+        st.st_nlink = 2;
+        Ok(st)
+    }
+
     /// Cache times for an entry. A file with several names is never cached: the daemon only
     /// learns which name an operation uses from the lookup that precedes it.
     fn ttl_for(&self, st: &Attr) -> Duration {
@@ -164,7 +218,7 @@ impl FuseAdapter {
             fsetid,
         };
         self.fs
-            .clear_set_id(ino.0, fh.map(|f| f.0), &caller)
+            .clear_set_id(self.ino(ino), fh.map(|f| f.0), &caller)
             .map_err(err)
     }
 
@@ -181,7 +235,7 @@ impl FuseAdapter {
             let name = cstr(name)?;
             Ok(self
                 .fs
-                .create_entry(parent.0, &name, kind, creator(req, umask))?)
+                .create_entry(self.ino(parent), &name, kind, creator(req, umask))?)
         });
         match r {
             Ok((_, st)) => self.entry(reply, &st),
@@ -233,7 +287,20 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = tri!(reply, cstr(name));
-        match self.fs.lookup(parent.0, &name) {
+        if self.ino(parent) == SHELL {
+            // The mount attaches the view from here (`mount::Detached::attach`).
+            return match self.fs.getattr(ROOT_INO, None) {
+                Ok(st) if name.as_c_str() == crate::mount::VIEW_NAME => reply.entry_for_node(
+                    INodeNo(self.ids.view),
+                    &self.ttl,
+                    &attr(&st),
+                    Generation(0),
+                ),
+                Ok(_) => reply.error(fuser::Errno::ENOENT),
+                Err(e) => reply.error(err(e)),
+            };
+        }
+        match self.fs.lookup(self.ino(parent), &name) {
             Ok((_, st)) => self.entry(reply, &st),
             // A negative entry (node id 0) lets the kernel cache "no such name": every create
             // goes through the kernel, which replaces it, so it cannot go stale.
@@ -247,11 +314,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(ino.0, nlookup);
+        self.fs.forget(self.ino(ino), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
+        let st = match self.ino(ino) {
+            SHELL => self.shell_attr(),
+            ino => self.fs.getattr(ino, fh.map(|f| f.0)),
+        };
+        match st {
             Ok(st) => reply.attr(&self.ttl_for(&st), &attr(&st)),
             Err(e) => reply.error(err(e)),
         }
@@ -290,14 +361,14 @@ impl Filesystem for FuseAdapter {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.fs.setattr(ino.0, fh.map(|f| f.0), a) {
+        match self.fs.setattr(self.ino(ino), fh.map(|f| f.0), a) {
             Ok(st) => reply.attr(&self.ttl_for(&st), &attr(&st)),
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        match self.fs.readlink(self.ino(ino)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
         }
@@ -338,7 +409,7 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = tri!(reply, cstr(name));
-        match self.fs.unlink(parent.0, &name) {
+        match self.fs.unlink(self.ino(parent), &name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -346,7 +417,7 @@ impl Filesystem for FuseAdapter {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = tri!(reply, cstr(name));
-        match self.fs.rmdir(parent.0, &name) {
+        match self.fs.rmdir(self.ino(parent), &name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -385,7 +456,7 @@ impl Filesystem for FuseAdapter {
             let (a, b) = (cstr(name)?, cstr(newname)?);
             Ok(self
                 .fs
-                .rename(parent.0, &a, newparent.0, &b, flags.bits())?)
+                .rename(self.ino(parent), &a, self.ino(newparent), &b, flags.bits())?)
         });
         match r {
             Ok(()) => reply.ok(),
@@ -401,7 +472,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let target = tri!(reply, self.fs.node(ino.0).map_err(err));
+        let target = tri!(reply, self.fs.node(self.ino(ino)).map_err(err));
         self.create_kind(reply, newparent, newname, req, NewKind::Link { target }, 0);
     }
 
@@ -413,7 +484,7 @@ impl Filesystem for FuseAdapter {
         kill_suidgid: bool,
         reply: ReplyOpen,
     ) {
-        let (fh, mut mode, fd) = match self.fs.open(ino.0, flags.0) {
+        let (fh, mut mode, fd) = match self.fs.open(self.ino(ino), flags.0) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
@@ -548,7 +619,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
+        match self.fs.opendir(self.ino(ino)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),
         }
@@ -563,8 +634,8 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectory,
     ) {
         let (node, entries) = tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
-        let parent = node.parent().map_or(ino.0, |p| p.ino);
-        let dots = [(ino.0, c"."), (parent, c"..")];
+        let parent = node.parent().map_or(self.ino(ino), |p| p.ino);
+        let dots = [(self.ino(ino), c"."), (parent, c"..")];
         let total = entries.len() as u64 + 2;
         for off in offset..total {
             let full = if off < 2 {
@@ -604,14 +675,14 @@ impl Filesystem for FuseAdapter {
         for off in offset..total {
             if off < 2 {
                 // "." and ".." carry no lookup reference: send them without attributes.
-                let st = match self.fs.getattr(ino.0, None) {
+                let st = match self.fs.getattr(self.ino(ino), None) {
                     Ok(st) => st,
                     Err(e) => return reply.error(err(e)),
                 };
                 let name: &CStr = if off == 0 { c"." } else { c".." };
                 let mut a = attr(&st);
                 if off == 1 {
-                    a.ino = INodeNo(node.parent().map_or(ino.0, |p| p.ino));
+                    a.ino = INodeNo(node.parent().map_or(self.ino(ino), |p| p.ino));
                 }
                 if reply.add(
                     a.ino,
@@ -701,7 +772,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let name = tri!(reply, cstr(name));
-        match self.fs.setxattr(ino.0, &name, value, flags, acl_kill_sgid) {
+        match self
+            .fs
+            .setxattr(self.ino(ino), &name, value, flags, acl_kill_sgid)
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -709,16 +783,20 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = tri!(reply, cstr(name));
-        xattr_reply(reply, size, self.fs.getxattr(ino.0, &name));
+        let value = match self.ino(ino) {
+            SHELL => Err(Errno::ENODATA),
+            ino => self.fs.getxattr(ino, &name),
+        };
+        xattr_reply(reply, size, value);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.fs.listxattr(ino.0));
+        xattr_reply(reply, size, self.fs.listxattr(self.ino(ino)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = tri!(reply, cstr(name));
-        match self.fs.removexattr(ino.0, &name) {
+        match self.fs.removexattr(self.ino(ino), &name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -745,7 +823,7 @@ impl Filesystem for FuseAdapter {
             let name = cstr(name)?;
             let (_, st, (fh, mut mode, _)) =
                 self.fs
-                    .create_open(parent.0, &name, mode, flags, creator(req, umask))?;
+                    .create_open(self.ino(parent), &name, mode, flags, creator(req, umask))?;
             if mode == IoMode::Passthrough {
                 // A create reply cannot carry a passthrough backing.
                 mode = self.fs.passthrough_refused(fh)?;

@@ -88,18 +88,13 @@ impl XattrNames {
 /// its way out (tools that rotate layers unmount the layers' filesystems right away).
 /// `None` without the privilege (CAP_SYS_ADMIN) or on kernels before 5.2.
 pub fn clone_mount(dir: &Path) -> Option<OwnedFd> {
-    const SYS_OPEN_TREE: libc::c_long = 428; // the same on every architecture
-    const OPEN_TREE_CLONE: libc::c_uint = 1;
     let c = CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let fd = unsafe {
-        libc::syscall(
-            SYS_OPEN_TREE,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-        )
-    };
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    crate::sys::open_tree(
+        libc::AT_FDCWD,
+        &c,
+        libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+    )
+    .ok()
 }
 
 /// The id of the mount `path` is on.

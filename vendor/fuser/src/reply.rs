@@ -259,6 +259,24 @@ impl ReplyEntry {
         ));
     }
 
+    /// Reply to a request with the given entry under the node id `node` instead of
+    /// `attr.ino` (layervol: the kernel's id of a node need not be its inode number).
+    pub fn entry_for_node(
+        self,
+        node: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) {
+        self.reply.send_ll(&ll::ResponseStruct::new_entry(
+            node,
+            generation,
+            &attr.into(),
+            *ttl,
+            *ttl,
+        ));
+    }
+
     /// Reply to a request with the given entry.
     ///
     /// Use this function instead of `ReplyEntry::entry` if the
