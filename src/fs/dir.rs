@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::acl;
 use super::copyup::remove_tree;
-use super::{Attr, Node, Overlay};
+use super::{Attr, Node, Overlay, Seen};
 use crate::layer::{self, EntryKind};
 use crate::sys::{self, Errno, Result};
 
@@ -172,7 +172,11 @@ impl Overlay {
     }
 
     /// True when a lower layer shows `name` in `parent`, so removing it needs a whiteout.
-    fn lower_has(&self, parent: &Node, name: &CStr) -> Result<bool> {
+    /// `seen`: what the lookup of the name found, which may know already.
+    fn lower_has(&self, parent: &Node, name: &CStr, seen: &Seen) -> Result<bool> {
+        if let Some(known) = seen.lower_has {
+            return Ok(known);
+        }
         if parent.layout().lower_dirs.is_empty() {
             return Ok(false);
         }
@@ -408,7 +412,7 @@ impl Overlay {
     fn remove(&self, parent_ino: u64, name: &CStr, want_dir: bool) -> Result<()> {
         let _s = self.stable();
         let parent = self.node(parent_ino)?;
-        let (node, _) = self.lookup_node(&parent, name)?;
+        let (node, _, seen) = self.lookup_seen(&parent, name)?;
         match (want_dir, node.is_dir()) {
             (true, false) => return Err(Errno::ENOTDIR),
             (false, true) => return Err(Errno::EISDIR),
@@ -418,15 +422,23 @@ impl Overlay {
             return Err(Errno::ENOTEMPTY);
         }
         self.upper()?;
+        let had_upper = node.has_upper();
         self.keep_other_names(&node)?;
         // A name the upper does not hold comes from a lower layer: no need to look there.
-        let whiteout = !node.has_upper() || self.lower_has(&parent, name)?;
+        let whiteout = !seen.upper || self.lower_has(&parent, name, &seen)?;
         self.copy_up(&parent, true)?;
         let updir = self.upper_dir(&parent)?;
-        let in_upper = match sys::fstatat(updir.as_fd(), name) {
-            Ok(st) => !sys::is_whiteout(&st),
-            Err(Errno::ENOENT) => false,
-            Err(e) => return Err(e),
+        // The lookup saw whether the upper holds the name, unless the node's upper changed
+        // since (a copy-up that keeps its other names) or the node's upper object is not
+        // under this name (a lower name of an object copied up under another).
+        let in_upper = if had_upper == seen.upper && node.has_upper() == had_upper {
+            seen.upper
+        } else {
+            match sys::fstatat(updir.as_fd(), name) {
+                Ok(st) => !sys::is_whiteout(&st),
+                Err(Errno::ENOENT) => false,
+                Err(e) => return Err(e),
+            }
         };
         if in_upper {
             if whiteout || want_dir {
@@ -468,7 +480,7 @@ impl Overlay {
         let _s = self.stable();
         let p = self.node(parent_ino)?;
         let q = self.node(newparent_ino)?;
-        let (s, _) = self.lookup_node(&p, name)?;
+        let (s, _, s_seen) = self.lookup_seen(&p, name)?;
         let t = match self.lookup_node(&q, newname) {
             Ok((t, _)) => Some(t),
             Err(Errno::ENOENT) => None,
@@ -519,7 +531,7 @@ impl Overlay {
         if exchange && let Some(t) = &t {
             self.prepare_move(t, &qdir, newname, &p, Arc::ptr_eq(&p, &q))?;
         }
-        let need_whiteout = !exchange && self.lower_has(&p, name)?;
+        let need_whiteout = !exchange && self.lower_has(&p, name, &s_seen)?;
         let onto_whiteout = t.is_none()
             && sys::fstatat(qdir.as_fd(), newname).is_ok_and(|st| sys::is_whiteout(&st));
         if onto_whiteout {

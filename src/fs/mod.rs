@@ -280,6 +280,20 @@ struct Found {
     lower_dirs: Vec<LowerRef>,
     /// Hard-linked lower file: (identity, index copy exists, merged link count).
     hardlink: Option<(Hardlink, bool, u32)>,
+    /// Whether a lower layer shows this very name in the parent (what `lower_has` tells),
+    /// when the lookup of the lower layers made here already found out; `None` when it did
+    /// not look there under this name (opaque, redirected, or an upper non-directory).
+    lower_has: Option<bool>,
+}
+
+/// What resolving a name found, beyond the node: kept by an operation that goes on to
+/// change the name, so it need not ask the layers again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seen {
+    /// The upper holds the object under this name (not a whiteout).
+    pub upper: bool,
+    /// See `Found::lower_has`.
+    pub lower_has: Option<bool>,
 }
 
 /// What the lower layers show under one name.
@@ -773,6 +787,7 @@ impl Overlay {
                 Err(e) => return Err(e),
             }
         }
+        let redirected = redirect.is_some();
         let LowerFound {
             nondir: lower,
             dirs: lower_dirs,
@@ -791,6 +806,21 @@ impl Overlay {
                 upper_st.map(|s| sys::is_dir(&s)),
             )?
         };
+        // The lookup above went through the parent's lower directories under `name` itself
+        // unless a redirect sent it elsewhere: whatever it found there, a lower layer shows
+        // the name. (Finding nothing under an upper directory proves nothing: it stops at
+        // a lower non-directory without recording it.)
+        let lower_has = if parent.layout().lower_dirs.is_empty() {
+            Some(false)
+        } else if !stop_lower
+            && !redirected
+            && lower_name.as_c_str() == name
+            && (lower.is_some() || !lower_dirs.is_empty())
+        {
+            Some(true)
+        } else {
+            None
+        };
         match upper_st {
             Some(st) => {
                 // A merged directory keeps the inode number of its topmost lower directory
@@ -808,6 +838,7 @@ impl Overlay {
                     lower,
                     lower_dirs,
                     hardlink: None,
+                    lower_has,
                 };
                 f.hardlink = self.detect_hardlink(parent, name, &f)?;
                 Ok(f)
@@ -821,6 +852,7 @@ impl Overlay {
                     lower,
                     lower_dirs,
                     hardlink: None,
+                    lower_has,
                 };
                 f.hardlink = self.detect_hardlink(parent, name, &f)?;
                 Ok(f)
@@ -831,8 +863,17 @@ impl Overlay {
     /// Resolves `name` and returns its node (creating or refreshing the table entry), without
     /// touching the kernel lookup count.
     fn lookup_node(&self, parent: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Stat)> {
+        self.lookup_seen(parent, name).map(|(n, st, _)| (n, st))
+    }
+
+    /// `lookup_node`, also telling what the resolve saw of the name in the layers.
+    fn lookup_seen(&self, parent: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Stat, Seen)> {
         self.settle(parent.ino, name);
         let f = self.resolve(parent, name)?;
+        let seen = Seen {
+            upper: f.upper,
+            lower_has: f.lower_has,
+        };
         let fmt = f.st.st_mode & libc::S_IFMT;
         let ino = if f.ino == ROOT_INO {
             f.st.st_ino
@@ -900,9 +941,10 @@ impl Overlay {
             // A lower-only name of a hard link already copied up: the node's object is the
             // upper (or index) copy.
             let st = self.stat_node(&node)?;
-            return Ok((node, st));
+            return Ok((node, st, seen));
         }
-        Ok((node.clone(), self.finish_attr(&node, f.st)))
+        let st = self.finish_attr(&node, f.st);
+        Ok((node, st, seen))
     }
 
     /// Lookup on behalf of the kernel: counts one reference.
