@@ -40,6 +40,21 @@ pub fn scenarios() -> Vec<Scenario> {
                 rmdir("d"),
                 readdir("d"),
             ]),
+        // The emptiness check reads the upper's character devices as whiteouts only when
+        // they are 0/0 ones: a real device beside the whiteouts keeps the directory.
+        Scenario::new("device_beside_whiteouts")
+            .lower(Layer::new().file("d/a", "a").file("d/b", "b"))
+            .ops([
+                unlink("d/a"),
+                mknod("d/c", libc::S_IFCHR | 0o644, 1, 3),
+                unlink("d/b"),
+                rmdir("d"),
+                readdir("d"),
+                unlink("d/c"),
+                rmdir("d"),
+                stat("d"),
+                readdir(""),
+            ]),
         Scenario::new("rmdir_errors")
             .lower(Layer::new().file("f", "f").dir("d").symlink("l", "d"))
             .ops([

@@ -65,6 +65,21 @@ fn strip_inherited_acl(updir: BorrowedFd, name: &CStr) -> Result<()> {
     }
 }
 
+/// Removes `dir/name`, a directory (open as `own`) that held only `names` when the caller
+/// looked: without reading it again. Whatever else is found there goes with `remove_tree`.
+fn remove_emptied(dir: BorrowedFd, name: &CStr, own: BorrowedFd, names: &[CString]) -> Result<()> {
+    for n in names {
+        match sys::unlinkat(own, n, false) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(_) => return remove_tree(dir, name),
+        }
+    }
+    match sys::unlinkat(dir, name, true) {
+        Err(Errno::ENOTEMPTY | Errno::EEXIST) => remove_tree(dir, name),
+        r => r,
+    }
+}
+
 impl NewKind<'_> {
     /// The mode of the kinds that have one of their own (not symlinks, not links).
     fn mode_mut(&mut self) -> Option<&mut u32> {
@@ -185,7 +200,55 @@ impl Overlay {
     }
 
     fn is_empty_dir(&self, node: &Arc<Node>) -> Result<bool> {
-        Ok(self.list_dir(node)?.is_empty())
+        Ok(self.check_empty(node)?.is_some())
+    }
+
+    /// Whether the merged directory is empty (`list_dir` would list nothing), and if so the
+    /// whiteouts its upper holds, which removing it must remove too. Like kernel overlayfs'
+    /// `ovl_check_empty_dir`, it reads each layer's directory once and asks nothing about the
+    /// names every whiteout hides (an `rm -rf` checks a directory full of them); the first
+    /// entry that may be visible ends the scan, and `list_dir` has the last word on it.
+    fn check_empty(&self, node: &Arc<Node>) -> Result<Option<Vec<CString>>> {
+        let _s = self.stable();
+        self.refresh(node);
+        let mut seen: HashSet<CString> = HashSet::new();
+        let mut whiteouts = Vec::new();
+        let decide = || -> Result<Option<Vec<CString>>> {
+            // A name the full merge may still hide (by an error resolving it): rare, and
+            // only on the way to ENOTEMPTY, so the whiteouts are not gathered.
+            Ok(self.list_dir(node)?.is_empty().then(Vec::new))
+        };
+        if node.has_upper() {
+            let d = self.upper_dir(node)?;
+            for (name, _, t) in sys::read_dir(d.as_fd())? {
+                if (t == libc::DT_CHR || t == libc::DT_UNKNOWN)
+                    && sys::is_whiteout(&sys::fstatat(d.as_fd(), &name)?)
+                {
+                    seen.insert(name.clone());
+                    whiteouts.push(name);
+                    continue;
+                }
+                return decide();
+            }
+        }
+        let lay = node.layout();
+        for k in 0..lay.lower_dirs.len() {
+            let d = self.lower_dir(&lay, k)?;
+            for (name, _, t) in sys::read_dir(d.as_fd())? {
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                if t == libc::DT_CHR || t == libc::DT_REG || t == libc::DT_UNKNOWN {
+                    let st = sys::fstatat(d.as_fd(), &name)?;
+                    if layer::classify_lower(d.as_fd(), &name, &st, &self.x)? == EntryKind::Whiteout
+                    {
+                        continue;
+                    }
+                }
+                return decide();
+            }
+        }
+        Ok(Some(whiteouts))
     }
 
     /// Creates `name` in `parent` for `who`. Returns the new node with one kernel lookup.
@@ -418,9 +481,12 @@ impl Overlay {
             (false, true) => return Err(Errno::EISDIR),
             _ => {}
         }
-        if want_dir && !self.is_empty_dir(&node)? {
-            return Err(Errno::ENOTEMPTY);
-        }
+        // A directory's upper whiteouts, as the emptiness check found them.
+        let whiteouts = if want_dir {
+            self.check_empty(&node)?.ok_or(Errno::ENOTEMPTY)?
+        } else {
+            Vec::new()
+        };
         self.upper()?;
         let had_upper = node.has_upper();
         self.keep_other_names(&node)?;
@@ -447,8 +513,17 @@ impl Overlay {
                 let work = self.work()?.root.as_fd();
                 let tmp = self.tmp_name();
                 let flags = if whiteout { libc::RENAME_WHITEOUT } else { 0 };
+                // The directory's own fd follows it into the work dir.
+                let own = if want_dir {
+                    Some(self.upper_dir(&node)?)
+                } else {
+                    None
+                };
                 sys::renameat2(updir.as_fd(), name, work, &tmp, flags)?;
-                remove_tree(work, &tmp)?;
+                match own {
+                    Some(d) => remove_emptied(work, &tmp, d.as_fd(), &whiteouts)?,
+                    None => remove_tree(work, &tmp)?,
+                }
             } else {
                 sys::unlinkat(updir.as_fd(), name, false)?;
             }
