@@ -674,16 +674,18 @@ impl Filesystem for FuseAdapter {
         let total = entries.len() as u64 + 2;
         for off in offset..total {
             if off < 2 {
-                // "." and ".." carry no lookup reference: send them without attributes.
-                let st = match self.fs.getattr(self.ino(ino), None) {
-                    Ok(st) => st,
-                    Err(e) => return reply.error(err(e)),
+                // "." and ".." carry no lookup reference, and the kernel takes only their
+                // inode number and type (`fuse_direntplus_link` skips them before it reads
+                // any attribute): nothing is looked up for them.
+                let mut st: Attr = unsafe { std::mem::zeroed() };
+                st.st_mode = libc::S_IFDIR;
+                st.st_ino = if off == 0 {
+                    self.ino(ino)
+                } else {
+                    node.parent().map_or(self.ino(ino), |p| p.ino)
                 };
                 let name: &CStr = if off == 0 { c"." } else { c".." };
-                let mut a = attr(&st);
-                if off == 1 {
-                    a.ino = INodeNo(node.parent().map_or(self.ino(ino), |p| p.ino));
-                }
+                let a = attr(&st);
                 if reply.add(
                     a.ino,
                     off + 1,
