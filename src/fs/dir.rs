@@ -5,14 +5,15 @@
 //! `overlay.redirect` to its lower path (like `redirect_dir=on`), so rename never fails with
 //! EXDEV. Every step that changes what the merged view shows is a single rename in the upper.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::acl;
 use super::copyup::remove_tree;
-use super::{Attr, Node, Overlay, Seen};
+use super::{Attr, Found, Node, Overlay, Seen};
 use crate::layer::{self, EntryKind};
 use crate::sys::{self, Errno, Result};
 
@@ -105,11 +106,45 @@ fn dtype_fmt(t: u8) -> u32 {
     }
 }
 
+/// What a listing resolved to number its directories, handed to the lookups of the same
+/// READDIRPLUS request so that they need not ask the layers again. Valid only for the stack
+/// generation it was found in; directories only (a file's link count and index state can
+/// change through its other names while the request runs).
+#[derive(Default)]
+pub struct Resolved {
+    generation: u64,
+    found: HashMap<CString, Found>,
+}
+
+impl Resolved {
+    fn keep(&mut self, name: &CStr, f: Found) {
+        if sys::is_dir(&f.st) {
+            self.found.insert(name.to_owned(), f);
+        }
+    }
+}
+
 impl Overlay {
     /// The merged listing of a directory (without `.` and `..`).
     pub fn list_dir(&self, node: &Arc<Node>) -> Result<Vec<DirEntry>> {
+        self.list_dir_resolved(node).map(|(entries, _)| entries)
+    }
+
+    /// What the listing resolved on the way (see `Resolved`) for a lookup that comes right
+    /// after it, in the same request: the resolve of `name` unless the stack changed since.
+    pub(super) fn take_resolved(&self, r: &mut Resolved, name: &CStr) -> Option<Found> {
+        let f = r.found.remove(name)?;
+        (r.generation == self.generation.load(Ordering::Acquire)).then_some(f)
+    }
+
+    /// `list_dir`, with what it resolved.
+    pub(super) fn list_dir_resolved(&self, node: &Arc<Node>) -> Result<(Vec<DirEntry>, Resolved)> {
         let _s = self.stable();
         self.refresh(node);
+        let mut resolved = Resolved {
+            generation: self.generation.load(Ordering::Acquire),
+            found: HashMap::new(),
+        };
         let mut seen: HashSet<CString> = HashSet::new();
         let mut out = Vec::new();
         let mut upper_names = Vec::new();
@@ -149,7 +184,11 @@ impl Overlay {
                 let ino = if fmt == libc::S_IFDIR {
                     // A lower directory may merge with others: ask the resolver.
                     match self.resolve(node, &name) {
-                        Ok(f) => f.ino,
+                        Ok(f) => {
+                            let ino = f.ino;
+                            resolved.keep(&name, f);
+                            ino
+                        }
                         Err(_) => continue,
                     }
                 } else {
@@ -170,7 +209,11 @@ impl Overlay {
             // inode number: resolve them exactly. Plain upper entries use d_ino.
             let ino = if impure || lower_names.contains(&name) {
                 match self.resolve(node, &name) {
-                    Ok(f) => f.ino,
+                    Ok(f) => {
+                        let ino = f.ino;
+                        resolved.keep(&name, f);
+                        ino
+                    }
                     Err(_) => continue,
                 }
             } else {
@@ -183,7 +226,7 @@ impl Overlay {
             self.settle(node.ino, &e.name);
             e.ino = self.known_ino(e.ino);
         }
-        Ok(merged)
+        Ok((merged, resolved))
     }
 
     /// True when a lower layer shows `name` in `parent`, so removing it needs a whiteout.

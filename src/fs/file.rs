@@ -674,21 +674,35 @@ impl Overlay {
         &self,
         fh: u64,
         offset: u64,
-    ) -> Result<(Arc<Node>, Arc<Vec<super::dir::DirEntry>>)> {
+    ) -> Result<(
+        Arc<Node>,
+        Arc<Vec<super::dir::DirEntry>>,
+        super::dir::Resolved,
+    )> {
         let _s = self.stable();
         let h = self.handle(fh)?;
         let mut e = h.entries.lock();
+        let mut resolved = super::dir::Resolved::default();
         if offset == 0 || e.is_none() {
-            *e = Some(Arc::new(self.list_dir(&h.node)?));
+            let (entries, r) = self.list_dir_resolved(&h.node)?;
+            *e = Some(Arc::new(entries));
+            resolved = r;
         }
-        Ok((h.node.clone(), e.clone().expect("set above")))
+        Ok((h.node.clone(), e.clone().expect("set above"), resolved))
     }
 
-    /// Lookup of a readdirplus entry: counts one kernel reference like `lookup`.
-    pub fn lookup_child(&self, dir: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Attr)> {
+    /// Lookup of a readdirplus entry: counts one kernel reference like `lookup`. `resolved`:
+    /// what the listing taken in the same request resolved.
+    pub fn lookup_child(
+        &self,
+        dir: &Arc<Node>,
+        name: &CStr,
+        resolved: &mut super::dir::Resolved,
+    ) -> Result<(Arc<Node>, Attr)> {
         let _s = self.stable();
         self.refresh(dir);
-        let (n, st) = self.lookup_node(dir, name)?;
+        let found = self.take_resolved(resolved, name);
+        let (n, st, _) = self.lookup_found(dir, name, found)?;
         n.add_lookup(1);
         Ok((n, st))
     }

@@ -633,7 +633,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let (node, entries) = tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
+        let (node, entries, _) = tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
         let parent = node.parent().map_or(self.ino(ino), |p| p.ino);
         let dots = [(self.ino(ino), c"."), (parent, c"..")];
         let total = entries.len() as u64 + 2;
@@ -670,7 +670,8 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (node, entries) = tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
+        let (node, entries, mut resolved) =
+            tri!(reply, self.fs.dir_entries(fh.0, offset).map_err(err));
         let total = entries.len() as u64 + 2;
         for off in offset..total {
             if off < 2 {
@@ -699,7 +700,7 @@ impl Filesystem for FuseAdapter {
                 continue;
             }
             let e = &entries[(off - 2) as usize];
-            let (n, st) = match self.fs.lookup_child(&node, &e.name) {
+            let (n, st) = match self.fs.lookup_child(&node, &e.name, &mut resolved) {
                 Ok(x) => x,
                 // Gone since the listing was taken: skip it.
                 Err(_) => continue,

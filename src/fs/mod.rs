@@ -868,8 +868,21 @@ impl Overlay {
 
     /// `lookup_node`, also telling what the resolve saw of the name in the layers.
     fn lookup_seen(&self, parent: &Arc<Node>, name: &CStr) -> Result<(Arc<Node>, Stat, Seen)> {
+        self.lookup_found(parent, name, None)
+    }
+
+    /// `lookup_seen`, with the name resolved already (`found`) or not.
+    fn lookup_found(
+        &self,
+        parent: &Arc<Node>,
+        name: &CStr,
+        found: Option<Found>,
+    ) -> Result<(Arc<Node>, Stat, Seen)> {
         self.settle(parent.ino, name);
-        let f = self.resolve(parent, name)?;
+        let f = match found {
+            Some(f) => f,
+            None => self.resolve(parent, name)?,
+        };
         let seen = Seen {
             upper: f.upper,
             lower_has: f.lower_has,
