@@ -253,6 +253,9 @@ pub struct Overlay {
     handles: DashMap<u64, Arc<Handle>>,
     next_fh: AtomicU64,
     tmp_seq: AtomicU64,
+    /// This process's id, part of every temporary name (taken once: `getpid` is a system
+    /// call each time, and the engine is made in the process that serves it).
+    pid: u32,
     /// Tells the kernel to drop cached attributes of an inode whose attributes changed as a
     /// side effect it cannot know about (a directory copied up becomes a merged directory).
     invalidate: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
@@ -423,6 +426,7 @@ impl Overlay {
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
+            pid: std::process::id(),
             invalidate: std::sync::OnceLock::new(),
             ctimes: parking_lot::RwLock::new(cfg_ctimes),
             nlinks: Default::default(),
@@ -509,7 +513,7 @@ impl Overlay {
 
     fn tmp_name(&self) -> CString {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        CString::new(format!("#lv{:x}.{n:x}", std::process::id())).expect("no NUL")
+        CString::new(format!("#lv{:x}.{n:x}", self.pid)).expect("no NUL")
     }
 
     /// Stable inode number of an object found in a layer (see `node.rs`): its origin's, if it
