@@ -565,7 +565,8 @@ impl Overlay {
                 sys::renameat2(updir.as_fd(), name, work, &tmp, flags)?;
                 match own {
                     Some(d) => remove_emptied(work, &tmp, d.as_fd(), &whiteouts)?,
-                    None => remove_tree(work, &tmp)?,
+                    // The node's type is the object's: no directory.
+                    None => sys::unlinkat(work, &tmp, false)?,
                 }
             } else {
                 sys::unlinkat(updir.as_fd(), name, false)?;
