@@ -393,6 +393,8 @@ impl Overlay {
             };
         // Only what this call made is removed on a failure (never a whiteout found there).
         let created = made.is_ok();
+        // The object's stat, while nothing changed it since (see `known` below).
+        let mut fresh = None;
         let res = made.and_then(|fd| {
             if matches!(kind, NewKind::Link { .. }) {
                 return Ok(fd);
@@ -423,8 +425,9 @@ impl Overlay {
                 ),
                 NewKind::Symlink { .. } | NewKind::Link { .. } => None,
             };
+            let chmod = want.is_some_and(|want| chown || st.st_mode & 0o7777 != want);
             if let Some(want) = want
-                && (chown || st.st_mode & 0o7777 != want)
+                && chmod
             {
                 match &fd {
                     Some(fd) => sys::fchmod(fd.as_fd(), want)?,
@@ -440,8 +443,12 @@ impl Overlay {
             }
             // Like the kernel: a new directory in a merged directory is opaque, so it never
             // merges with something a lower layer could show under its name.
-            if is_dir && (over_whiteout || !parent.layout().lower_dirs.is_empty()) {
+            let opaque = is_dir && (over_whiteout || !parent.layout().lower_dirs.is_empty());
+            if opaque {
                 sys::setxattr(dir, &tmp, &self.x.opaque, b"y", 0)?;
+            }
+            if !(chown || chmod || over_whiteout || opaque) {
+                fresh = Some(st);
             }
             Ok(fd)
         });
@@ -466,7 +473,20 @@ impl Overlay {
                 return Err(e);
             }
         }
-        let (node, mut st) = self.lookup_node(&parent, name)?;
+        // What a lookup would find is known while nothing changed the object since its stat
+        // (an attribute or xattr set, or the rename over a whiteout, moves its ctime): a new
+        // object in the upper, its own identity (no origin), nothing below it (a parent
+        // with lower parts makes a new directory opaque, so that case is not known here).
+        let known = fresh.map(|st| Found {
+            st,
+            ino: self.map_ino(st.st_dev, st.st_ino),
+            upper: true,
+            lower: None,
+            lower_dirs: Vec::new(),
+            hardlink: None,
+            lower_has: None,
+        });
+        let (node, mut st, _) = self.lookup_found(&parent, name, known)?;
         if node.hardlink.is_some() && matches!(kind, NewKind::Link { .. }) {
             self.nlink_changed(&node, 1)?;
             st.st_nlink += 1;
