@@ -124,9 +124,7 @@ impl Overlay {
                 .map(|(o, _)| o);
             let origin = match inherited {
                 Some(o) => Some(o),
-                None => {
-                    crate::layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd()).ok()
-                }
+                None => lower.origin(ldir.as_fd(), &lname).ok(),
             };
             if let Some(o) = origin {
                 sys::setxattr(wdir, &tmp, &self.x.origin, &o, 0)?;

@@ -105,7 +105,7 @@ impl Overlay {
         let st = sys::fstatat(d.as_fd(), &n)?;
         let fb = match self.identity_origin(d.as_fd(), &n, &st, false) {
             Some((fb, _)) => fb,
-            None => match crate::layer::encode_origin(d.as_fd(), &n, l.root_rd.as_fd()) {
+            None => match l.origin(d.as_fd(), &n) {
                 Ok(fb) => fb,
                 Err(_) => return Ok(None),
             },

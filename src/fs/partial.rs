@@ -199,7 +199,7 @@ impl Overlay {
             // The truncate stamped "now": a copy-up keeps the file's times.
             let times = sys::times_of(&st);
             sys::utimensat(wdir, &tmp, &times)?;
-            let below = layer::encode_origin(ldir.as_fd(), &lname, lower.root_rd.as_fd())?;
+            let below = lower.origin(ldir.as_fd(), &lname)?;
             sys::setxattr(wdir, &tmp, &below_key(self.cfg.userxattr), &below, 0)?;
             let id = MapId::random().map_err(|_| Errno::EIO)?;
             let map = BlockMap::new(id, self.cfg.block_size as u32, st.st_size as u64)

@@ -115,6 +115,9 @@ pub struct Layer {
     pub dev: u64,
     /// Names of the multiply-linked non-directories, by inode number (`link_groups`).
     links: std::sync::OnceLock<LinkGroups>,
+    /// The UUID of the layer's filesystem, as `origin` puts it in an `overlay.origin`
+    /// (asked once: it cannot change while the filesystem is mounted).
+    uuid: std::sync::OnceLock<[u8; 16]>,
 }
 
 /// Every name of each non-directory with several links in a layer, by inode number.
@@ -182,6 +185,7 @@ impl Layer {
             root_rd,
             dev: st.st_dev,
             links: std::sync::OnceLock::new(),
+            uuid: std::sync::OnceLock::new(),
         })
     }
 
@@ -215,6 +219,15 @@ impl Layer {
             None => Ok((self.dir(rel)?, sys::dot().to_owned())),
             Some((parent, name)) => Ok((self.dir(&parent)?, name)),
         }
+    }
+
+    /// `encode_origin` of `dir/name`, an object of this layer.
+    pub fn origin(&self, dir: BorrowedFd, name: &CStr) -> Result<Vec<u8>> {
+        encode_origin_in(dir, name, || {
+            *self
+                .uuid
+                .get_or_init(|| fs_uuid(self.root_rd.as_fd()).unwrap_or([0; 16]))
+        })
     }
 
     pub fn stat(&self, rel: &RelPath) -> Result<Stat> {
@@ -386,6 +399,16 @@ const OVL_FH_MAGIC: u8 = 0xfb;
 
 /// Encodes the identity of a lower object as the kernel's `overlay.origin` value.
 pub fn encode_origin(dir: BorrowedFd, name: &CStr, layer_root: BorrowedFd) -> Result<Vec<u8>> {
+    encode_origin_in(dir, name, || fs_uuid(layer_root).unwrap_or([0; 16]))
+}
+
+/// `encode_origin`, with the UUID of the object's filesystem from `uuid` (asked only once
+/// the handle is made).
+fn encode_origin_in(
+    dir: BorrowedFd,
+    name: &CStr,
+    uuid: impl FnOnce() -> [u8; 16],
+) -> Result<Vec<u8>> {
     #[repr(C)]
     struct Handle {
         bytes: u32,
@@ -410,7 +433,7 @@ pub fn encode_origin(dir: BorrowedFd, name: &CStr, layer_root: BorrowedFd) -> Re
     if r < 0 {
         return Err(Errno::last());
     }
-    let uuid = fs_uuid(layer_root).unwrap_or([0; 16]);
+    let uuid = uuid();
     let n = h.bytes as usize;
     let mut out = Vec::with_capacity(OVL_FB_HEADER + n);
     out.push(0); // version
