@@ -199,9 +199,8 @@ impl Overlay {
         }
         let upper_dev = self.upper().map_or(0, |u| u.dev);
         let impure = node.has_upper() && {
-            let path = node.path().ok_or(Errno::ENOENT)?;
-            let (d, n) = self.upper()?.parent_of(&path)?;
-            sys::getxattr(d.as_fd(), &n, &self.x.impure)?.is_some()
+            let d = self.upper_dir(node)?;
+            sys::getxattr(d.as_fd(), sys::dot(), &self.x.impure)?.is_some()
         };
         let mut merged: Vec<DirEntry> = Vec::with_capacity(upper_names.len() + out.len());
         for (name, ino, fmt) in upper_names {
