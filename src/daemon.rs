@@ -150,19 +150,23 @@ fn serve(
     // not create filesystems, at the FUSE root through fusermount3.
     let detached = crate::mount::create(&config.mount_options, plan.allow_other)
         .context("cannot create the FUSE filesystem")?;
-    let (session, detached, ids) = match detached {
+    let ids = if detached.is_some() {
+        NodeIds::BELOW_SHELL
+    } else {
+        NodeIds::AT_ROOT
+    };
+    let adapter = FuseAdapter::new(fs.clone(), ids);
+    let (session, detached) = match detached {
         Some((dev, d)) => {
-            let adapter = FuseAdapter::new(fs.clone(), NodeIds::BELOW_SHELL);
             let acl = config.acl;
             let session =
                 fuser::Session::from_fd(adapter, dev, acl, config).context("FUSE handshake")?;
-            (session, Some(d), NodeIds::BELOW_SHELL)
+            (session, Some(d))
         }
         None => {
-            let adapter = FuseAdapter::new(fs.clone(), NodeIds::AT_ROOT);
             let session = fuser::Session::new(adapter, mnt, &config)
                 .with_context(|| format!("cannot mount on `{}`", mnt.display()))?;
-            (session, None, NodeIds::AT_ROOT)
+            (session, None)
         }
     };
     let notifier = session.notifier();

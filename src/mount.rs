@@ -144,7 +144,7 @@ impl FsContext {
 
     fn create(&self) -> anyhow::Result<()> {
         self.config(libc::FSCONFIG_CMD_CREATE, None, std::ptr::null())
-            .context("cannot create the FUSE filesystem")
+            .context("FSCONFIG_CMD_CREATE")
     }
 
     fn config(
