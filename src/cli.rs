@@ -35,7 +35,8 @@ Mount options (-o, comma-separated; `\\,` and `\\:` escape):
                         large files up to 2x slower
   allow_other           let other users in (default when mounted by root)
   ro, nodev, nosuid, noexec, noatime, sync, dirsync   as for any mount
-  Accepted for compatibility with mount -t overlay / fuse-overlayfs, and without effect:
+  Accepted for compatibility with mount -t overlay / fuse-overlayfs (with the values those
+  take, e.g. xino=off|auto|on), and without effect:
   redirect_dir, index, xino, metacopy (layervol behaves as with redirect_dir=on,index=on,
   xino=on), default_permissions (always on), context=..., ...
   Volume mounts (`layervol mount VOL MNT`) also take snapshot_interval=SECS and max_layers=N.

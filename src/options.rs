@@ -128,6 +128,98 @@ fn parse_idmap(opt: &str, v: &str) -> Result<crate::fs::IdMap, OptionError> {
     Ok(crate::fs::IdMap(ranges))
 }
 
+/// Options that are flags: a value is an error (kernel overlayfs and mount(8) refuse one).
+const FLAGS: &[&str] = &[
+    "userxattr",
+    "acl",
+    "noacl",
+    "squash_to_root",
+    "volatile",
+    "allow_other",
+    "allow_root",
+    "debug",
+    "default_permissions",
+    "ro",
+    "rw",
+    "nodev",
+    "dev",
+    "nosuid",
+    "suid",
+    "noexec",
+    "exec",
+    "noatime",
+    "sync",
+    "dirsync",
+    "static_nlink",
+    "atime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "diratime",
+    "nodiratime",
+    "lazytime",
+    "nolazytime",
+    "async",
+    "auto_unmount",
+];
+
+/// What an option accepted for compatibility (and without effect here) takes.
+#[derive(Clone, Copy)]
+enum Takes {
+    Flag,
+    OneOf(&'static [&'static str]),
+    Number,
+    Text,
+    /// mount(8)'s own options, which it may pass on with or without a value.
+    Anything,
+}
+
+/// The options accepted for compatibility and what each takes, as kernel overlayfs
+/// (fs/overlayfs/params.c), fuse-overlayfs and mount(8) define them.
+fn compat_value(k: &str) -> Option<Takes> {
+    const ON_OFF: &[&str] = &["on", "off"];
+    Some(match k {
+        "redirect_dir" => Takes::OneOf(&["on", "follow", "nofollow", "off"]),
+        "index" | "metacopy" | "nfs_export" => Takes::OneOf(ON_OFF),
+        "xino" => Takes::OneOf(&["off", "auto", "on"]),
+        "uuid" => Takes::OneOf(&["off", "null", "auto", "on"]),
+        "verity" => Takes::OneOf(&["off", "on", "require"]),
+        "fast_ino" | "writeback" | "noxattrs" | "xattr_permissions" | "blksize" | "max_read" => {
+            Takes::Number
+        }
+        "subtype" | "context" | "fscontext" | "defcontext" | "rootcontext" | "plugins" => {
+            Takes::Text
+        }
+        "auto" | "noauto" | "user" | "nouser" | "users" | "defaults" | "_netdev" | "nofail" => {
+            Takes::Anything
+        }
+        _ if FLAGS.contains(&k) => Takes::Flag,
+        _ => return None,
+    })
+}
+
+fn check_compat_value(k: &str, v: Option<&str>, takes: Takes) -> Result<(), OptionError> {
+    let bad = |why: String| OptionError::BadValue {
+        opt: k.into(),
+        value: v.unwrap_or_default().into(),
+        why,
+    };
+    match (takes, v) {
+        (Takes::Anything, _) | (Takes::Flag, None) => Ok(()),
+        (Takes::Flag, Some(_)) => Err(bad("takes no value".into())),
+        (Takes::OneOf(_) | Takes::Number | Takes::Text, None) => Err(bad("needs a value".into())),
+        (Takes::OneOf(ok), Some(v)) if ok.contains(&v) => Ok(()),
+        (Takes::OneOf(ok), Some(_)) => Err(bad(match ok.split_last() {
+            Some((last, rest)) => format!("expected {} or {last}", rest.join(", ")),
+            None => "expected nothing".into(),
+        })),
+        (Takes::Number, Some(v)) if v.parse::<u64>().is_ok() => Ok(()),
+        (Takes::Number, Some(_)) => Err(bad("expected a number".into())),
+        (Takes::Text, Some(_)) => Ok(()),
+    }
+}
+
 fn parse_onoff(opt: &str, v: &str) -> Result<bool, OptionError> {
     match v {
         "on" | "1" | "yes" | "true" => Ok(true),
@@ -203,6 +295,13 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
                 why: "needs a value".into(),
             })
         };
+        if FLAGS.contains(&k) && v.is_some() {
+            return Err(OptionError::BadValue {
+                opt: k.into(),
+                value: v.unwrap_or_default().into(),
+                why: "takes no value".into(),
+            });
+        }
         match k {
             "lowerdir" | "upperdir" | "workdir" if volume => {
                 return Err(OptionError::BadValue {
@@ -293,14 +392,12 @@ fn parse_inner(opts: &[String], cwd: &Path, volume: bool) -> Result<MountPlan, O
             "sync" => kernel_flags.push(M::Sync),
             "dirsync" => kernel_flags.push(M::DirSync),
             // Kernel overlay features that layervol always provides (redirect_dir, index,
-            // xino) or that have no meaning for it; the value is checked, then accepted.
-            "redirect_dir" | "index" | "xino" | "metacopy" | "nfs_export" | "uuid" | "verity"
-            | "fast_ino" | "writeback" | "noxattrs" | "static_nlink" | "atime" | "relatime"
-            | "norelatime" | "strictatime" | "nostrictatime" | "diratime" | "nodiratime"
-            | "lazytime" | "nolazytime" | "async" | "auto" | "noauto" | "user" | "nouser"
-            | "users" | "defaults" | "_netdev" | "nofail" | "auto_unmount" | "subtype"
-            | "blksize" | "max_read" | "context" | "fscontext" | "defcontext" | "rootcontext"
-            | "plugins" | "xattr_permissions" => ignored.push(opt.clone()),
+            // xino, metacopy) or that have no meaning for it; the value is checked, then
+            // accepted.
+            _ if let Some(takes) = compat_value(k) => {
+                check_compat_value(k, v, takes)?;
+                ignored.push(opt.clone());
+            }
             _ if k.starts_with("x-") => {}
             _ => return Err(OptionError::Unknown(opt.clone())),
         }
@@ -461,5 +558,53 @@ mod tests {
             Err(OptionError::NoWorkdir)
         ));
         assert!(parse(&opts("lowerdir=l"), t.path()).unwrap().read_only);
+    }
+
+    /// Options accepted for compatibility take the values kernel overlayfs, fuse-overlayfs
+    /// and mount(8) give them: a typo is an error there, so it is one here.
+    #[test]
+    fn compatibility_options_check_their_values() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("l")).unwrap();
+        let good = [
+            "redirect_dir=nofollow",
+            "index=off",
+            "xino=auto",
+            "metacopy=on",
+            "nfs_export=off",
+            "uuid=null",
+            "verity=require",
+            "writeback=1",
+            "fast_ino=0",
+            "noxattrs=2",
+            "xattr_permissions=1",
+            "static_nlink",
+            "relatime",
+            "context=system_u:object_r:container_file_t:s0",
+            "max_read=131072",
+            "x-systemd.automount",
+        ];
+        for o in good {
+            let p = parse(&opts(&format!("lowerdir=l,{o}")), t.path());
+            assert!(p.is_ok(), "{o}: {:?}", p.err());
+        }
+        let bad = [
+            ("xino=bogus", "off, auto or on"),
+            ("redirect_dir=yes", "on, follow, nofollow or off"),
+            ("index", "needs a value"),
+            ("uuid=", "off, null, auto or on"),
+            ("writeback=on", "a number"),
+            ("static_nlink=1", "takes no value"),
+            ("noatime=1", "takes no value"),
+            ("context", "needs a value"),
+        ];
+        for (o, why) in bad {
+            match parse(&opts(&format!("lowerdir=l,{o}")), t.path()) {
+                Err(e @ OptionError::BadValue { .. }) => {
+                    assert!(e.to_string().contains(why), "{o}: `{e}` lacks `{why}`")
+                }
+                other => panic!("{o}: {:?}", other.map(|p| p.ignored)),
+            }
+        }
     }
 }

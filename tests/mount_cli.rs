@@ -140,6 +140,7 @@ fn bad_input_is_refused_before_mounting() {
         ("lowerdir=l1,upperdir=l1/inner,workdir=w", "overlap"),
         ("lowerdir=l1,upperdir=u,workdir=/dev/shm", "same filesystem"),
         ("lowerdir=l1,uidmapping=0:1000", "uidmapping"),
+        ("lowerdir=l1,xino=bogus", "expected off, auto or on"),
     ];
     for (opts, want) in cases {
         let out = s.mount(opts);
