@@ -7,7 +7,8 @@
 #
 #   --quick        smoke-run sizes: 64 MiB files, 1000 small files, ~20 MiB tree; 1 repetition
 #   --reps N       repetitions (default 3, quick 1); each cell is the median of N runs, each run
-#                  on a fresh mount with an empty upper; implementations are interleaved per run
+#                  on a fresh mount with an empty upper; implementations are interleaved per
+#                  workload (all mounted side by side, in a rotating order)
 #   --only LIST    comma-separated subset of: kernel, fuse-overlayfs (alias fuse), layervol,
 #                  layervol-volume (alias volume: a volume whose base layer is imported from the
 #                  lower layer, `layervol volume create --from`, not timed, and `layervol mount`)
@@ -28,9 +29,12 @@
 #
 # What one run does: it builds one lower layer (a file of random data, BIG = 512 MiB, and a real
 # directory tree of ~100 MiB copied once from /usr/share/{doc,locale,man} and /usr/include and cached
-# in BENCH_TREE_CACHE), then, N times, for each implementation mounts it with a fresh, empty upper and work dir,
-# runs the workloads below in this order, reads the daemon's peak RSS (VmHWM) and CPU time from
-# /proc before unmounting, unmounts, and checks that the lower layer was not modified. Before every
+# in BENCH_TREE_CACHE), then, N times: mounts it once per implementation, side by side, each with
+# a fresh, empty upper and work dir; runs each workload below, in this order, on every
+# implementation in turn (the order of the implementations rotates from one workload to the
+# next, so the times of one row are taken within minutes of each other: this machine's speed
+# drifts more than that over a whole run); reads each daemon's peak RSS (VmHWM) and CPU time
+# from /proc; unmounts; and checks that the lower layer was not modified. Before every
 # workload: `sync; echo 3 > /proc/sys/vm/drop_caches` (cold page, dentry and inode caches, also
 # those of the FUSE mount). Each workload is timed by wall clock (date +%s.%N); the table shows
 # the median over the repetitions. A full run of the three implementations takes a few minutes.
@@ -367,12 +371,15 @@ do_umount() { # $1 impl; waits for the daemon to exit
 # ------------------------------------------------------------------------------------------------
 # Run
 # ------------------------------------------------------------------------------------------------
-declare -A T=() HWM=() CPU=() NOTE=()
-run_impl() { # $1 impl, $2 repetition number
-  local impl=$1 r=$2 w t0 t1 rc pid chk
-  export IMPL=$impl
-  local d=$RUN/$impl.$r
+declare -A T=() HWM=() CPU=() NOTE=() UP=()
+impl_env() { # $1 impl, $2 repetition number: its mount, upper and work dir
+  export IMPL=$1
+  local d=$RUN/$1.$2
   export MNT=$d/mnt UPPER=$d/upper WORK=$d/work
+}
+mount_impl() { # $1 impl, $2 repetition number; sets UP[impl] when mounted
+  local impl=$1 r=$2 w rc pid
+  impl_env "$impl" "$r"
   mkdir -p "$MNT" "$UPPER" "$WORK"
   log "== $impl (run $r/$REPS) =="
   rc=0
@@ -388,7 +395,7 @@ run_impl() { # $1 impl, $2 repetition number
       do_umount "$impl"
       DAEMON_PID[$impl]=""
     fi
-    ((KEEP)) || rm -rf --one-file-system "$d"
+    ((KEEP)) || rm -rf --one-file-system "$RUN/$impl.$r"
     return 0
   fi
   log "mounted ($(findmnt -no FSTYPE "$MNT"))"
@@ -397,45 +404,72 @@ run_impl() { # $1 impl, $2 repetition number
     DAEMON_PID[$impl]=$pid
     [[ -n $pid ]] || warn "$impl: daemon pid not found; no peak RSS"
   fi
-  for w in "${WORKLOADS[@]}"; do
-    drop_caches
-    t0=$(now)
-    rc=0
-    timeout -k 10 "$TIMEOUT" bash -c "set -o pipefail; ${WCMD[$w]}" \
-      >>"$LOGDIR/$impl-$w.txt" 2>&1 || rc=$?
-    t1=$(now)
-    if ((rc)); then
-      T[$impl:$w:$r]=FAIL
-      warn "$impl $w failed (exit $rc$( ((rc == 124)) && echo ", timeout ${TIMEOUT}s")): $(tail -n 3 "$LOGDIR/$impl-$w.txt" | tr '\n' ' ' | cut -c1-300)"
-      if ! mountpoint -q "$MNT" || ! timeout 5 stat "$MNT" >/dev/null 2>&1; then
-        warn "$impl: mount is gone or hung; remaining workloads skipped"
-        break
-      fi
-      continue
+  UP[$impl]=1
+}
+run_workload() { # $1 impl, $2 repetition number, $3 workload
+  local impl=$1 r=$2 w=$3 t0 t1 rc chk
+  impl_env "$impl" "$r"
+  drop_caches
+  t0=$(now)
+  rc=0
+  timeout -k 10 "$TIMEOUT" bash -c "set -o pipefail; ${WCMD[$w]}" \
+    >>"$LOGDIR/$impl-$w.txt" 2>&1 || rc=$?
+  t1=$(now)
+  if ((rc)); then
+    T[$impl:$w:$r]=FAIL
+    warn "$impl $w failed (exit $rc$( ((rc == 124)) && echo ", timeout ${TIMEOUT}s")): $(tail -n 3 "$LOGDIR/$impl-$w.txt" | tr '\n' ' ' | cut -c1-300)"
+    if ! mountpoint -q "$MNT" || ! timeout 5 stat "$MNT" >/dev/null 2>&1; then
+      warn "$impl: mount is gone or hung; remaining workloads skipped"
+      UP[$impl]=""
     fi
-    T[$impl:$w:$r]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-    chk=$(check_after "$w" 2>&1 || true)
-    if [[ -n $chk ]]; then
-      NOTE[$impl:$w]=$chk
-      warn "$impl $w: result check failed: $chk"
-    fi
-    printf '[bench] %-15s %-14s %9s s\n' "$impl" "$w" "${T[$impl:$w:$r]}" >&2
-  done
-  for w in "${WORKLOADS[@]}"; do [[ -n ${T[$impl:$w:$r]:-} ]] || T[$impl:$w:$r]=FAIL; done
-  pid=${DAEMON_PID[$impl]:-}
-  if [[ -n $pid ]]; then
-    HWM[$impl:$r]=$(proc_hwm_kib "$pid")
-    CPU[$impl:$r]=$(proc_cpu_s "$pid")
-    log "$impl daemon pid $pid: peak RSS ${HWM[$impl:$r]:-?} KiB, CPU ${CPU[$impl:$r]:-?} s"
+    return 0
   fi
-  do_umount "$impl"
+  T[$impl:$w:$r]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+  chk=$(check_after "$w" 2>&1 || true)
+  if [[ -n $chk ]]; then
+    NOTE[$impl:$w]=$chk
+    warn "$impl $w: result check failed: $chk"
+  fi
+  printf '[bench] %-15s %-14s %9s s\n' "$impl" "$w" "${T[$impl:$w:$r]}" >&2
+}
+unmount_impl() { # $1 impl, $2 repetition number
+  local impl=$1 r=$2 w pid
+  impl_env "$impl" "$r"
+  for w in "${WORKLOADS[@]}"; do [[ -n ${T[$impl:$w:$r]:-} ]] || T[$impl:$w:$r]=FAIL; done
+  if mountpoint -q "$MNT" 2>/dev/null; then
+    pid=${DAEMON_PID[$impl]:-}
+    if [[ -n $pid ]]; then
+      HWM[$impl:$r]=$(proc_hwm_kib "$pid")
+      CPU[$impl:$r]=$(proc_cpu_s "$pid")
+      log "$impl daemon pid $pid: peak RSS ${HWM[$impl:$r]:-?} KiB, CPU ${CPU[$impl:$r]:-?} s"
+    fi
+    do_umount "$impl"
+  fi
   DAEMON_PID[$impl]=""
+  UP[$impl]=""
+  ((KEEP)) || rm -rf --one-file-system "$RUN/$impl.$r"
+}
+# One repetition: every implementation mounted side by side (each on its own fresh upper),
+# then each workload on each implementation in turn, so the times compared in a row are
+# taken minutes apart at most (this machine's speed drifts over minutes). The order of the
+# implementations rotates from one workload to the next.
+run_rep() { # $1 repetition number
+  local r=$1 impl w i k n=${#IMPLS[@]}
+  for impl in "${IMPLS[@]}"; do mount_impl "$impl" "$r"; done
+  k=$((r - 1))
+  for w in "${WORKLOADS[@]}"; do
+    for ((i = 0; i < n; i++)); do
+      impl=${IMPLS[$(((i + k) % n))]}
+      [[ -n ${UP[$impl]:-} ]] && run_workload "$impl" "$r" "$w"
+    done
+    k=$((k + 1))
+  done
+  for impl in "${IMPLS[@]}"; do unmount_impl "$impl" "$r"; done
   if [[ $(lower_fingerprint) != "$LOWER_FP" ]]; then
-    warn "$impl modified the lower layer! rebuilding it for the next implementation"
+    warn "run $r modified the lower layer! rebuilding it for the next run"
     build_lower
     LOWER_FP=$(lower_fingerprint)
   fi
-  ((KEEP)) || rm -rf --one-file-system "$d"
 }
 
 load1=$(cut -d' ' -f1 /proc/loadavg)
@@ -443,9 +477,7 @@ if awk -v l="$load1" -v n="$(nproc)" 'BEGIN { exit !(l >= n / 2) }'; then
   warn "load average is $load1 at start: other work on this machine skews the numbers"
 fi
 START=$(now)
-for ((rep = 1; rep <= REPS; rep++)); do
-  for impl in "${IMPLS[@]}"; do run_impl "$impl" "$rep"; done
-done
+for ((rep = 1; rep <= REPS; rep++)); do run_rep "$rep"; done
 # Aggregate: median time per cell (FAIL if any run failed), max peak RSS, median CPU time.
 median() { sort -g | awk '{ v[NR] = $1 } END { if (!NR) exit; if (NR % 2) printf "%s", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 for impl in "${IMPLS[@]}"; do
