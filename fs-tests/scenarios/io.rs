@@ -138,6 +138,40 @@ pub fn scenarios() -> Vec<Scenario> {
                 close(1),
                 close(2),
             ]),
+        // Writes through write-only descriptors reach readers whose pages and mappings are
+        // cached, appends included,
+        // and a file written that way reads back through a new descriptor. (Copied up first,
+        // and kept open so that no rotation undoes it: kernel overlayfs keeps a mapping made
+        // before a copy-up on the lower file.)
+        Scenario::new("write_only_writes_reach_cached_readers")
+            .lower(lower())
+            .ops([
+                open(9, "page", O_RDWR),
+                open(1, "page", O_RDONLY),
+                pread(1, 0, 16),
+                mmap_read(1, 4096, 8),
+                open(2, "page", O_WRONLY),
+                pwrite(2, 2, "NEW"),
+                pwrite(2, 4096, "MAPPED"),
+                pread(1, 0, 16),
+                mmap_read(1, 4096, 8),
+                open(3, "page", O_WRONLY | O_APPEND),
+                pwrite(3, 0, "TAIL"),
+                fstat(1),
+                pread(1, 3 * 4096 - 2, 10),
+                open_mode(4, "fresh", O_WRONLY | O_CREAT | O_EXCL, 0o644),
+                pwrite(4, 0, "made write-only"),
+                pwrite(4, 5000, "past a hole"),
+                open(5, "fresh", O_RDONLY),
+                pread(5, 0, 6000),
+                fstat(5),
+                close(2),
+                close(3),
+                close(4),
+                close(9),
+                read("page"),
+                read("fresh"),
+            ]),
         Scenario::new("open_unlinked_lower_file_readable")
             .lower(lower())
             .ops([
