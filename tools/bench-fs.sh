@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tools/bench-fs.sh — compare layervol with kernel overlayfs and fuse-overlayfs, in one run.
 #
-# Usage:  sudo tools/bench-fs.sh [--quick] [--only kernel,fuse-overlayfs,layervol,layervol-volume]
+# Usage:  sudo tools/bench-fs.sh [--quick]
+#                                 [--only kernel,fuse-overlayfs,layervol,layervol-volume,layervol-uring]
 #                                 [--reps N]
 #                                 [--out FILE] [--keep]
 #
@@ -11,8 +12,10 @@
 #                  workload (all mounted side by side, in a rotating order)
 #   --only LIST    comma-separated subset of: kernel, fuse-overlayfs (alias fuse), layervol,
 #                  layervol-volume (alias volume: a volume whose base layer is imported from the
-#                  lower layer, `layervol volume create --from`, not timed, and `layervol mount`)
-#                  (default: all four; layervol is skipped with a warning if its binary is missing)
+#                  lower layer, `layervol volume create --from`, not timed, and `layervol mount`),
+#                  layervol-uring (alias uring: layervol with -o io_uring=on, beside the others)
+#                  (default: the first four; layervol is skipped with a warning if its binary
+#                  is missing)
 #   --out FILE     also write the markdown result table to FILE
 #   --keep         keep the work dir (layers, logs) instead of deleting it
 #
@@ -107,7 +110,7 @@ export BIG_MIB RW_IO_MIB RR_IO_MIB NFILES
 # ------------------------------------------------------------------------------------------------
 # Implementations
 # ------------------------------------------------------------------------------------------------
-ALL_IMPLS=(kernel fuse-overlayfs layervol layervol-volume)
+ALL_IMPLS=(kernel fuse-overlayfs layervol layervol-volume layervol-uring)
 declare -A WANT=()
 if ((ONLY_EXPLICIT)); then
   IFS=, read -r -a _only <<<"$ONLY"
@@ -117,12 +120,14 @@ if ((ONLY_EXPLICIT)); then
       fuse-overlayfs | fuse) WANT[fuse-overlayfs]=1 ;;
       layervol) WANT[layervol]=1 ;;
       layervol-volume | volume) WANT[layervol-volume]=1 ;;
+      layervol-uring | uring) WANT[layervol-uring]=1 ;;
       "") ;;
-      *) die "unknown implementation '$i' in --only (kernel, fuse-overlayfs, layervol, layervol-volume)" ;;
+      *) die "unknown implementation '$i' in --only (kernel, fuse-overlayfs, layervol, layervol-volume, layervol-uring)" ;;
     esac
   done
 else
-  for i in "${ALL_IMPLS[@]}"; do WANT[$i]=1; done
+  # layervol-uring only when asked for: the default table compares the default transport.
+  for i in "${ALL_IMPLS[@]}"; do [[ $i == layervol-uring ]] || WANT[$i]=1; done
 fi
 for t in fio dd find xargs cat ls cp rm mount umount mountpoint findmnt timeout pgrep; do
   command -v "$t" >/dev/null || die "missing tool '$t' (run tools/setup.sh)"
@@ -134,12 +139,12 @@ fi
 if [[ -n ${WANT[fuse-overlayfs]:-} ]] && ! command -v fuse-overlayfs >/dev/null; then
   die "fuse-overlayfs not installed (run tools/setup.sh)"
 fi
-if [[ -n ${WANT[layervol]:-}${WANT[layervol-volume]:-} ]] && [[ ! -x $LAYERVOL ]]; then
+if [[ -n ${WANT[layervol]:-}${WANT[layervol-volume]:-}${WANT[layervol-uring]:-} ]] && [[ ! -x $LAYERVOL ]]; then
   if ((ONLY_EXPLICIT)); then
     die "layervol binary not found at $LAYERVOL (cargo build --release, or set LAYERVOL=)"
   fi
   warn "layervol binary not found at $LAYERVOL: skipped (cargo build --release, or set LAYERVOL=)"
-  unset 'WANT[layervol]' 'WANT[layervol-volume]'
+  unset 'WANT[layervol]' 'WANT[layervol-volume]' 'WANT[layervol-uring]'
 fi
 IMPLS=()
 for i in "${ALL_IMPLS[@]}"; do [[ -n ${WANT[$i]:-} ]] && IMPLS+=("$i"); done
@@ -338,6 +343,7 @@ do_mount() { # $1 impl
     kernel) timeout -k 5 "$MOUNT_TIMEOUT" mount -t overlay overlay -o "$opts" "$MNT" ;;
     fuse-overlayfs) timeout -k 5 "$MOUNT_TIMEOUT" fuse-overlayfs -o "$opts" "$MNT" ;;
     layervol) timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" -o "$opts${LAYERVOL_OPTIONS:+,$LAYERVOL_OPTIONS}" "$MNT" ;;
+    layervol-uring) timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" -o "$opts${LAYERVOL_OPTIONS:+,$LAYERVOL_OPTIONS},io_uring=on" "$MNT" ;;
     layervol-volume)
       "$LAYERVOL" volume create "$UPPER/vol" --from "$LOWER" &&
         timeout -k 5 "$MOUNT_TIMEOUT" "$LAYERVOL" mount ${LAYERVOL_OPTIONS:+-o "$LAYERVOL_OPTIONS"} "$UPPER/vol" "$MNT" ;;
@@ -514,6 +520,8 @@ has layervol && has kernel && PAIRS+=("layervol:kernel")
 has layervol && has fuse-overlayfs && PAIRS+=("layervol:fuse-overlayfs")
 has fuse-overlayfs && has kernel && PAIRS+=("fuse-overlayfs:kernel")
 has layervol-volume && has layervol && PAIRS+=("layervol-volume:layervol")
+has layervol-uring && has kernel && PAIRS+=("layervol-uring:kernel")
+has layervol-uring && has layervol && PAIRS+=("layervol-uring:layervol")
 
 layervol_rev=""
 if has layervol; then
