@@ -6,7 +6,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use parking_lot::Mutex;
@@ -33,7 +33,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
                 from: from.as_deref(),
                 ..CreateOptions::default()
             };
-            let v = Volume::create_with(&vol, &opts)
+            let v = with_progress(|| Volume::create_with(&vol, &opts))
                 .with_context(|| format!("cannot create volume `{}`", vol.display()))?;
             println!(
                 "created volume {} (id {}, block size {}, {} layer(s), active epoch {})",
@@ -87,6 +87,57 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             verify(&vol, json)
         }
     }
+}
+
+/// Runs `work` while a line on stderr (a terminal only) shows what the volume code counts
+/// (`volume::progress`): entries and bytes copied, then read to checksum, and the rate.
+fn with_progress<T>(work: impl FnOnce() -> T) -> T {
+    use crate::volume::progress::{self, Phase};
+    use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new_spinner();
+    if bar.is_hidden() {
+        return work();
+    }
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
+    progress::reset();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut since = (Phase::Idle, 0u64, Instant::now());
+    let shown = bar.clone();
+    let mut show = move || {
+        let (phase, entries, bytes) = progress::now();
+        if phase != since.0 {
+            since = (phase, bytes, Instant::now());
+        }
+        let secs = since.2.elapsed().as_secs_f64();
+        let rate = if secs > 0.5 {
+            let n = bytes.saturating_sub(since.1);
+            format!(", {}/s", HumanBytes((n as f64 / secs) as u64))
+        } else {
+            String::new()
+        };
+        let what = match phase {
+            Phase::Idle => "starting".to_string(),
+            Phase::Copy => format!("copying: {entries} entries, {}", HumanBytes(bytes)),
+            Phase::Checksum => format!("checksumming: {entries} entries, {}", HumanBytes(bytes)),
+        };
+        shown.set_message(format!("{what}{rate}"));
+        shown.tick();
+    };
+    let r = std::thread::scope(|s| {
+        let drawer = s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                show();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            show // the last counts are drawn once more below
+        });
+        let r = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drawer.join().expect("progress drawer")();
+        r
+    });
+    bar.finish_and_clear();
+    r
 }
 
 /// A report piped into e.g. `head` ends quietly when the reader goes, as other tools do
@@ -1060,7 +1111,7 @@ fn print_status(r: &serde_json::Value) {
 fn verify(vol: &Path, json: bool) -> anyhow::Result<()> {
     let v = Volume::open_read_only(vol)
         .with_context(|| format!("cannot open volume `{}`", vol.display()))?;
-    let rep = v.verify()?;
+    let rep = with_progress(|| v.verify())?;
     let problems: Vec<_> = rep
         .problems()
         .map(|(epoch, p)| json!({"epoch": epoch, "problem": p.to_string(), "warning": p.is_warning()}))

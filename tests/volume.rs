@@ -1209,3 +1209,46 @@ fn an_online_squash_leaves_link_counts_as_they_were() {
     assert_eq!(seen, [(3, 1)].into(), "link counts seen during the squash");
     v.umount();
 }
+
+/// `volume create --from` and `verify` read and copy whole trees, which takes minutes for
+/// gigabytes: on a terminal they show what they have done so far (entries, bytes, rate) and
+/// draw the final counts before clearing the line. Off a terminal they print nothing extra.
+#[test]
+fn long_volume_commands_show_progress_on_a_terminal() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..40 {
+        std::fs::write(src.join(format!("sub/f{i}")), vec![i as u8; 30_000]).unwrap();
+    }
+    let vol = t.path().join("vol");
+    let typescript = t.path().join("typescript");
+    let cmd = format!(
+        "{BIN} volume create {} --from {}",
+        vol.display(),
+        src.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd])
+        .arg(&typescript)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    // 42 entries: the root, `sub` and 40 files; 1 200 000 bytes of data.
+    assert!(
+        shown.contains("checksumming: 42 entries, 1.14 MiB"),
+        "no final counts drawn:\n{shown}"
+    );
+    let plain = Command::new(BIN)
+        .args(["verify"])
+        .arg(&vol)
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{plain:?}");
+    assert!(
+        plain.stderr.is_empty(),
+        "progress off a terminal: {}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+}

@@ -79,6 +79,7 @@ struct Importer {
 pub(crate) fn import_tree(src: &Path, dst: &Path, userxattr: bool) -> Result<ImportStats> {
     let sroot = open_dir(src)?;
     let droot = open_dir(dst)?;
+    super::progress::start(super::progress::Phase::Copy);
     let mut imp = Importer {
         src_root: src.to_path_buf(),
         dst_root_path: dst.to_path_buf(),
@@ -147,6 +148,7 @@ impl Importer {
     ) -> Result<()> {
         let fmt = st.st_mode & libc::S_IFMT;
         self.stats.entries += 1;
+        super::progress::entry();
         if fmt != libc::S_IFDIR && st.st_nlink > 1 {
             if let Some(first) = self.links.get(&(st.st_dev, st.st_ino)) {
                 let first = first.clone();
@@ -317,6 +319,9 @@ fn copy_range_at(src: BorrowedFd, dst: BorrowedFd, off: u64, len: u64) -> sys::R
         let n = unsafe {
             libc::copy_file_range(src.as_raw_fd(), &mut a, dst.as_raw_fd(), &mut b, chunk, 0)
         };
+        if n > 0 {
+            super::progress::bytes(n as u64);
+        }
         if n < 0 {
             match Errno::last() {
                 Errno::EINTR => continue,
@@ -346,6 +351,7 @@ fn copy_userspace(src: BorrowedFd, dst: BorrowedFd, mut pos: u64, end: u64) -> s
         while done < n {
             done += sys::pwrite(dst, &buf[done..n], pos + done as u64)?;
         }
+        super::progress::bytes(n as u64);
         pos += n as u64;
     }
     Ok(())

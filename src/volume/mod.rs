@@ -27,6 +27,7 @@ pub mod extents;
 mod import;
 pub mod manifest;
 pub mod meta;
+pub mod progress;
 pub mod scan;
 pub mod squash;
 #[cfg(test)]

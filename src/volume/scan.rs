@@ -260,6 +260,7 @@ fn file_crc(fd: BorrowedFd) -> sys::Result<(u32, u64)> {
             return Ok((crc, off));
         }
         crc = crc32c::crc32c_append(crc, &buf[..n]);
+        super::progress::bytes(n as u64);
         off += n as u64;
     }
 }
@@ -287,6 +288,7 @@ pub fn scan_tree(
     verify_blocks: bool,
 ) -> Result<TreeScan> {
     let root = super::import::open_dir(tree)?;
+    super::progress::start(super::progress::Phase::Checksum);
     let mut s = Scanner {
         maps,
         block_size,
@@ -354,6 +356,7 @@ impl Scanner<'_> {
 
     /// Records one object.
     fn visit(&mut self, dir: BorrowedFd, name: &CStr, path: &[u8], st: &Stat) {
+        super::progress::entry();
         let lp = LayerPath(path.to_vec());
         let xattrs_crc32c = match xattrs_crc(dir, name) {
             Ok(c) => c,
