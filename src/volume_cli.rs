@@ -250,12 +250,14 @@ fn squash_cmd(args: SquashArgs) -> anyhow::Result<()> {
                 through: args.through,
                 kernel_compatible: args.kernel_compatible,
             };
-            let st = crate::volume::squash::squash(&mut v, &opts).with_context(|| {
-                format!(
-                    "squash of `{}` failed; the volume is unchanged",
-                    vol.display()
-                )
-            })?;
+            let st = with_progress(|| crate::volume::squash::squash(&mut v, &opts)).with_context(
+                || {
+                    format!(
+                        "squash of `{}` failed; the volume is unchanged",
+                        vol.display()
+                    )
+                },
+            )?;
             if st.merged_epochs.is_empty() {
                 println!("nothing to squash: the range is a single layer");
                 return Ok(());
@@ -305,7 +307,7 @@ fn export_cmd(args: ExportArgs) -> anyhow::Result<()> {
     let st = match epoch {
         Some(e) => {
             let v = Volume::open_read_only(&vol)?;
-            crate::volume::squash::export_frozen(&v, e, &dir, false)?
+            with_progress(|| crate::volume::squash::export_frozen(&v, e, &dir, false))?
         }
         None => {
             let v = open_waiting(&vol).with_context(|| {
@@ -314,7 +316,7 @@ fn export_cmd(args: ExportArgs) -> anyhow::Result<()> {
                     vol.display()
                 )
             })?;
-            crate::volume::squash::export(&v, &dir, false)?
+            with_progress(|| crate::volume::squash::export(&v, &dir, false))?
         }
     };
     println!(

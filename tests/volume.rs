@@ -1210,9 +1210,10 @@ fn an_online_squash_leaves_link_counts_as_they_were() {
     v.umount();
 }
 
-/// `volume create --from` and `verify` read and copy whole trees, which takes minutes for
-/// gigabytes: on a terminal they show what they have done so far (entries, bytes, rate) and
-/// draw the final counts before clearing the line. Off a terminal they print nothing extra.
+/// `volume create --from`, `verify`, `export` and an offline `squash` read and copy whole
+/// trees, which takes minutes for gigabytes: on a terminal they show what they have done so
+/// far (entries, bytes, rate) and draw the final counts before clearing the line. Off a
+/// terminal they print nothing extra.
 #[test]
 fn long_volume_commands_show_progress_on_a_terminal() {
     let t = tempfile::tempdir().unwrap();
@@ -1238,6 +1239,23 @@ fn long_volume_commands_show_progress_on_a_terminal() {
     // 42 entries: the root, `sub` and 40 files; 1 200 000 bytes of data.
     assert!(
         shown.contains("checksumming: 42 entries, 1.14 MiB"),
+        "no final counts drawn:\n{shown}"
+    );
+    let out_dir = t.path().join("exported");
+    let cmd = format!(
+        "{BIN} volume export {} {}",
+        vol.display(),
+        out_dir.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd])
+        .arg(&typescript)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(
+        shown.contains("copying: 42 entries, 1.14 MiB"),
         "no final counts drawn:\n{shown}"
     );
     let plain = Command::new(BIN)

@@ -1746,6 +1746,7 @@ impl<'a> Builder<'a> {
             0,
         )
         .map_err(errno_io("open", out_path))?;
+        super::progress::start(super::progress::Phase::Copy);
         Ok(Builder {
             srcs,
             bottom,
@@ -2126,6 +2127,7 @@ impl<'a> Builder<'a> {
         src: Option<&Stat>,
     ) -> Result<()> {
         self.stats.entries += 1;
+        super::progress::entry();
         if !self.is_layer() {
             return Ok(());
         }
@@ -2427,6 +2429,7 @@ impl<'a> Builder<'a> {
                 sys::pwrite_all(fd.as_fd(), &buf, off).map_err(errno_io("write", p()))?;
                 self.stats.written_bytes += n;
             }
+            super::progress::bytes(n);
             off += n;
         }
         sys::ftruncate(fd.as_fd(), size).map_err(errno_io("set the size of", p()))?;
@@ -2583,6 +2586,7 @@ impl<'a> Builder<'a> {
                     .map_err(errno_io("read the data of", p()))?;
                 sys::pwrite_all(fd.as_fd(), &buf, start).map_err(errno_io("write", p()))?;
                 self.stats.written_bytes += end - start;
+                super::progress::bytes(end - start);
                 map.record_blocks(b, &buf);
                 b += n;
             }
