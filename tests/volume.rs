@@ -1223,37 +1223,33 @@ fn long_volume_commands_show_progress_on_a_terminal() {
         std::fs::write(src.join(format!("sub/f{i}")), vec![i as u8; 30_000]).unwrap();
     }
     let vol = t.path().join("vol");
-    let typescript = t.path().join("typescript");
-    let cmd = format!(
-        "{BIN} volume create {} --from {}",
+    let out_dir = t.path().join("exported");
+    // What `layervol ARGS` draws on a terminal (`script` gives it one).
+    let on_terminal = |args: String| -> String {
+        let typescript = t.path().join("typescript");
+        let out = Command::new("script")
+            .args(["-qec", &format!("{BIN} {args}")])
+            .arg(&typescript)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args}: {out:?}");
+        String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned()
+    };
+    // 42 entries: the root, `sub` and 40 files; 1 200 000 bytes of data.
+    let shown = on_terminal(format!(
+        "volume create {} --from {}",
         vol.display(),
         src.display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &cmd])
-        .arg(&typescript)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
-    // 42 entries: the root, `sub` and 40 files; 1 200 000 bytes of data.
+    ));
     assert!(
         shown.contains("checksumming: 42 entries, 1.14 MiB"),
         "no final counts drawn:\n{shown}"
     );
-    let out_dir = t.path().join("exported");
-    let cmd = format!(
-        "{BIN} volume export {} {}",
+    let shown = on_terminal(format!(
+        "volume export {} {}",
         vol.display(),
         out_dir.display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &cmd])
-        .arg(&typescript)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    ));
     assert!(
         shown.contains("copying: 42 entries, 1.14 MiB"),
         "no final counts drawn:\n{shown}"
