@@ -1,8 +1,9 @@
-//! Counters of the long volume operations (importing a tree, checksumming a layer to seal or
-//! verify it), bumped by the loops that do the work and read by a command that shows how far
-//! it got (`volume create --from`, `verify`). Process-wide relaxed atomics: bumping one costs
-//! nothing next to the work it counts, and a daemon that seals layers in the background never
-//! reads them.
+//! Counters of the long volume operations (importing a tree, building a merged tree for an
+//! export or a squash, checksumming a layer to seal or verify it), bumped by the loops that do
+//! the work and read by a command that shows how far it got (`volume create --from`, `verify`,
+//! `export`, an offline `squash`). Process-wide relaxed atomics: bumping one costs nothing
+//! next to the work it counts, and a daemon that squashes and seals layers in the background
+//! never reads them.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
