@@ -131,8 +131,17 @@ fn with_progress<T>(work: impl FnOnce() -> T) -> T {
             }
             show // the last counts are drawn once more below
         });
-        let r = work();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        /// Ends the drawing also when `work` panics (the scope waits for the drawer).
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let r = {
+            let _done = Done(&done);
+            work()
+        };
         drawer.join().expect("progress drawer")();
         r
     });
